@@ -1,0 +1,1 @@
+"""relayc: the client that runs on the lab machine and joins visitors to local services."""

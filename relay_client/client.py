@@ -1,0 +1,284 @@
+"""relayc: keep one verified, authenticated session to relayd, forever.
+
+Theory of operation
+===================
+
+``Relayc.run()`` loops: connect, verify, log in, register tunnels, serve until the session ends,
+then wait (exponential backoff with jitter, capped near 10 s) and start again.  It never gives up,
+not even when the first login fails: a lab machine left alone must come back by itself.
+
+Verification happens right after the TLS handshake and before anything derived from the token
+is sent.  Three modes:
+  * ``tls.server_name`` set: the system CAs (or ``tls.ca_file``) verify the chain and the name;
+  * ``tls.server_fingerprint`` set: the certificate's SHA-256 must equal the pin;
+  * neither: trust on first use.  The fingerprint seen is remembered in ``relayc_known_servers``
+    next to the config, but only after relayd proved it knows the token (the ``login_ok`` proof);
+    later a different certificate is refused, like ssh's known_hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from pathlib import Path
+from typing import Any
+
+from relay_client.dialer import BurstLog, IncomingStream
+from shared import __version__, auth
+from shared.aio import ControlChannel, MuxConnection, StreamHandler
+from shared.config import ClientConfig, resolve_path
+from shared.errors import AuthError, RelayError, RemoteProtocolError, TrustError
+from shared.frames import GoAwayCode
+from shared.messages import (
+    Challenge,
+    Hello,
+    Login,
+    LoginFailed,
+    LoginOk,
+    TunnelAdd,
+    TunnelSpec,
+    TunnelStatus,
+    encode_message,
+)
+from shared.tls import client_context, fingerprint_of_der
+
+log = logging.getLogger("relayc")
+
+KNOWN_SERVERS_FILE = "relayc_known_servers"
+BACKOFF_START = 0.5
+BACKOFF_MAX = 10.0
+STEP_TIMEOUT = 10.0
+
+
+class KnownServers:
+    """Trust-on-first-use memory: lines of ``host:port sha256:...``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _entries(self) -> dict[str, str]:
+        entries: dict[str, str] = {}
+        try:
+            for line in self.path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 2 and not line.startswith("#"):
+                    entries[parts[0]] = parts[1]
+        except FileNotFoundError:
+            pass
+        return entries
+
+    def get(self, server: str) -> str | None:
+        return self._entries().get(server)
+
+    def remember(self, server: str, fingerprint: str) -> None:
+        with self.path.open("a") as f:
+            f.write(f"{server} {fingerprint}\n")
+
+
+class _ClientSession:
+    """One attempt: a connection from TLS handshake to close."""
+
+    def __init__(self, relayc: Relayc) -> None:
+        self.relayc = relayc
+        self.messages: asyncio.Queue[Any] = asyncio.Queue()
+        self.control: ControlChannel | None = None
+        self.logged_in = False
+        self.mux = MuxConnection(
+            client=True,
+            keepalive_timeout=relayc.config.keepalive_timeout,
+            on_stream_opened=self._stream_opened,
+            on_go_away=self._go_away,
+            on_closed=self._closed,
+            label="relayd session",
+        )
+
+    def _stream_opened(self, mux: MuxConnection, stream_id: int) -> StreamHandler | None:
+        if not self.logged_in or stream_id % 2:
+            return None
+        return IncomingStream(mux, stream_id, self.relayc.tunnel_spec, self.relayc.burst_log)
+
+    def _go_away(self, mux: MuxConnection, code: int) -> None:
+        if code == GoAwayCode.REPLACED:
+            log.warning("relayd closed this session: another relayc logged in as %r", self.relayc.config.name)
+        else:
+            log.info("relayd is going away (code %d); will reconnect when the session ends", code)
+
+    def _closed(self, mux: MuxConnection, exc: BaseException | None) -> None:
+        self.messages.put_nowait(None)
+
+    def on_message(self, message: Any) -> None:
+        self.messages.put_nowait(message)
+
+    async def next_message(self, timeout: float | None = STEP_TIMEOUT) -> Any:
+        message = await asyncio.wait_for(self.messages.get(), timeout)
+        if message is None:
+            err = self.mux.error
+            raise RelayError(f"connection closed by relayd{f': {err}' if err else ''}")
+        return message
+
+
+class Relayc:
+    def __init__(self, config: ClientConfig, config_path: str | Path) -> None:
+        self.config = config
+        self.config_path = Path(config_path)
+        self.tunnels: dict[str, TunnelSpec] = {
+            t.name: TunnelSpec(**t.model_dump()) for t in config.tunnels
+        }
+        self.burst_log = BurstLog()
+        self.known = KnownServers(resolve_path(config_path, KNOWN_SERVERS_FILE))
+        self.server_key = f"{config.server_addr}:{config.server_port}"
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+        self._current: _ClientSession | None = None
+        self.connected = asyncio.Event()
+
+    def tunnel_spec(self, name: str) -> TunnelSpec | None:
+        return self.tunnels.get(name)
+
+    async def run(self) -> None:
+        """Connect and serve forever, reconnecting with backoff after any failure."""
+        attempt = 0
+        while not self._stopping:
+            try:
+                served = await self.run_once()
+            except (OSError, asyncio.TimeoutError, RelayError, ssl.SSLError) as exc:
+                served = False
+                message = str(exc) or exc.__class__.__name__
+                if isinstance(exc, asyncio.TimeoutError):
+                    message = "timed out"
+                if isinstance(exc, (AuthError, TrustError)):
+                    log.error("%s", message)
+                else:
+                    log.warning("cannot connect to relayd at %s: %s", self.server_key, message)
+            except Exception:
+                served = False
+                log.exception("unexpected error in the session with relayd; reconnecting")
+            if self._stopping:
+                break
+            attempt = 0 if served else attempt + 1
+            delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** max(attempt - 1, 0)) * random.uniform(0.8, 1.2)
+            log.info("reconnecting in %.1f s", delay)
+            try:
+                await asyncio.wait_for(self._stop_event.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    async def run_once(self) -> bool:
+        """One session.  Returns True if it logged in (so the backoff starts over)."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        session = _ClientSession(self)
+        ssl_ctx: ssl.SSLContext | None = None
+        server_hostname: str | None = None
+        if cfg.tls.enable:
+            ca_file = str(resolve_path(self.config_path, cfg.tls.ca_file)) if cfg.tls.ca_file else ""
+            ssl_ctx = client_context(cfg.tls.server_name, ca_file)
+            server_hostname = cfg.tls.server_name or cfg.server_addr
+        await asyncio.wait_for(
+            loop.create_connection(
+                lambda: session.mux, cfg.server_addr, cfg.server_port, ssl=ssl_ctx, server_hostname=server_hostname,
+                ssl_handshake_timeout=STEP_TIMEOUT if ssl_ctx else None,
+            ),
+            STEP_TIMEOUT * 2,
+        )
+        self._current = session
+        try:
+            fingerprint = self._verify_server(session.mux)
+            await self._login(session, fingerprint)
+            self.connected.set()
+            for spec in self.tunnels.values():
+                session.control.send(TunnelAdd(tunnel=spec))  # type: ignore[union-attr]
+            while True:
+                message = await session.next_message(timeout=None)
+                self._on_message(message)
+        except RelayError as exc:
+            if session.logged_in:
+                log.warning("session with relayd ended: %s", exc)
+                return True
+            raise
+        finally:
+            self.connected.clear()
+            self._current = None
+            session.mux.close()
+
+    def _verify_server(self, mux: MuxConnection) -> str:
+        cfg = self.config
+        if not cfg.tls.enable:
+            log.warning("TLS is disabled (tls.enable = false): relayd is not verified and traffic is readable")
+            return ""
+        assert mux.transport is not None
+        ssl_object = mux.transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            raise TrustError(f"relayd at {self.server_key} presented no certificate")
+        fingerprint = fingerprint_of_der(der)
+        if cfg.tls.server_name:
+            return fingerprint  # chain and name were verified by the TLS handshake
+        if cfg.tls.server_fingerprint:
+            if fingerprint != cfg.tls.server_fingerprint:
+                raise TrustError(
+                    f"relayd at {self.server_key} presented certificate {fingerprint}, which does not match "
+                    f"tls.server_fingerprint {cfg.tls.server_fingerprint} in {self.config_path}: refusing to log in. "
+                    "If relayd's certificate was replaced on purpose, set tls.server_fingerprint to the "
+                    "fingerprint relayd logs at start."
+                )
+            return fingerprint
+        known = self.known.get(self.server_key)
+        if known is not None and known != fingerprint:
+            raise TrustError(
+                f"the certificate of relayd at {self.server_key} CHANGED: it is now {fingerprint}, but {known} "
+                f"is remembered in {self.known.path}: refusing to log in (someone may be intercepting). "
+                f"If relayd's certificate was regenerated on purpose, compare with the fingerprint relayd logs "
+                f"at start, then delete the line for {self.server_key} from {self.known.path} or set "
+                "tls.server_fingerprint."
+            )
+        return fingerprint
+
+    async def _login(self, session: _ClientSession, fingerprint: str) -> None:
+        cfg = self.config
+        mux = session.mux
+        control = ControlChannel(mux, session.on_message, lambda: mux.close())
+        session.control = control
+        client_nonce = auth.new_nonce()
+        control.stream_id = mux.open_stream(control, encode_message(Hello(name=cfg.name, version=__version__,
+                                                                   client_nonce=client_nonce)))
+        challenge = await session.next_message()
+        if not isinstance(challenge, Challenge):
+            raise RemoteProtocolError(f"expected a challenge from relayd, got {challenge.type}")
+        args = (cfg.name, client_nonce, challenge.server_nonce, fingerprint)
+        control.send(Login(proof=auth.client_proof(cfg.auth.token, *args)))
+        answer = await session.next_message()
+        if isinstance(answer, LoginFailed):
+            raise AuthError(f"login to relayd at {self.server_key} failed: {answer.reason} "
+                            "(check auth.token against relayd.toml)")
+        if not isinstance(answer, LoginOk):
+            raise RemoteProtocolError(f"expected login_ok from relayd, got {answer.type}")
+        if not auth.proofs_equal(answer.proof, auth.server_proof(cfg.auth.token, *args)):
+            raise TrustError(f"relayd at {self.server_key} accepted the login but could not prove it knows the token")
+        if cfg.tls.enable and not cfg.tls.server_name and not cfg.tls.server_fingerprint:
+            if self.known.get(self.server_key) is None:
+                self.known.remember(self.server_key, fingerprint)
+                log.warning("trusting relayd at %s on first use: %s (remembered in %s)",
+                            self.server_key, fingerprint, self.known.path)
+        session.logged_in = True
+        log.info("logged in to relayd %s at %s as %r", answer.version or "?", self.server_key, cfg.name)
+
+    def _on_message(self, message: Any) -> None:
+        if isinstance(message, TunnelStatus):
+            spec = self.tunnels.get(message.name)
+            if message.ok:
+                target = f"{spec.local_ip}:{spec.local_port}" if spec else "?"
+                log.info("tunnel %s: relayd port %d -> %s", message.name, message.remote_port, target)
+            else:
+                log.error("tunnel %s refused by relayd: %s", message.name, message.error)
+        else:
+            raise RemoteProtocolError(f"unexpected {message.type} message from relayd")
+
+    def stop(self) -> None:
+        """Stop reconnecting; tell relayd we go away and close the current session."""
+        self._stopping = True
+        self._stop_event.set()
+        if self._current is not None:
+            self._current.mux.close(GoAwayCode.NORMAL)

@@ -1,0 +1,356 @@
+"""relayd's data plane: the control listener, the login handshake, and the registry of sessions.
+
+Theory of operation
+===================
+
+A relayc connects (TLS unless disabled), sends the preface and opens stream 1, the control stream.
+Before login only stream 1 may exist, only hello and login may be sent, the control decoder caps
+a message at 64 KiB, and the whole handshake must finish within ``handshake_timeout``.
+
+  relayc -> hello {name, client_nonce}      relayd -> challenge {server_nonce}
+  relayc -> login {proof}                   relayd -> login_ok {proof} | login_failed {reason}
+
+``proof`` is an HMAC of the token over both nonces, the name and relayd's certificate fingerprint
+(``shared.auth``); the token itself never crosses the wire.  A failed login is answered after a
+delay that grows with the failures of that address, and an address that keeps failing is refused
+at accept time for a while.  After login the client registers tunnels (``tunnel_add`` ->
+``tunnel_status``); each tcp tunnel becomes a ``PublicTunnel`` listener, and every visitor it
+accepts becomes a stream that relayd opens (even id) starting with a ``stream_open`` message.
+A client that logs in again under the same name replaces its old session (which is closed with
+GO_AWAY REPLACED): a stale session never blocks a reconnect.  When a session ends, its listeners
+close and the visitors still connected are reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from relay_server.tunnels import PortPolicy, PublicTunnel, TunnelRefused
+from shared import __version__, auth
+from shared.aio import ControlChannel, MuxConnection, StreamHandler
+from shared.config import ServerConfig, resolve_path
+from shared.errors import RemoteProtocolError
+from shared.frames import GoAwayCode
+from shared.messages import (
+    Challenge,
+    Hello,
+    Login,
+    LoginFailed,
+    LoginOk,
+    TunnelAdd,
+    TunnelStatus,
+)
+from shared.tls import ensure_self_signed, fingerprint_of_pem_file, server_context
+
+log = logging.getLogger("relayd")
+
+CONTROL_STREAM_ID = 1
+
+
+class LoginGuard:
+    """Slows down, then blocks for a while, an address whose logins keep failing."""
+
+    def __init__(self, window: float = 600.0, block_after: int = 10, block_for: float = 600.0) -> None:
+        self.window = window
+        self.block_after = block_after
+        self.block_for = block_for
+        self._failures: dict[str, deque[float]] = {}
+        self._blocked_until: dict[str, float] = {}
+        self._last_log: dict[str, float] = {}
+
+    def is_blocked(self, addr: str, now: float) -> bool:
+        until = self._blocked_until.get(addr)
+        if until is None:
+            return False
+        if now >= until:
+            del self._blocked_until[addr]
+            self._failures.pop(addr, None)
+            return False
+        return True
+
+    def record_failure(self, addr: str, now: float) -> float:
+        """Record a failure; return how long to wait before answering."""
+        q = self._failures.setdefault(addr, deque())
+        q.append(now)
+        while q and q[0] < now - self.window:
+            q.popleft()
+        if len(q) >= self.block_after:
+            self._blocked_until[addr] = now + self.block_for
+            log.warning("login: %s blocked for %.0f s after %d failed logins", addr, self.block_for, len(q))
+        if len(self._failures) > 10_000:  # forget the oldest addresses rather than grow forever
+            oldest = next(iter(self._failures))
+            del self._failures[oldest]
+        return min(0.25 * 2 ** (len(q) - 1), 8.0)
+
+    def record_success(self, addr: str) -> None:
+        self._failures.pop(addr, None)
+
+    def should_log(self, addr: str, now: float) -> bool:
+        if now - self._last_log.get(addr, -1e9) >= 10.0:
+            self._last_log[addr] = now
+            return True
+        return False
+
+
+class ClientSession:
+    """One relayc connection, from accept to close."""
+
+    def __init__(self, server: Relayd) -> None:
+        self.server = server
+        self.remote_addr = ""
+        self.name = ""
+        self.version = ""
+        self.state = "hello"  # hello -> challenged -> ready -> closed
+        self.tunnels: dict[str, PublicTunnel] = {}
+        self.connected_at = time.time()
+        self._client_nonce = ""
+        self._server_nonce = ""
+        self.control: ControlChannel | None = None
+        self.mux = MuxConnection(
+            client=False,
+            keepalive_timeout=server.config.keepalive_timeout,
+            on_stream_opened=self._stream_opened,
+            on_go_away=self._go_away,
+            on_closed=self._closed,
+            on_connected=self._connected,
+        )
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _connected(self, mux: MuxConnection, transport: asyncio.Transport) -> bool:
+        peer = transport.get_extra_info("peername")
+        self.remote_addr = str(peer[0]) if peer else "?"
+        mux.label = f"client from {self.remote_addr}"
+        if not self.server.admit(self, self.remote_addr):
+            return False
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self.server.config.handshake_timeout, self._handshake_expired
+        )
+        return True
+
+    # --- mux callbacks --------------------------------------------------------------------------
+
+    def _stream_opened(self, mux: MuxConnection, stream_id: int) -> StreamHandler | None:
+        if stream_id == CONTROL_STREAM_ID and self.control is None:
+            self.control = ControlChannel(mux, self._on_message, self._control_closed)
+            self.control.stream_id = stream_id
+            return self.control
+        # relayc may not open other streams: nothing on relayd is reachable through the tunnel.
+        return None
+
+    def _go_away(self, mux: MuxConnection, code: int) -> None:
+        log.info("client %s: going away (code %d)", self.name or self.remote_addr, code)
+        self._release_tunnels()
+
+    def _closed(self, mux: MuxConnection, exc: BaseException | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        was_ready = self.state == "ready"
+        self.state = "closed"
+        for task in self._tasks:
+            task.cancel()
+        self._release_tunnels()
+        self.server.session_closed(self)
+        if was_ready:
+            why = f": {exc}" if exc else ""
+            log.info("client %s (%s) disconnected%s", self.name, self.remote_addr, why)
+
+    def _control_closed(self) -> None:
+        self.mux.close()
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self.state != "ready":
+            log.warning("client from %s: no login within %.0f s; closing", self.remote_addr, self.server.config.handshake_timeout)
+            self.mux.abort()
+
+    # --- control messages -----------------------------------------------------------------------
+
+    def _on_message(self, message: Any) -> None:
+        try:
+            if isinstance(message, Hello) and self.state == "hello":
+                self._on_hello(message)
+            elif isinstance(message, Login) and self.state == "challenged":
+                self._on_login(message)
+            elif isinstance(message, TunnelAdd) and self.state == "ready":
+                self._spawn(self._add_tunnel(message))
+            else:
+                raise RemoteProtocolError(f"unexpected {message.type} message in state {self.state}")
+        except RemoteProtocolError as exc:
+            self.mux.fail(exc)
+
+    def _send(self, message: Any) -> None:
+        if self.control is not None and self.mux.is_open:
+            self.control.send(message)
+
+    def _on_hello(self, hello: Hello) -> None:
+        self.name = hello.name
+        self.version = hello.version
+        self._client_nonce = hello.client_nonce
+        self._server_nonce = auth.new_nonce()
+        self.state = "challenged"
+        self._send(Challenge(server_nonce=self._server_nonce))
+
+    def _on_login(self, login: Login) -> None:
+        server = self.server
+        token = server.token_for(self.name)
+        args = (self.name, self._client_nonce, self._server_nonce, server.fingerprint)
+        ok = token is not None and auth.proofs_equal(login.proof, auth.client_proof(token, *args))
+        if not ok or token is None:
+            self.state = "failed"
+            self._spawn(self._refuse_login())
+            return
+        server.guard.record_success(self.remote_addr)
+        self.state = "ready"
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        server.register(self)
+        self._send(LoginOk(proof=auth.server_proof(token, *args), version=__version__))
+        log.info("client %s logged in from %s (relayc %s)", self.name, self.remote_addr, self.version or "?")
+
+    async def _refuse_login(self) -> None:
+        now = time.monotonic()
+        delay = self.server.guard.record_failure(self.remote_addr, now)
+        if self.server.guard.should_log(self.remote_addr, now):
+            log.warning("login failed: client %r from %s: wrong token", self.name, self.remote_addr)
+        await asyncio.sleep(delay)
+        self._send(LoginFailed(reason="wrong token"))
+        self.mux.close(GoAwayCode.AUTH_FAILED)
+
+    async def _add_tunnel(self, message: TunnelAdd) -> None:
+        spec = message.tunnel
+        old = self.tunnels.pop(spec.name, None)
+        if old is not None:
+            self.server.ports.release(old)
+        tunnel = PublicTunnel(self, spec)
+        try:
+            await self.server.ports.bind(tunnel, self.server.config.public_bind_addr, spec.remote_port)
+        except TunnelRefused as exc:
+            log.warning("client %s tunnel %s refused: %s", self.name, spec.name, exc)
+            self._send(TunnelStatus(name=spec.name, ok=False, error=str(exc)))
+            return
+        if self.state != "ready":  # the session ended while we were binding
+            self.server.ports.release(tunnel)
+            return
+        self.tunnels[spec.name] = tunnel
+        log.info(
+            "client %s tunnel %s: listening on %s:%d -> %s:%d",
+            self.name, spec.name, self.server.config.public_bind_addr, tunnel.port, spec.local_ip, spec.local_port,
+        )
+        self._send(TunnelStatus(name=spec.name, ok=True, remote_port=tunnel.port))
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _release_tunnels(self) -> None:
+        for tunnel in self.tunnels.values():
+            self.server.ports.release(tunnel)
+        self.tunnels.clear()
+
+
+class Relayd:
+    """The relay server: owns the control listener, the sessions and the port policy."""
+
+    def __init__(self, config: ServerConfig, config_path: str | Path) -> None:
+        self.config = config
+        self.config_path = Path(config_path)
+        self.state_dir = resolve_path(config_path, config.state_dir)
+        self.ports = PortPolicy(config.port_ranges, config.max_ports_per_client)
+        self.guard = LoginGuard()
+        self.sessions: dict[str, ClientSession] = {}
+        self.connections: set[ClientSession] = set()
+        self.fingerprint = ""
+        self._ssl: ssl.SSLContext | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    def token_for(self, client_name: str) -> str | None:
+        return self.config.auth.token or None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.tls.enable:
+            if cfg.tls.cert_file:
+                cert = resolve_path(self.config_path, cfg.tls.cert_file)
+                key = resolve_path(self.config_path, cfg.tls.key_file)
+            else:
+                cert, key = ensure_self_signed(self.state_dir)
+            self._ssl = server_context(cert, key)
+            self.fingerprint = fingerprint_of_pem_file(cert)
+        else:
+            log.warning("TLS is disabled (tls.enable = false): traffic between relayc and relayd is readable on the path")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._accept,
+            cfg.bind_addr,
+            cfg.bind_port,
+            ssl=self._ssl,
+            ssl_handshake_timeout=cfg.handshake_timeout if self._ssl else None,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("relayd %s listening for relayc on %s:%d (TLS %s)", __version__, cfg.bind_addr, self.port,
+                 "on" if self._ssl else "OFF")
+        if self.fingerprint:
+            log.info("TLS certificate fingerprint: %s", self.fingerprint)
+
+    def _accept(self) -> asyncio.Protocol:
+        session = ClientSession(self)
+        return session.mux
+
+    def admit(self, session: ClientSession, addr: str) -> bool:
+        """Called when a connection is accepted: refuse addresses the login guard blocks."""
+        if self.guard.is_blocked(addr, time.monotonic()):
+            return False
+        self.connections.add(session)
+        return True
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Stop accepting, tell every client GO_AWAY, let open streams finish for ``grace`` s."""
+        if self._server is not None:
+            self._server.close()
+        sessions = list(self.connections)
+        for s in sessions:
+            for tunnel in list(s.tunnels.values()):
+                tunnel.server and tunnel.server.close()
+            s.mux.go_away(GoAwayCode.NORMAL)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(s.mux.stream_count > 1 for s in sessions if s.mux.is_open):
+            await asyncio.sleep(0.05)
+        for s in sessions:
+            s.mux.close()
+        for s in sessions:
+            s._release_tunnels()
+        await asyncio.sleep(0)
+
+    # --- registry -------------------------------------------------------------------------------
+
+    def register(self, session: ClientSession) -> None:
+        old = self.sessions.get(session.name)
+        if old is not None and old is not session:
+            log.info("client %s: a new session from %s replaces the one from %s", session.name,
+                     session.remote_addr, old.remote_addr)
+            old._release_tunnels()
+            old.mux.close(GoAwayCode.REPLACED)
+        self.sessions[session.name] = session
+
+    def session_closed(self, session: ClientSession) -> None:
+        self.connections.discard(session)
+        if self.sessions.get(session.name) is session:
+            del self.sessions[session.name]

@@ -1,0 +1,142 @@
+"""Public TCP listeners for tunnels, and the port policy that decides who may have which port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import TYPE_CHECKING, cast
+
+from shared.aio import StreamBridge, TrafficCounters
+from shared.config import PortRanges
+from shared.errors import LocalProtocolError
+from shared.messages import StreamOpen, TunnelSpec, encode_message
+
+if TYPE_CHECKING:
+    from relay_server.server import ClientSession
+
+log = logging.getLogger(__name__)
+
+
+class TunnelRefused(Exception):
+    """A tunnel registration that policy or the host refuses; the message is sent to relayc."""
+
+
+class PublicTunnel:
+    """One tcp tunnel of one logged-in client: a listener on relayd and its counters."""
+
+    def __init__(self, client: ClientSession, spec: TunnelSpec) -> None:
+        self.client = client
+        self.spec = spec
+        self.port = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.counters = TrafficCounters()
+        self.visitors: set[VisitorBridge] = set()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    async def listen(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: VisitorBridge(self), host, port, reuse_address=True, backlog=1024)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        """Stop accepting and reset the visitors still connected."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for visitor in list(self.visitors):
+            visitor.abort()
+        self.visitors.clear()
+
+
+class VisitorBridge(StreamBridge):
+    """A public visitor connection: opens a stream to relayc carrying the tunnel name first."""
+
+    __slots__ = ("tunnel",)
+
+    def __init__(self, tunnel: PublicTunnel) -> None:
+        super().__init__(tunnel.client.mux, tunnel.counters)
+        self.tunnel = tunnel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        counters = self.tunnel.counters
+        counters.conns_open += 1
+        counters.conns_total += 1
+        peer = transport.get_extra_info("peername")
+        visitor = f"{peer[0]}:{peer[1]}" if peer else ""
+        preamble = encode_message(StreamOpen(tunnel=self.tunnel.name, visitor=visitor))
+        try:
+            if not self.mux.is_open:
+                raise LocalProtocolError("client session is closed")
+            self.stream_id = self.mux.open_stream(self, preamble)
+        except LocalProtocolError:
+            self.transport = transport
+            self._done = True
+            transport.abort()
+            return
+        self.tunnel.visitors.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.tunnel.visitors.discard(self)
+        super().connection_lost(exc)
+
+
+class PortPolicy:
+    """Which public ports a client may claim, and who holds each one now."""
+
+    def __init__(self, allowed: PortRanges, max_per_client: int) -> None:
+        self.allowed = allowed
+        self.max_per_client = max_per_client
+        self.holders: dict[int, PublicTunnel] = {}
+
+    def count_for(self, client_name: str) -> int:
+        return sum(1 for t in self.holders.values() if t.client.name == client_name)
+
+    def check(self, client_name: str, port: int) -> None:
+        if self.max_per_client and self.count_for(client_name) >= self.max_per_client:
+            raise TunnelRefused(f"client {client_name!r} already holds max_ports_per_client={self.max_per_client} ports")
+        if port == 0:
+            return
+        if port not in self.allowed:
+            raise TunnelRefused(f"port {port} is not in allow_ports ({self.allowed.text})")
+        holder = self.holders.get(port)
+        if holder is not None:
+            raise TunnelRefused(f"port {port} is already used by client {holder.client.name!r} tunnel {holder.name!r}")
+
+    async def bind(self, tunnel: PublicTunnel, host: str, port: int) -> None:
+        """Bind ``tunnel`` to ``port``, or to a free allowed port when ``port`` is 0."""
+        self.check(tunnel.client.name, port)
+        if port:
+            try:
+                await tunnel.listen(host, port)
+            except OSError as exc:
+                raise TunnelRefused(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        else:
+            await self._bind_any(tunnel, host)
+        self.holders[tunnel.port] = tunnel
+
+    async def _bind_any(self, tunnel: PublicTunnel, host: str) -> None:
+        if self.allowed.size() >= 64511:  # the default 1024-65535: let the OS pick
+            await tunnel.listen(host, 0)
+            if tunnel.port in self.allowed and tunnel.port not in self.holders:
+                return
+            tunnel.close()
+        candidates = [p for p in self.allowed.ports() if p not in self.holders]
+        random.shuffle(candidates)
+        for port in candidates[:200]:
+            try:
+                await tunnel.listen(host, port)
+                return
+            except OSError:
+                continue
+        raise TunnelRefused(f"no free port left in allow_ports ({self.allowed.text})")
+
+    def release(self, tunnel: PublicTunnel) -> None:
+        if self.holders.get(tunnel.port) is tunnel:
+            del self.holders[tunnel.port]
+        tunnel.close()

@@ -1,0 +1,549 @@
+"""The thin asyncio shell around the sans-IO session.
+
+``MuxConnection`` is an ``asyncio.Protocol`` that runs one ``Session`` over a (TLS) transport: it
+feeds received bytes in, dispatches events to one handler per stream, writes what the session
+queued (coalesced: at most one write per loop iteration), and arms one timer for keepalive.
+
+``StreamBridge`` is the ``asyncio.Protocol`` of a TCP socket joined to one stream, modelled on
+asyncssh's forwarder: socket bytes go to the stream; stream bytes go to the socket and their credit
+is returned only once the socket's transport is not paused (so a slow reader pushes back all the
+way to the remote sender); FIN <-> ``write_eof``; an aborted socket resets the stream and a reset
+stream aborts the socket; TCP_NODELAY on every socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar, cast
+
+from shared.errors import PeerTimeoutError, RemoteProtocolError
+from shared.frames import GoAwayCode, ResetCode
+from shared.messages import MessageDecoder, encode_message
+from shared.mux import (
+    SEND_BUFFER_HIGH,
+    DataReceived,
+    GoAwayReceived,
+    PingAnswered,
+    Session,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    StreamWritable,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # the socket may already be closing; nothing to tune then
+
+
+def run(main: Coroutine[Any, Any, T], use_uvloop: bool = True) -> T:
+    """Run ``main`` on uvloop when importable, else on the default asyncio loop."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            uvloop = None  # type: ignore[assignment]
+        if uvloop is not None:
+            if sys.version_info >= (3, 11):
+                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                    return runner.run(main)
+            uvloop.install()  # pragma: no cover
+    return asyncio.run(main)
+
+
+class StreamHandler(Protocol):
+    """What a ``MuxConnection`` calls for the events of one stream."""
+
+    def on_data(self, data: bytes) -> None: ...
+    def on_end(self) -> None: ...
+    def on_reset(self, code: int) -> None: ...
+    def on_writable(self) -> None: ...
+    def pause_input(self) -> None: ...
+    def resume_input(self) -> None: ...
+
+
+class MuxConnection(asyncio.Protocol):
+    """Runs one ``Session`` over one transport."""
+
+    def __init__(
+        self,
+        client: bool,
+        *,
+        keepalive_timeout: float = 30.0,
+        on_stream_opened: Callable[[MuxConnection, int], StreamHandler | None] | None = None,
+        on_go_away: Callable[[MuxConnection, int], None] | None = None,
+        on_closed: Callable[[MuxConnection, BaseException | None], None] | None = None,
+        on_connected: Callable[[MuxConnection, asyncio.Transport], bool] | None = None,
+        label: str = "",
+    ) -> None:
+        self.client = client
+        self.label = label
+        self._keepalive_timeout = keepalive_timeout
+        self._on_stream_opened = on_stream_opened
+        self._on_go_away = on_go_away
+        self._on_closed = on_closed
+        self._on_connected = on_connected
+        self._handlers: dict[int, StreamHandler] = {}
+        self.session: Session | None = None
+        self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_event_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._flush_scheduled = False
+        self._write_paused = False
+        self.rtt: float | None = None
+        self.closed = asyncio.get_event_loop().create_future()
+        self.error: BaseException | None = None
+
+    # --- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        if self._on_connected is not None and not self._on_connected(self, transport):
+            transport.abort()
+            return
+        set_nodelay(transport)
+        self.session = Session(self.client, self._loop.time(), keepalive_timeout=self._keepalive_timeout)
+        self._arm_timer()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None or session.closed:
+            return
+        try:
+            events = session.receive_data(data, self._loop.time())
+        except RemoteProtocolError as exc:
+            self.fail(exc)
+            return
+        handlers = self._handlers
+        for ev in events:
+            if type(ev) is DataReceived:
+                h = handlers.get(ev.stream_id)
+                if h is not None:
+                    h.on_data(ev.data)
+                else:
+                    session.consume(ev.stream_id, len(ev.data))
+            elif type(ev) is StreamOpened:
+                opened = self._on_stream_opened(self, ev.stream_id) if self._on_stream_opened else None
+                if opened is None:
+                    session.reset_stream(ev.stream_id, ResetCode.NOT_ALLOWED)
+                else:
+                    handlers[ev.stream_id] = opened
+            elif type(ev) is StreamEnded:
+                h = handlers.get(ev.stream_id)
+                if h is not None:
+                    h.on_end()
+            elif type(ev) is StreamReset:
+                h = handlers.pop(ev.stream_id, None)
+                if h is not None:
+                    h.on_reset(ev.code)
+            elif type(ev) is StreamWritable:
+                h = handlers.get(ev.stream_id)
+                if h is not None:
+                    h.on_writable()
+            elif type(ev) is PingAnswered:
+                self.rtt = ev.rtt
+            elif type(ev) is GoAwayReceived:
+                if self._on_go_away is not None:
+                    self._on_go_away(self, ev.code)
+            if session.closed:
+                break
+        self._flush()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        for h in list(self._handlers.values()):
+            h.pause_input()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for h in list(self._handlers.values()):
+            h.resume_input()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.session is not None:
+            self.session.close()
+        handlers = list(self._handlers.values())
+        self._handlers.clear()
+        for h in handlers:
+            h.on_reset(ResetCode.SESSION_CLOSING)
+        if self.error is None and exc is not None:
+            self.error = exc
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self._on_closed is not None:
+            self._on_closed(self, self.error)
+
+    # --- API for stream handlers and owners ----------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self.session is not None and not self.session.closed and self.transport is not None
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._handlers)
+
+    def open_stream(self, handler: StreamHandler, data: bytes = b"") -> int:
+        assert self.session is not None
+        sid = self.session.open_stream(data)
+        self._handlers[sid] = handler
+        self._schedule_flush()
+        return sid
+
+    def set_handler(self, stream_id: int, handler: StreamHandler) -> None:
+        if stream_id in self._handlers:
+            self._handlers[stream_id] = handler
+
+    def send(self, stream_id: int, data: bytes) -> bool:
+        """Queue data on a stream; True means the caller should pause its input."""
+        session = self.session
+        if session is None or session.closed:
+            return False
+        pending = session.send_data(stream_id, data)
+        self._schedule_flush()
+        return pending > SEND_BUFFER_HIGH
+
+    def end(self, stream_id: int) -> None:
+        if self.session is not None and not self.session.closed:
+            self.session.end_stream(stream_id)
+            self._schedule_flush()
+
+    def reset(self, stream_id: int, code: int = ResetCode.ABORTED) -> None:
+        self._handlers.pop(stream_id, None)
+        if self.session is not None and not self.session.closed:
+            self.session.reset_stream(stream_id, code)
+            self._schedule_flush()
+
+    def forget(self, stream_id: int) -> None:
+        """The handler is done with a stream that ended normally."""
+        self._handlers.pop(stream_id, None)
+
+    def consume(self, stream_id: int, n: int) -> None:
+        if self.session is not None and not self.session.closed:
+            self.session.consume(stream_id, n)
+            self._schedule_flush()
+
+    def go_away(self, code: int = GoAwayCode.NORMAL) -> None:
+        if self.session is not None and not self.session.closed:
+            self.session.go_away(code)
+            self._flush()
+
+    def close(self, code: int | None = None) -> None:
+        """Close the connection; with ``code``, send a GO_AWAY first."""
+        if code is not None:
+            self.go_away(code)
+        self._flush()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def fail(self, exc: BaseException) -> None:
+        """The peer broke the protocol or timed out: send the GO_AWAY queued, close."""
+        self.error = exc
+        log.warning("%s: closing session: %s", self.label or "session", exc)
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+            # A peer that does not read must not keep us around.
+            self._loop.call_later(5.0, self.abort)
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.session is None or self.transport is None:
+            return
+        data = self.session.data_to_send()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _arm_timer(self) -> None:
+        if self.session is not None and not self.session.closed:
+            self._timer = self._loop.call_at(self.session.get_timer(), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.session is None or self.session.closed:
+            return
+        try:
+            self.session.handle_timer(self._loop.time())
+        except PeerTimeoutError as exc:
+            self.error = exc
+            log.warning("%s: %s; closing the session", self.label or "session", exc)
+            self.session.close()
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        self._flush()
+        self._arm_timer()
+
+
+
+class StreamBridge(asyncio.Protocol):
+    """Joins one stream of a ``MuxConnection`` to one TCP socket.
+
+    May be created before its socket exists (relayc dials after the stream opened): stream bytes
+    that arrive meanwhile wait here, uncredited, so the peer's window bounds them.
+    """
+
+    __slots__ = (
+        "_done",
+        "_fin_received",
+        "_fin_sent",
+        "_paused_session",
+        "_paused_window",
+        "_pending",
+        "_reading_paused",
+        "_unacked",
+        "_write_paused",
+        "counters",
+        "mux",
+        "stream_id",
+        "transport",
+    )
+
+    def __init__(self, mux: MuxConnection, counters: TrafficCounters | None = None) -> None:
+        self.mux = mux
+        self.stream_id = 0
+        self.transport: asyncio.Transport | None = None
+        self.counters = counters
+        self._pending: list[bytes] | None = None
+        self._unacked = 0
+        self._write_paused = False
+        self._paused_window = False
+        self._paused_session = mux.write_paused
+        self._reading_paused = False
+        self._fin_sent = False
+        self._fin_received = False
+        self._done = False
+
+    # --- the TCP socket side --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        set_nodelay(transport)
+        if self._done:
+            transport.abort()
+            return
+        self._update_reading()
+        pending = self._pending
+        self._pending = None
+        if pending:
+            for chunk in pending:
+                self.on_data(chunk)
+        if self._fin_received:
+            self._write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        if self.counters is not None:
+            self.counters.bytes_in += len(data)
+        if self.mux.send(self.stream_id, data):
+            self._paused_window = True
+            self._update_reading()
+
+    def eof_received(self) -> bool:
+        if not self._done and not self._fin_sent:
+            self._fin_sent = True
+            self.mux.end(self.stream_id)
+            self._maybe_finish()
+        return True
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._unacked:
+            n = self._unacked
+            self._unacked = 0
+            self.mux.consume(self.stream_id, n)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.counters is not None:
+            self.counters.conns_open -= 1
+            self.counters = None
+        if not self._done:
+            self._done = True
+            self.mux.reset(self.stream_id, ResetCode.ABORTED)
+
+    # --- the stream side ------------------------------------------------------------------------
+
+    def on_data(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            if self._pending is None:
+                self._pending = []
+            self._pending.append(data)
+            return
+        if self._done:
+            return
+        if self.counters is not None:
+            self.counters.bytes_out += len(data)
+        transport.write(data)
+        if self._write_paused:
+            self._unacked += len(data)
+        else:
+            self.mux.consume(self.stream_id, len(data))
+
+    def on_end(self) -> None:
+        self._fin_received = True
+        if self.transport is not None:
+            self._write_eof()
+
+    def on_reset(self, code: int) -> None:
+        self._done = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def on_writable(self) -> None:
+        self._paused_window = False
+        self._update_reading()
+
+    def pause_input(self) -> None:
+        self._paused_session = True
+        self._update_reading()
+
+    def resume_input(self) -> None:
+        self._paused_session = False
+        self._update_reading()
+
+    def abort(self) -> None:
+        """Tear down both sides now (RST on the stream, abort on the socket)."""
+        if not self._done:
+            self._done = True
+            self.mux.reset(self.stream_id, ResetCode.ABORTED)
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _write_eof(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        if self._done or transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._fin_sent and self._fin_received and not self._done:
+            self._done = True
+            self.mux.forget(self.stream_id)
+            if self._unacked:
+                self.mux.consume(self.stream_id, self._unacked)
+                self._unacked = 0
+            if self.transport is not None:
+                self.transport.close()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        want_pause = self._paused_window or self._paused_session
+        if want_pause and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif not want_pause and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+
+class TrafficCounters:
+    """Per-tunnel traffic numbers, kept in memory and read by the dashboard and metrics."""
+
+    __slots__ = ("bytes_in", "bytes_out", "conns_open", "conns_total")
+
+    def __init__(self) -> None:
+        self.bytes_in = 0  # visitor -> lab machine
+        self.bytes_out = 0  # lab machine -> visitor
+        self.conns_open = 0
+        self.conns_total = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "conns_open": self.conns_open,
+            "conns_total": self.conns_total,
+        }
+
+
+class ControlChannel:
+    """The stream handler of the control stream (id 1): length-prefixed JSON messages both ways.
+
+    Credit is returned as soon as bytes are decoded; the decoder refuses any message over
+    ``MAX_MESSAGE_SIZE``, so a peer cannot make us buffer more than that here.
+    """
+
+    def __init__(
+        self,
+        mux: MuxConnection,
+        on_message: Callable[[Any], None],
+        on_closed: Callable[[], None],
+    ) -> None:
+        self.mux = mux
+        self.stream_id = 0
+        self._decoder = MessageDecoder()
+        self._on_message = on_message
+        self._on_closed = on_closed
+
+    def send(self, message: Any) -> None:
+        self.mux.send(self.stream_id, encode_message(message))
+
+    def on_data(self, data: bytes) -> None:
+        self.mux.consume(self.stream_id, len(data))
+        try:
+            messages = self._decoder.feed(data)
+        except RemoteProtocolError as exc:
+            self.mux.fail(exc)
+            return
+        for message in messages:
+            self._on_message(message)
+
+    def on_end(self) -> None:
+        self._on_closed()
+
+    def on_reset(self, code: int) -> None:
+        self._on_closed()
+
+    def on_writable(self) -> None:
+        """Control messages are small; nothing waits on the window here."""
+
+    def pause_input(self) -> None:
+        """Nothing to pause: control messages are produced by this program, not read from a socket."""
+
+    def resume_input(self) -> None:
+        """See pause_input."""

@@ -1,0 +1,67 @@
+"""What relayd's and relayc's command lines have in common: flags, logging, config errors, signals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from shared import __version__
+from shared.config import ClientConfig, ModelT, ServerConfig, load_config
+from shared.errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def base_parser(prog: str, description: str, default_config: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("-c", "--config", default=default_config, metavar="FILE",
+                        help=f"TOML configuration file (default: {default_config})")
+    parser.add_argument("--check", action="store_true", help="validate the configuration and exit (0 ok, 2 invalid)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="log verbosity (default: info)")
+    parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def load_or_exit(prog: str, model: type[ModelT], path: str) -> ModelT:
+    try:
+        return load_config(model, path)
+    except ConfigError as exc:
+        print(f"{prog}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def install_stop_handlers(stop: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT call ``stop`` once; a second signal exits at once."""
+    loop = asyncio.get_running_loop()
+    count = 0
+
+    def handler(signum: int) -> None:
+        nonlocal count
+        count += 1
+        if count > 1:
+            os._exit(1)
+        logging.getLogger(Path(sys.argv[0]).name).info("%s received: shutting down",
+                                                       signal.Signals(signum).name)
+        stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handler, sig)
+
+
+__all__ = ["ClientConfig", "ServerConfig", "base_parser", "install_stop_handlers", "load_or_exit", "setup_logging"]

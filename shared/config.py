@@ -1,0 +1,260 @@
+"""Validated models for relayd.toml and relayc.toml, and the one loader for both.
+
+Every problem becomes a ``ConfigError`` naming the file, the key path (``tunnels[1].local_port``)
+and what is wrong; unknown keys are errors, so a typo never silently does nothing.  Relative
+paths in a file are taken relative to that file's directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.errors import ConfigError
+from shared.tls import normalize_fingerprint
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+EXAMPLE_TOKENS = frozenset({"example-token-change-me", "change-me", "token", "secret", "..."})
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class PortRanges:
+    """A set of ports written like ``"6000-7000,8022"``."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.ranges: list[tuple[int, int]] = []
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            lo_s, _, hi_s = part.partition("-")
+            try:
+                lo = int(lo_s)
+                hi = int(hi_s) if hi_s else lo
+            except ValueError:
+                raise ValueError(f"{part!r} is not a port or a range like 6000-7000") from None
+            if not (1 <= lo <= hi <= 65535):
+                raise ValueError(f"{part!r} is not within 1-65535 with low <= high")
+            self.ranges.append((lo, hi))
+        if not self.ranges:
+            raise ValueError("no ports given; write e.g. \"6000-7000,8022\"")
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and any(lo <= port <= hi for lo, hi in self.ranges)
+
+    def size(self) -> int:
+        return sum(hi - lo + 1 for lo, hi in self.ranges)
+
+    def ports(self) -> list[int]:
+        return [p for lo, hi in self.ranges for p in range(lo, hi + 1)]
+
+
+# --- relayd -------------------------------------------------------------------------------------
+
+
+class ServerAuth(_Strict):
+    token: str = ""
+
+
+class ServerTLS(_Strict):
+    enable: bool = True
+    cert_file: str = ""
+    key_file: str = ""
+
+
+class ServerConfig(_Strict):
+    bind_addr: str = "127.0.0.1"
+    bind_port: int = Field(default=7000, ge=0, le=65535)
+    proxy_bind_addr: str = ""
+    state_dir: str = "relayd-state"
+    allow_ports: str = "1024-65535"
+    max_ports_per_client: int = Field(default=0, ge=0)
+    keepalive_timeout: float = Field(default=30.0, ge=1.0, le=600.0)
+    handshake_timeout: float = Field(default=10.0, ge=1.0, le=120.0)
+    auth: ServerAuth = ServerAuth()
+    tls: ServerTLS = ServerTLS()
+
+    @field_validator("allow_ports")
+    @classmethod
+    def _ports(cls, v: str) -> str:
+        PortRanges(v)
+        return v
+
+    @property
+    def port_ranges(self) -> PortRanges:
+        return PortRanges(self.allow_ports)
+
+    @property
+    def public_bind_addr(self) -> str:
+        return self.proxy_bind_addr or self.bind_addr
+
+
+# --- relayc -------------------------------------------------------------------------------------
+
+
+class ClientAuth(_Strict):
+    token: str = ""
+
+
+class ClientTLS(_Strict):
+    enable: bool = True
+    server_fingerprint: str = ""
+    server_name: str = ""
+    ca_file: str = ""
+
+    @field_validator("server_fingerprint")
+    @classmethod
+    def _fp(cls, v: str) -> str:
+        return normalize_fingerprint(v) if v else ""
+
+
+class TunnelConfig(_Strict):
+    name: str
+    type: Literal["tcp"] = "tcp"
+    local_ip: str = "127.0.0.1"
+    local_port: int = Field(ge=1, le=65535)
+    remote_port: int = Field(default=0, ge=0, le=65535)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
+
+class ClientConfig(_Strict):
+    server_addr: str = "127.0.0.1"
+    server_port: int = Field(default=7000, ge=1, le=65535)
+    name: str = Field(default_factory=socket.gethostname)
+    keepalive_timeout: float = Field(default=30.0, ge=1.0, le=600.0)
+    auth: ClientAuth = ClientAuth()
+    tls: ClientTLS = ClientTLS()
+    tunnels: list[TunnelConfig] = []
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+ModelT = TypeVar("ModelT", ServerConfig, ClientConfig)
+
+
+def key_path(loc: tuple[int | str, ...]) -> str:
+    """``('tunnels', 1, 'local_port')`` -> ``tunnels[1].local_port``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _reason(err: Any) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key (is it misspelled?)"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if "input" in err and kind not in ("model_type", "list_type", "dict_type"):
+        return f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def parse_config(model: type[ModelT], data: dict[str, Any], path: str) -> ModelT:
+    try:
+        cfg = model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        reason = _reason(first)
+        if len(errors) > 1:
+            more = "; ".join(f"{key_path(e['loc'])}: {_reason(e)}" for e in errors[1:4])
+            reason += f"  (also: {more})"
+        raise ConfigError(path, key_path(first["loc"]), reason) from None
+    _check_semantics(cfg, path)
+    return cfg
+
+
+def load_config(model: type[ModelT], path: str | Path) -> ModelT:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(p), "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(str(p), "", f"not valid TOML: {exc}") from None
+    return parse_config(model, data, str(p))
+
+
+def _check_semantics(cfg: ServerConfig | ClientConfig, path: str) -> None:
+    if isinstance(cfg, ClientConfig):
+        seen: dict[str, int] = {}
+        for i, t in enumerate(cfg.tunnels):
+            if t.name in seen:
+                raise ConfigError(path, f"tunnels[{i}].name", f"{t.name!r} is already used by tunnels[{seen[t.name]}]")
+            seen[t.name] = i
+        ports: dict[int, int] = {}
+        for i, t in enumerate(cfg.tunnels):
+            if t.remote_port and t.remote_port in ports:
+                raise ConfigError(
+                    path, f"tunnels[{i}].remote_port", f"{t.remote_port} is already used by tunnels[{ports[t.remote_port]}]"
+                )
+            ports[t.remote_port] = i
+        if not cfg.auth.token:
+            raise ConfigError(path, "auth.token", "empty: set the same token as in relayd.toml [auth]")
+        if cfg.tls.enable and cfg.tls.server_fingerprint and cfg.tls.server_name:
+            raise ConfigError(path, "tls.server_name", "set either tls.server_fingerprint (pin) or tls.server_name (CA), not both")
+        return
+    if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):
+        key = "tls.key_file" if cfg.tls.cert_file else "tls.cert_file"
+        raise ConfigError(path, key, "tls.cert_file and tls.key_file must be given together")
+    if not cfg.auth.token:
+        raise ConfigError(
+            path, "auth.token", "empty: set a long random secret, e.g. the output of "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    if not is_loopback(cfg.bind_addr) and cfg.auth.token in EXAMPLE_TOKENS:
+        raise ConfigError(
+            path, "auth.token", f"is the example token while bind_addr is {cfg.bind_addr!r}: "
+            "anyone could log in; set your own secret"
+        )
+
+
+def resolve_path(config_path: str | Path, value: str) -> Path:
+    """A path from a config file, taken relative to that file's directory."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else Path(config_path).resolve().parent / p
