@@ -30,8 +30,9 @@ async def serve(relayc: Relayc) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser("relayc", "relay client: connects to relayd and joins visitors to local services",
-                         "relayc.toml")
+    parser = base_parser(
+        "relayc", "relay client: connects to relayd and joins visitors to local services", "relayc.toml"
+    )
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     config = load_or_exit("relayc", ClientConfig, args.config)

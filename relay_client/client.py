@@ -123,9 +123,7 @@ class Relayc:
     def __init__(self, config: ClientConfig, config_path: str | Path) -> None:
         self.config = config
         self.config_path = Path(config_path)
-        self.tunnels: dict[str, TunnelSpec] = {
-            t.name: TunnelSpec(**t.model_dump()) for t in config.tunnels
-        }
+        self.tunnels: dict[str, TunnelSpec] = {t.name: TunnelSpec(**t.model_dump()) for t in config.tunnels}
         self.burst_log = BurstLog()
         self.known = KnownServers(resolve_path(config_path, KNOWN_SERVERS_FILE))
         self.server_key = f"{config.server_addr}:{config.server_port}"
@@ -178,7 +176,11 @@ class Relayc:
             server_hostname = cfg.tls.server_name or cfg.server_addr
         await asyncio.wait_for(
             loop.create_connection(
-                lambda: session.mux, cfg.server_addr, cfg.server_port, ssl=ssl_ctx, server_hostname=server_hostname,
+                lambda: session.mux,
+                cfg.server_addr,
+                cfg.server_port,
+                ssl=ssl_ctx,
+                server_hostname=server_hostname,
                 ssl_handshake_timeout=STEP_TIMEOUT if ssl_ctx else None,
             ),
             STEP_TIMEOUT * 2,
@@ -242,8 +244,9 @@ class Relayc:
         control = ControlChannel(mux, session.on_message, lambda: mux.close())
         session.control = control
         client_nonce = auth.new_nonce()
-        control.stream_id = mux.open_stream(control, encode_message(Hello(name=cfg.name, version=__version__,
-                                                                   client_nonce=client_nonce)))
+        control.stream_id = mux.open_stream(
+            control, encode_message(Hello(name=cfg.name, version=__version__, client_nonce=client_nonce))
+        )
         challenge = await session.next_message()
         if not isinstance(challenge, Challenge):
             raise RemoteProtocolError(f"expected a challenge from relayd, got {challenge.type}")
@@ -251,8 +254,9 @@ class Relayc:
         control.send(Login(proof=auth.client_proof(cfg.auth.token, *args)))
         answer = await session.next_message()
         if isinstance(answer, LoginFailed):
-            raise AuthError(f"login to relayd at {self.server_key} failed: {answer.reason} "
-                            "(check auth.token against relayd.toml)")
+            raise AuthError(
+                f"login to relayd at {self.server_key} failed: {answer.reason} (check auth.token against relayd.toml)"
+            )
         if not isinstance(answer, LoginOk):
             raise RemoteProtocolError(f"expected login_ok from relayd, got {answer.type}")
         if not auth.proofs_equal(answer.proof, auth.server_proof(cfg.auth.token, *args)):
@@ -260,8 +264,12 @@ class Relayc:
         if cfg.tls.enable and not cfg.tls.server_name and not cfg.tls.server_fingerprint:
             if self.known.get(self.server_key) is None:
                 self.known.remember(self.server_key, fingerprint)
-                log.warning("trusting relayd at %s on first use: %s (remembered in %s)",
-                            self.server_key, fingerprint, self.known.path)
+                log.warning(
+                    "trusting relayd at %s on first use: %s (remembered in %s)",
+                    self.server_key,
+                    fingerprint,
+                    self.known.path,
+                )
         session.logged_in = True
         log.info("logged in to relayd %s at %s as %r", answer.version or "?", self.server_key, cfg.name)
 

@@ -96,7 +96,11 @@ class IncomingStream:
             self._burst_log.warning(
                 f"dial:{spec.name}",
                 "tunnel %s: cannot reach %s:%d (%s); visitor %s refused",
-                spec.name, spec.local_ip, spec.local_port, reason, visitor,
+                spec.name,
+                spec.local_ip,
+                spec.local_port,
+                reason,
+                visitor,
             )
             bridge.on_reset(ResetCode.REFUSED)
             self.mux.reset(self.stream_id, ResetCode.REFUSED)

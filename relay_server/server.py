@@ -86,7 +86,7 @@ class LoginGuard:
         if len(self._failures) > 10_000:  # forget the oldest addresses rather than grow forever
             oldest = next(iter(self._failures))
             del self._failures[oldest]
-        return min(0.25 * 2 ** (len(q) - 1), 8.0)
+        return float(min(0.25 * 2 ** (len(q) - 1), 8.0))
 
     def record_success(self, addr: str) -> None:
         self._failures.pop(addr, None)
@@ -168,7 +168,11 @@ class ClientSession:
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
         if self.state != "ready":
-            log.warning("client from %s: no login within %.0f s; closing", self.remote_addr, self.server.config.handshake_timeout)
+            log.warning(
+                "client from %s: no login within %.0f s; closing",
+                self.remote_addr,
+                self.server.config.handshake_timeout,
+            )
             self.mux.abort()
 
     # --- control messages -----------------------------------------------------------------------
@@ -243,7 +247,12 @@ class ClientSession:
         self.tunnels[spec.name] = tunnel
         log.info(
             "client %s tunnel %s: listening on %s:%d -> %s:%d",
-            self.name, spec.name, self.server.config.public_bind_addr, tunnel.port, spec.local_ip, spec.local_port,
+            self.name,
+            spec.name,
+            self.server.config.public_bind_addr,
+            tunnel.port,
+            spec.local_ip,
+            spec.local_port,
         )
         self._send(TunnelStatus(name=spec.name, ok=True, remote_port=tunnel.port))
 
@@ -293,7 +302,9 @@ class Relayd:
             self._ssl = server_context(cert, key)
             self.fingerprint = fingerprint_of_pem_file(cert)
         else:
-            log.warning("TLS is disabled (tls.enable = false): traffic between relayc and relayd is readable on the path")
+            log.warning(
+                "TLS is disabled (tls.enable = false): traffic between relayc and relayd is readable on the path"
+            )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._accept,
@@ -305,8 +316,13 @@ class Relayd:
             backlog=1024,
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("relayd %s listening for relayc on %s:%d (TLS %s)", __version__, cfg.bind_addr, self.port,
-                 "on" if self._ssl else "OFF")
+        log.info(
+            "relayd %s listening for relayc on %s:%d (TLS %s)",
+            __version__,
+            cfg.bind_addr,
+            self.port,
+            "on" if self._ssl else "OFF",
+        )
         if self.fingerprint:
             log.info("TLS certificate fingerprint: %s", self.fingerprint)
 
@@ -344,8 +360,12 @@ class Relayd:
     def register(self, session: ClientSession) -> None:
         old = self.sessions.get(session.name)
         if old is not None and old is not session:
-            log.info("client %s: a new session from %s replaces the one from %s", session.name,
-                     session.remote_addr, old.remote_addr)
+            log.info(
+                "client %s: a new session from %s replaces the one from %s",
+                session.name,
+                session.remote_addr,
+                old.remote_addr,
+            )
             old._release_tunnels()
             old.mux.close(GoAwayCode.REPLACED)
         self.sessions[session.name] = session

@@ -39,7 +39,9 @@ class PublicTunnel:
 
     async def listen(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: VisitorBridge(self), host, port, reuse_address=True, backlog=1024)
+        self.server = await loop.create_server(
+            lambda: VisitorBridge(self), host, port, reuse_address=True, backlog=1024
+        )
         self.port = self.server.sockets[0].getsockname()[1]
 
     def close(self) -> None:
@@ -99,7 +101,9 @@ class PortPolicy:
 
     def check(self, client_name: str, port: int) -> None:
         if self.max_per_client and self.count_for(client_name) >= self.max_per_client:
-            raise TunnelRefused(f"client {client_name!r} already holds max_ports_per_client={self.max_per_client} ports")
+            raise TunnelRefused(
+                f"client {client_name!r} already holds max_ports_per_client={self.max_per_client} ports"
+            )
         if port == 0:
             return
         if port not in self.allowed:

@@ -307,7 +307,6 @@ class MuxConnection(asyncio.Protocol):
         self._arm_timer()
 
 
-
 class StreamBridge(asyncio.Protocol):
     """Joins one stream of a ``MuxConnection`` to one TCP socket.
 

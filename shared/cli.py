@@ -20,11 +20,20 @@ EXIT_CONFIG = 2
 
 def base_parser(prog: str, description: str, default_config: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("-c", "--config", default=default_config, metavar="FILE",
-                        help=f"TOML configuration file (default: {default_config})")
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=default_config,
+        metavar="FILE",
+        help=f"TOML configuration file (default: {default_config})",
+    )
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit (0 ok, 2 invalid)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="log verbosity (default: info)")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default: info)",
+    )
     parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
     return parser
 
@@ -56,8 +65,7 @@ def install_stop_handlers(stop: Callable[[], None]) -> None:
         count += 1
         if count > 1:
             os._exit(1)
-        logging.getLogger(Path(sys.argv[0]).name).info("%s received: shutting down",
-                                                       signal.Signals(signum).name)
+        logging.getLogger(Path(sys.argv[0]).name).info("%s received: shutting down", signal.Signals(signum).name)
         stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

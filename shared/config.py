@@ -61,7 +61,7 @@ class PortRanges:
                 raise ValueError(f"{part!r} is not within 1-65535 with low <= high")
             self.ranges.append((lo, hi))
         if not self.ranges:
-            raise ValueError("no ports given; write e.g. \"6000-7000,8022\"")
+            raise ValueError('no ports given; write e.g. "6000-7000,8022"')
 
     def __contains__(self, port: object) -> bool:
         return isinstance(port, int) and any(lo <= port <= hi for lo, hi in self.ranges)
@@ -231,26 +231,33 @@ def _check_semantics(cfg: ServerConfig | ClientConfig, path: str) -> None:
         for i, t in enumerate(cfg.tunnels):
             if t.remote_port and t.remote_port in ports:
                 raise ConfigError(
-                    path, f"tunnels[{i}].remote_port", f"{t.remote_port} is already used by tunnels[{ports[t.remote_port]}]"
+                    path,
+                    f"tunnels[{i}].remote_port",
+                    f"{t.remote_port} is already used by tunnels[{ports[t.remote_port]}]",
                 )
             ports[t.remote_port] = i
         if not cfg.auth.token:
             raise ConfigError(path, "auth.token", "empty: set the same token as in relayd.toml [auth]")
         if cfg.tls.enable and cfg.tls.server_fingerprint and cfg.tls.server_name:
-            raise ConfigError(path, "tls.server_name", "set either tls.server_fingerprint (pin) or tls.server_name (CA), not both")
+            raise ConfigError(
+                path, "tls.server_name", "set either tls.server_fingerprint (pin) or tls.server_name (CA), not both"
+            )
         return
     if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):
         key = "tls.key_file" if cfg.tls.cert_file else "tls.cert_file"
         raise ConfigError(path, key, "tls.cert_file and tls.key_file must be given together")
     if not cfg.auth.token:
         raise ConfigError(
-            path, "auth.token", "empty: set a long random secret, e.g. the output of "
-            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            path,
+            "auth.token",
+            "empty: set a long random secret, e.g. the output of "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
         )
     if not is_loopback(cfg.bind_addr) and cfg.auth.token in EXAMPLE_TOKENS:
         raise ConfigError(
-            path, "auth.token", f"is the example token while bind_addr is {cfg.bind_addr!r}: "
-            "anyone could log in; set your own secret"
+            path,
+            "auth.token",
+            f"is the example token while bind_addr is {cfg.bind_addr!r}: anyone could log in; set your own secret",
         )
 
 

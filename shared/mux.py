@@ -140,9 +140,7 @@ class GoAwayReceived:
     code: int
 
 
-Event = Union[
-    StreamOpened, DataReceived, StreamEnded, StreamReset, StreamWritable, PingAnswered, GoAwayReceived
-]
+Event = Union[StreamOpened, DataReceived, StreamEnded, StreamReset, StreamWritable, PingAnswered, GoAwayReceived]
 
 
 # --- per-stream state ---------------------------------------------------------------------------
