@@ -58,7 +58,7 @@ class IncomingStream:
 
     def on_data(self, data: bytes) -> None:
         try:
-            messages = self._decoder.feed(data)
+            messages = self._decoder.feed(data, limit=1)
         except RemoteProtocolError as exc:
             self.mux.consume(self.stream_id, len(data))
             self.mux.fail(exc)
@@ -69,7 +69,7 @@ class IncomingStream:
         rest = self._decoder.take_rest()
         self.mux.consume(self.stream_id, len(data) - len(rest))
         first = messages[0]
-        if not isinstance(first, StreamOpen) or len(messages) > 1:
+        if not isinstance(first, StreamOpen):
             self.mux.fail(RemoteProtocolError(f"stream {self.stream_id}: expected one stream_open message first"))
             return
         spec = self._lookup(first.tunnel)

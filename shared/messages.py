@@ -138,10 +138,11 @@ class MessageDecoder:
         self._buf = bytearray()
         self._max_size = max_size
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes, limit: int = 0) -> list[Any]:
+        """Add bytes; return the whole messages now available (at most ``limit`` if non-zero)."""
         self._buf += data
-        out = []
-        while len(self._buf) >= 4:
+        out: list[Any] = []
+        while len(self._buf) >= 4 and not (limit and len(out) >= limit):
             (size,) = _LEN.unpack_from(self._buf)
             if size > self._max_size:
                 raise RemoteProtocolError(f"control message of {size} bytes exceeds the maximum {self._max_size}")

@@ -719,7 +719,12 @@ class Session:
 
     def _return_session_credit(self, n: int) -> None:
         self._session_to_return += n
-        if self._session_to_return >= self._session_window // 4:
+        # Batch the updates, but never leave a sender that may be blocked waiting: when stalled
+        # streams hold most of the window, every consumed byte must go back at once.
+        if (
+            self._session_to_return >= self._session_window // 4
+            or self._session_recv_credit < self._session_window // 2
+        ):
             delta = self._session_to_return
             self._session_to_return = 0
             self._session_recv_credit += delta
