@@ -14,6 +14,7 @@ from shared.frames import ResetCode
 from shared.messages import MessageDecoder, StreamOpen, TunnelSpec
 
 log = logging.getLogger("relayc")
+_dials: set[asyncio.Task[None]] = set()
 
 
 class BurstLog:
@@ -85,7 +86,9 @@ class IncomingStream:
             bridge.on_data(rest)
         if self._ended:
             bridge.on_end()
-        asyncio.get_running_loop().create_task(self._dial(bridge, spec, first.visitor))
+        task = asyncio.get_running_loop().create_task(self._dial(bridge, spec, first.visitor))
+        _dials.add(task)  # a task only weakly referenced by the loop could be collected mid-dial
+        task.add_done_callback(_dials.discard)
 
     async def _dial(self, bridge: StreamBridge, spec: TunnelSpec, visitor: str) -> None:
         loop = asyncio.get_running_loop()

@@ -408,7 +408,8 @@ class Session:
             pos = self._parse(memoryview(buf))
         except RemoteProtocolError as exc:
             self._inbuf = bytearray()
-            self.go_away(exc.code)
+            if self._preface_received:  # a peer that is not speaking our protocol gets nothing back
+                self.go_away(exc.code)
             self.closed = True
             raise
         if pos < len(buf):

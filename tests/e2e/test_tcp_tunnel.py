@@ -1,0 +1,346 @@
+"""End to end: real relayd and relayc processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import (
+    ROOT,
+    Proc,
+    TcpServer,
+    echo_handler,
+    free_port,
+    recv_all,
+    relayc_config,
+    relayd_config,
+    wait_port_serves,
+)
+
+
+@pytest.fixture
+def echo() -> Iterator[TcpServer]:
+    server = TcpServer(echo_handler)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop(signal.SIGKILL)
+
+
+def start_relayd(procs: list[Proc], tmp: Path, port: int, **overrides: object) -> Proc:
+    p = Proc("relay_server.cli", relayd_config(tmp, port, **overrides))
+    procs.append(p)
+    p.wait_for(r"listening for relayc")
+    return p
+
+
+def start_relayc(procs: list[Proc], config: Path) -> Proc:
+    p = Proc("relay_client.cli", config)
+    procs.append(p)
+    return p
+
+
+def test_50mb_random_bytes_cross_intact_both_ways(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
+    port, public = free_port(), free_port()
+    start_relayd(procs, tmp_path, port)
+    c = start_relayc(
+        procs,
+        relayc_config(
+            tmp_path,
+            port,
+            [{"name": "echo", "type": "tcp", "local_ip": "127.0.0.1", "local_port": echo.port, "remote_port": public}],
+        ),
+    )
+    c.wait_for(rf"tunnel echo: relayd port {public}")
+    payload = os.urandom(50 * 1024 * 1024)
+    with socket.create_connection(("127.0.0.1", public)) as s:
+
+        def send() -> None:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        got = recv_all(s, timeout=60)
+        sender.join()
+    assert len(got) == len(payload)
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+def test_half_close_visitor_still_gets_reply(tmp_path: Path, procs: list[Proc]) -> None:
+    def reply_after_eof(conn: socket.socket) -> None:
+        size = len(recv_all(conn))  # reads until the visitor's FIN arrives through the tunnel
+        conn.sendall(f"got {size} bytes".encode())
+        conn.shutdown(socket.SHUT_WR)
+
+    target = TcpServer(reply_after_eof)
+    port, public = free_port(), free_port()
+    start_relayd(procs, tmp_path, port)
+    c = start_relayc(
+        procs, relayc_config(tmp_path, port, [{"name": "t", "local_port": target.port, "remote_port": public}])
+    )
+    c.wait_for(r"tunnel t: relayd port")
+    with socket.create_connection(("127.0.0.1", public)) as s:
+        s.sendall(b"x" * 100_000)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s, timeout=10) == b"got 100000 bytes"
+    target.close()
+
+
+def test_wrong_token_gets_no_tunnel_and_relayd_stays_up(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
+    port, public, public2 = free_port(), free_port(), free_port()
+    d = start_relayd(procs, tmp_path, port)
+    bad = start_relayc(
+        procs,
+        relayc_config(
+            tmp_path,
+            port,
+            [{"name": "e", "local_port": echo.port, "remote_port": public}],
+            filename="bad.toml",
+            auth={"token": "wrong"},
+        ),
+    )
+    bad.wait_for(r"login to relayd at .* failed: wrong token")
+    d.wait_for(r"login failed: client 'lab' from 127\.0\.0\.1")
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", public), timeout=2):
+        pass
+    assert bad.popen.poll() is None  # relayc keeps retrying; it does not exit
+    bad.wait_for(r"reconnecting in")
+    good = start_relayc(
+        procs,
+        relayc_config(
+            tmp_path,
+            port,
+            [{"name": "e", "local_port": echo.port, "remote_port": public2}],
+            filename="good.toml",
+            name="good",
+        ),
+    )
+    good.wait_for(r"tunnel e: relayd port")
+    wait_port_serves(public2)
+    assert d.popen.poll() is None
+
+
+def test_pinned_fingerprint_mismatch_is_refused(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
+    port, public = free_port(), free_port()
+    d = start_relayd(procs, tmp_path, port)
+    real = d.wait_for(r"fingerprint: (sha256:[0-9a-f]{64})").group(1)
+    wrong = "sha256:" + ("0" * 64 if not real.endswith("0" * 64) else "1" * 64)
+    c = start_relayc(
+        procs,
+        relayc_config(
+            tmp_path,
+            port,
+            [{"name": "e", "local_port": echo.port, "remote_port": public}],
+            tls={"server_fingerprint": wrong},
+        ),
+    )
+    c.wait_for(rf"presented certificate {real}, which does not match tls.server_fingerprint {wrong}")
+    assert "logged in" not in d.output
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", public), timeout=2):
+        pass
+
+
+def test_pinned_fingerprint_match_logs_in(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
+    port, public = free_port(), free_port()
+    d = start_relayd(procs, tmp_path, port)
+    real = d.wait_for(r"fingerprint: (sha256:[0-9a-f]{64})").group(1)
+    c = start_relayc(
+        procs,
+        relayc_config(
+            tmp_path,
+            port,
+            [{"name": "e", "local_port": echo.port, "remote_port": public}],
+            tls={"server_fingerprint": real.upper()},
+        ),
+    )
+    c.wait_for(r"tunnel e: relayd port")
+    wait_port_serves(public)
+    assert not (tmp_path / "relayc_known_servers").exists()  # a pin needs no TOFU memory
+
+
+def test_tofu_remembers_and_refuses_a_changed_certificate(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
+    port, public = free_port(), free_port()
+    d = start_relayd(procs, tmp_path, port)
+    cfg = relayc_config(tmp_path, port, [{"name": "e", "local_port": echo.port, "remote_port": public}])
+    c = start_relayc(procs, cfg)
+    c.wait_for(r"trusting relayd at .* on first use")
+    c.wait_for(r"tunnel e: relayd port")
+    known = (tmp_path / "relayc_known_servers").read_text()
+    assert f"127.0.0.1:{port} sha256:" in known
+    # relayd gets a new certificate (state wiped): relayc must refuse it
+    d.stop()
+    shutil.rmtree(tmp_path / "state")
+    mark = c.mark()
+    start_relayd(procs, tmp_path, port)
+    c.wait_for(r"CHANGED", timeout=20, start=mark)
+    assert "delete the line" in c.output
+
+
+def test_relayd_killed_and_restarted_relayc_back_within_15s(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
+    port, public = free_port(), free_port()
+    d = start_relayd(procs, tmp_path, port)
+    c = start_relayc(
+        procs, relayc_config(tmp_path, port, [{"name": "e", "local_port": echo.port, "remote_port": public}])
+    )
+    c.wait_for(r"tunnel e: relayd port")
+    wait_port_serves(public)
+    # a visitor in flight when relayd dies is reset, not left hanging
+    visitor = socket.create_connection(("127.0.0.1", public))
+    visitor.sendall(b"before")
+    assert visitor.recv(100) == b"before"
+    d.stop(signal.SIGKILL)
+    visitor.settimeout(5)
+    try:
+        assert visitor.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    visitor.close()
+    killed_at = time.monotonic()
+    start_relayd(procs, tmp_path, port)
+    wait_port_serves(public, timeout=15)
+    assert time.monotonic() - killed_at < 15 + 5  # restart time included; the serve wait alone is <= 15 s
+
+
+def test_port_outside_allow_ports_is_refused_other_tunnel_works(
+    tmp_path: Path, echo: TcpServer, procs: list[Proc]
+) -> None:
+    port, good_port = free_port(), free_port()
+    d = start_relayd(procs, tmp_path, port, allow_ports=f"{good_port}")
+    c = start_relayc(
+        procs,
+        relayc_config(
+            tmp_path,
+            port,
+            [
+                {"name": "bad", "local_port": echo.port, "remote_port": 1023 if good_port != 1023 else 1022},
+                {"name": "good", "local_port": echo.port, "remote_port": good_port},
+            ],
+        ),
+    )
+    c.wait_for(r"tunnel bad refused by relayd: port 102[23] is not in allow_ports")
+    d.wait_for(r"tunnel bad refused")
+    c.wait_for(r"tunnel good: relayd port")
+    wait_port_serves(good_port)
+
+
+def test_remote_port_zero_picks_a_port_and_logs_it(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
+    port = free_port()
+    start_relayd(procs, tmp_path, port)
+    c = start_relayc(procs, relayc_config(tmp_path, port, [{"name": "auto", "local_port": echo.port}]))
+    chosen = int(c.wait_for(r"tunnel auto: relayd port (\d+)").group(1))
+    assert chosen >= 1024
+    wait_port_serves(chosen)
+
+
+def test_target_down_closes_visitor_at_once_and_tunnel_stays(tmp_path: Path, procs: list[Proc]) -> None:
+    port, public, dead = free_port(), free_port(), free_port()
+    start_relayd(procs, tmp_path, port)
+    c = start_relayc(procs, relayc_config(tmp_path, port, [{"name": "j", "local_port": dead, "remote_port": public}]))
+    c.wait_for(r"tunnel j: relayd port")
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", public)) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            t0 = time.monotonic()
+            try:
+                assert recv_all(s, timeout=5) == b""
+            except ConnectionResetError:
+                pass
+            assert time.monotonic() - t0 < 5
+    c.wait_for(r"tunnel j: cannot reach 127.0.0.1:\d+")
+    assert c.output.count("cannot reach") == 1  # once per burst, not per connection
+    # the service comes up: the same tunnel serves it
+    late = socket.socket()
+    late.bind(("127.0.0.1", dead))
+    late.listen()
+    server = TcpServer.__new__(TcpServer)
+    server.sock, server.port, server.handler, server.accepted, server._closed = late, dead, echo_handler, 0, False
+    threading.Thread(target=server._serve, daemon=True).start()
+    wait_port_serves(public)
+    server.close()
+
+
+def test_sigterm_is_graceful_exit_0(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
+    port, public = free_port(), free_port()
+    d = start_relayd(procs, tmp_path, port)
+    c = start_relayc(
+        procs, relayc_config(tmp_path, port, [{"name": "e", "local_port": echo.port, "remote_port": public}])
+    )
+    c.wait_for(r"tunnel e: relayd port")
+    assert c.stop(signal.SIGTERM) == 0
+    d.wait_for(r"client lab .* disconnected")
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", public), timeout=2):
+        pass  # the client's listener closed with its session
+    assert d.stop(signal.SIGTERM) == 0
+    assert "relayd stopped" in d.output
+
+
+def test_same_name_relogin_replaces_stale_session(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
+    port, public = free_port(), free_port()
+    d = start_relayd(procs, tmp_path, port)
+    tunnels = [{"name": "e", "local_port": echo.port, "remote_port": public}]
+    first = start_relayc(procs, relayc_config(tmp_path, port, tunnels, filename="a.toml"))
+    first.wait_for(r"tunnel e: relayd port")
+    first.popen.send_signal(signal.SIGSTOP)  # frozen: its session is stale but not closed
+    try:
+        second = start_relayc(procs, relayc_config(tmp_path, port, tunnels, filename="b.toml"))
+        second.wait_for(r"tunnel e: relayd port", timeout=15)
+        d.wait_for(r"client lab: a new session .* replaces")
+        wait_port_serves(public)
+    finally:
+        first.popen.send_signal(signal.SIGCONT)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_typo_in_key_exits_2_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "relayd.toml"
+    cfg.write_text('bind_addr = "127.0.0.1"\nbind_prot = 7000\n[auth]\ntoken = "x"\n')
+    r = run_cli("relay_server.cli", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "bind_prot" in r.stderr and "unknown key" in r.stderr and str(cfg) in r.stderr
+    ccfg = tmp_path / "relayc.toml"
+    ccfg.write_text(
+        '[auth]\ntoken = "x"\n[[tunnels]]\nname = "a"\nlocal_port = 22\n[[tunnels]]\nname = "b"\nlocal_port = 99999\n'
+    )
+    r = run_cli("relay_client.cli", "-c", str(ccfg), "--check", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "tunnels[1].local_port" in r.stderr
+
+
+def test_check_flag_and_version(tmp_path: Path) -> None:
+    r = run_cli("relay_server.cli", "-c", str(ROOT / "conf" / "relayd.toml"), "--check", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("relay_client.cli", "-c", str(ROOT / "conf" / "relayc.toml"), "--check", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("relay_server.cli", "--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("relayd ")
+
+
+def test_example_token_refused_on_public_bind(tmp_path: Path) -> None:
+    cfg = tmp_path / "relayd.toml"
+    cfg.write_text('bind_addr = "0.0.0.0"\n[auth]\ntoken = "example-token-change-me"\n')
+    r = run_cli("relay_server.cli", "-c", str(cfg), "--check", cwd=tmp_path)
+    assert r.returncode == 2 and "auth.token" in r.stderr and "example token" in r.stderr
+    cfg.write_text('bind_addr = "127.0.0.1"\n[auth]\ntoken = ""\n')
+    r = run_cli("relay_server.cli", "-c", str(cfg), "--check", cwd=tmp_path)
+    assert r.returncode == 2 and "auth.token" in r.stderr

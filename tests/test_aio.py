@@ -1,0 +1,228 @@
+"""The asyncio adapter over real loopback sockets: plain and TLS, on asyncio and on uvloop.
+
+Chain under test (what relayd and relayc do, minus login):
+visitor socket -> listener bridge -> MuxConnection (client) ==TCP/TLS== MuxConnection (server)
+-> bridge dialing a local echo server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import ssl
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from shared.aio import MuxConnection, StreamBridge, StreamHandler
+from shared.tls import client_context, ensure_self_signed, server_context
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def run_on(loop_name: str, coro: Coroutine[Any, Any, None]) -> None:
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        runner.run(asyncio.wait_for(coro, 60))
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.t.write(data)
+
+    def eof_received(self) -> bool:
+        self.t.write_eof()
+        return True
+
+
+class Chain:
+    """Builds the chain and exposes the visitor-facing port."""
+
+    def __init__(self, tls_dir: Path | None) -> None:
+        self.tls_dir = tls_dir
+        self.servers: list[asyncio.AbstractServer] = []
+        self.client_mux: MuxConnection | None = None
+        self.server_mux: MuxConnection | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        echo = await loop.create_server(Echo, "127.0.0.1", 0)
+        echo_port = echo.sockets[0].getsockname()[1]
+        self.servers.append(echo)
+
+        def server_stream(mux: MuxConnection, sid: int) -> StreamHandler:
+            bridge = StreamBridge(mux)
+            bridge.stream_id = sid
+            self.tasks.add(loop.create_task(loop.create_connection(lambda: bridge, "127.0.0.1", echo_port)))
+            return bridge
+
+        def server_factory() -> MuxConnection:
+            self.server_mux = MuxConnection(client=False, on_stream_opened=server_stream)
+            return self.server_mux
+
+        sctx = cctx = None
+        if self.tls_dir is not None:
+            cert, key = ensure_self_signed(self.tls_dir)
+            sctx = server_context(cert, key)
+            cctx = client_context()
+        mux_server = await loop.create_server(server_factory, "127.0.0.1", 0, ssl=sctx)
+        self.servers.append(mux_server)
+        mux_port = mux_server.sockets[0].getsockname()[1]
+        self.client_mux = MuxConnection(client=True)
+        await loop.create_connection(
+            lambda: self.client_mux, "127.0.0.1", mux_port, ssl=cctx, server_hostname="relayd" if cctx else None
+        )
+
+        def visitor_factory() -> StreamBridge:
+            assert self.client_mux is not None
+            return _OpeningBridge(self.client_mux)
+
+        visitors = await loop.create_server(visitor_factory, "127.0.0.1", 0)
+        self.servers.append(visitors)
+        return int(visitors.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.close()
+        if self.client_mux:
+            self.client_mux.close()
+
+
+class _OpeningBridge(StreamBridge):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.stream_id = self.mux.open_stream(self)
+        super().connection_made(transport)
+
+
+async def roundtrip(port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send() -> None:
+        for i in range(0, len(payload), 1 << 20):
+            writer.write(payload[i : i + (1 << 20)])
+            await writer.drain()
+        writer.write_eof()  # half-close: we must still read the whole echo
+
+    sender = asyncio.create_task(send())
+    got = await reader.read(-1)
+    await sender
+    writer.close()
+    return got
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("tls", [False, True])
+def test_bulk_and_half_close_over_real_sockets(loop_name: str, tls: bool, tmp_path: Path) -> None:
+    async def main() -> None:
+        chain = Chain(tmp_path if tls else None)
+        port = await chain.start()
+        try:
+            payload = os.urandom(8 * 1024 * 1024)
+            got = await roundtrip(port, payload)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+            # several concurrent streams on the one session
+            payloads = [os.urandom(300_000 + i) for i in range(16)]
+            results = await asyncio.gather(*(roundtrip(port, p) for p in payloads))
+            assert results == payloads
+            # everything finished: no stream is left behind on either side
+            await asyncio.sleep(0.1)
+            assert chain.client_mux is not None and chain.client_mux.stream_count == 0
+            assert chain.server_mux is not None and chain.server_mux.session is not None
+            assert chain.server_mux.session.stream_count == 0
+        finally:
+            chain.close()
+
+    run_on(loop_name, main())
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_unreachable_target_resets_visitor(loop_name: str) -> None:
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with socket.socket() as s:  # a port with nothing listening
+            s.bind(("127.0.0.1", 0))
+            dead_port = s.getsockname()[1]
+
+        def server_stream(mux: MuxConnection, sid: int) -> StreamHandler:
+            bridge = StreamBridge(mux)
+            bridge.stream_id = sid
+
+            async def dial() -> None:
+                try:
+                    await loop.create_connection(lambda: bridge, "127.0.0.1", dead_port)
+                except OSError:
+                    bridge.on_reset(1)
+                    mux.reset(sid, 1)
+
+            tasks.add(loop.create_task(dial()))
+            return bridge
+
+        srv = await loop.create_server(
+            lambda: MuxConnection(client=False, on_stream_opened=server_stream), "127.0.0.1", 0
+        )
+        client_mux = MuxConnection(client=True)
+        await loop.create_connection(lambda: client_mux, "127.0.0.1", srv.sockets[0].getsockname()[1])
+        visitors = await loop.create_server(lambda: _OpeningBridge(client_mux), "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", visitors.sockets[0].getsockname()[1])
+        writer.write(b"hello?")
+        try:
+            data = await asyncio.wait_for(reader.read(100), 5)
+        except ConnectionResetError:
+            data = b""
+        assert data == b""  # closed at once, not left hanging
+        writer.close()
+        # the session itself is unharmed: the next stream works
+        assert client_mux.is_open
+        visitors.close()
+        srv.close()
+        client_mux.close()
+
+    run_on(loop_name, main())
+
+
+def test_protocol_error_closes_only_that_session() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        muxes: list[MuxConnection] = []
+
+        def factory() -> MuxConnection:
+            m = MuxConnection(client=False)
+            muxes.append(m)
+            return m
+
+        srv = await loop.create_server(factory, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        good = MuxConnection(client=True)
+        await loop.create_connection(lambda: good, "127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        await asyncio.sleep(0.05)
+        assert isinstance(muxes[1].error, Exception) and "not a relay peer" in str(muxes[1].error)
+        assert good.is_open and muxes[0].is_open
+        good.close()
+        srv.close()
+
+    run_on("uvloop", main())
+
+
+def test_tls_client_context_without_pin_still_does_tls(tmp_path: Path) -> None:
+    cert, key = ensure_self_signed(tmp_path)
+    assert ensure_self_signed(tmp_path) == (cert, key)  # generated once, then reused
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    ctx = client_context()
+    assert ctx.verify_mode == ssl.CERT_NONE  # pinning is done by relayc after the handshake
+    assert client_context("relay.example.org").verify_mode == ssl.CERT_REQUIRED
