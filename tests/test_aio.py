@@ -226,3 +226,40 @@ def test_tls_client_context_without_pin_still_does_tls(tmp_path: Path) -> None:
     ctx = client_context()
     assert ctx.verify_mode == ssl.CERT_NONE  # pinning is done by relayc after the handshake
     assert client_context("relay.example.org").verify_mode == ssl.CERT_REQUIRED
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_silent_peer_is_detected_and_streams_reset(loop_name: str) -> None:
+    """The peer answers the preface, then stops sending anything (no FIN): keepalive catches it."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        class Silent(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                transport.write(b"RELAY\x01\r\n")  # type: ignore[attr-defined]
+
+        srv = await loop.create_server(Silent, "127.0.0.1", 0)
+        mux = MuxConnection(client=True, keepalive_timeout=1.0)
+        await loop.create_connection(lambda: mux, "127.0.0.1", srv.sockets[0].getsockname()[1])
+        resets: list[int] = []
+
+        class Recorder:
+            def on_data(self, data: bytes) -> None: ...
+            def on_end(self) -> None: ...
+            def on_reset(self, code: int) -> None:
+                resets.append(code)
+
+            def on_writable(self) -> None: ...
+            def pause_input(self) -> None: ...
+            def resume_input(self) -> None: ...
+
+        mux.open_stream(Recorder(), b"hello")
+        t0 = loop.time()
+        await asyncio.wait_for(mux.closed, 5)
+        assert 0.9 <= loop.time() - t0 < 3
+        assert "silent" in str(mux.error)
+        assert resets == [3]  # SESSION_CLOSING: every stream reset
+        srv.close()
+
+    run_on(loop_name, main())

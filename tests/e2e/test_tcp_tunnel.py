@@ -344,3 +344,34 @@ def test_example_token_refused_on_public_bind(tmp_path: Path) -> None:
     cfg.write_text('bind_addr = "127.0.0.1"\n[auth]\ntoken = ""\n')
     r = run_cli("relay_server.cli", "-c", str(cfg), "--check", cwd=tmp_path)
     assert r.returncode == 2 and "auth.token" in r.stderr
+
+
+def test_connection_that_never_logs_in_is_closed(tmp_path: Path, procs: list[Proc]) -> None:
+    import ssl
+
+    port = free_port()
+    d = start_relayd(procs, tmp_path, port, handshake_timeout=1)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw) as s:
+        s.sendall(b"RELAY\x01\r\n")  # a valid preface, then nothing
+        s.settimeout(10)
+        assert s.recv(8) == b"RELAY\x01\r\n"
+        try:
+            while s.recv(4096):
+                pass
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+    assert time.monotonic() - t0 < 5
+    d.wait_for(r"no login within 1 s; closing")
+    # and a plain TCP connection that never even starts TLS is dropped too
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(10)
+        t0 = time.monotonic()
+        try:
+            assert s.recv(10) == b""
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - t0 < 5
