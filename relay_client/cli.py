@@ -8,7 +8,7 @@ import sys
 
 from relay_client.client import Relayc
 from shared.aio import run
-from shared.cli import base_parser, install_stop_handlers, load_or_exit, setup_logging
+from shared.cli import base_parser, install_stop_handlers, load_or_exit, raise_fd_limit, setup_logging, tune_malloc
 from shared.config import ClientConfig
 
 log = logging.getLogger("relayc")
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"relayc: {args.config}: configuration is valid")
         return 0
+    raise_fd_limit()
+    tune_malloc()
     run(serve(Relayc(config, args.config)))
     return 0
 

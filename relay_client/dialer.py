@@ -57,7 +57,7 @@ class IncomingStream:
         self._bridge: StreamBridge | None = None
         self._ended = False
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         try:
             messages = self._decoder.feed(data, limit=1)
         except RemoteProtocolError as exc:

@@ -8,7 +8,7 @@ import sys
 
 from relay_server.server import Relayd
 from shared.aio import run
-from shared.cli import base_parser, install_stop_handlers, load_or_exit, setup_logging
+from shared.cli import base_parser, install_stop_handlers, load_or_exit, raise_fd_limit, setup_logging, tune_malloc
 from shared.config import ServerConfig
 
 log = logging.getLogger("relayd")
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"relayd: {args.config}: configuration is valid")
         return 0
+    raise_fd_limit()
+    tune_malloc()
     relayd = Relayd(config, args.config)
     try:
         run(serve(relayd))

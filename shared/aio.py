@@ -66,7 +66,7 @@ def run(main: Coroutine[Any, Any, T], use_uvloop: bool = True) -> T:
 class StreamHandler(Protocol):
     """What a ``MuxConnection`` calls for the events of one stream."""
 
-    def on_data(self, data: bytes) -> None: ...
+    def on_data(self, data: bytes | memoryview) -> None: ...
     def on_end(self) -> None: ...
     def on_reset(self, code: int) -> None: ...
     def on_writable(self) -> None: ...
@@ -282,9 +282,12 @@ class MuxConnection(asyncio.Protocol):
         self._flush_scheduled = False
         if self.session is None or self.transport is None:
             return
-        data = self.session.data_to_send()
-        if data and not self.transport.is_closing():
-            self.transport.write(data)
+        pieces = self.session.data_to_send_list()
+        if pieces and not self.transport.is_closing():
+            if len(pieces) == 1:
+                self.transport.write(pieces[0])
+            else:
+                self.transport.writelines(pieces)
 
     def _arm_timer(self) -> None:
         if self.session is not None and not self.session.closed:
@@ -399,12 +402,12 @@ class StreamBridge(asyncio.Protocol):
 
     # --- the stream side ------------------------------------------------------------------------
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         transport = self.transport
         if transport is None:
             if self._pending is None:
                 self._pending = []
-            self._pending.append(data)
+            self._pending.append(bytes(data))  # do not pin the whole read buffer while dialing
             return
         if self._done:
             return
@@ -522,7 +525,7 @@ class ControlChannel:
     def send(self, message: Any) -> None:
         self.mux.send(self.stream_id, encode_message(message))
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         self.mux.consume(self.stream_id, len(data))
         try:
             messages = self._decoder.feed(data)

@@ -138,7 +138,7 @@ class MessageDecoder:
         self._buf = bytearray()
         self._max_size = max_size
 
-    def feed(self, data: bytes, limit: int = 0) -> list[Any]:
+    def feed(self, data: bytes | memoryview, limit: int = 0) -> list[Any]:
         """Add bytes; return the whole messages now available (at most ``limit`` if non-zero)."""
         self._buf += data
         out: list[Any] = []

@@ -84,6 +84,10 @@ SEND_BUFFER_HIGH: Final = 256 * 1024
 _DISCARD_MEMORY: Final = 4096
 
 _RST_CODE = struct.Struct("!I")
+# data_to_send_list: payloads this big are passed through as they are; the first _HEAD_GLUE bytes
+# of each go with the preceding small pieces so a header never travels alone in a TLS record.
+_BIG_PIECE = 32 * 1024
+_HEAD_GLUE = 4096
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -101,7 +105,7 @@ class DataReceived:
     """Bytes for ``stream_id``.  Call ``Session.consume(stream_id, len(data))`` once written out."""
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview  # a view into the bytes given to receive_data: use it or copy it
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,12 +255,40 @@ class Session:
     # --- output ---------------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        """Return and clear everything queued for the wire."""
+        """Return and clear everything queued for the wire, as one buffer."""
         if not self._out:
             return b""
         data = b"".join(self._out)
         self._out.clear()
         return data
+
+    def data_to_send_list(self) -> list[bytes | memoryview]:
+        """Return and clear everything queued, as a list for ``writelines`` without joining big
+        payloads: small neighbours (headers, window updates) are merged so that each piece is worth
+        a TLS record of its own."""
+        out = self._out
+        if not out:
+            return []
+        self._out = []
+        pieces: list[bytes | memoryview] = []
+        small: list[bytes | memoryview] = []
+        small_len = 0
+        for item in out:
+            n = len(item)
+            if n >= _BIG_PIECE:
+                if small:
+                    small.append(item[:_HEAD_GLUE])  # glue the header to the payload's first bytes
+                    pieces.append(b"".join(small))
+                    item = item[_HEAD_GLUE:]
+                    small = []
+                    small_len = 0
+                pieces.append(item)
+            else:
+                small.append(item)
+                small_len += n
+        if small:
+            pieces.append(b"".join(small) if len(small) > 1 else small[0])
+        return pieces
 
     # --- local actions --------------------------------------------------------------------------
 
@@ -405,7 +437,9 @@ class Session:
         else:
             buf = data
         try:
-            pos = self._parse(memoryview(buf))
+            # Payload slices may be handed out as views only while ``buf`` is the caller's
+            # immutable bytes; our own reassembly buffer is reused, so its slices are copied.
+            pos = self._parse(memoryview(buf), zero_copy=type(buf) is bytes)
         except RemoteProtocolError as exc:
             self._inbuf = bytearray()
             if self._preface_received:  # a peer that is not speaking our protocol gets nothing back
@@ -420,7 +454,7 @@ class Session:
         self._events = []
         return events
 
-    def _parse(self, mv: memoryview) -> int:
+    def _parse(self, mv: memoryview, zero_copy: bool) -> int:
         pos = 0
         end = len(mv)
         if not self._preface_received:
@@ -435,7 +469,7 @@ class Session:
         while pos < end:
             if self._frame_remaining:
                 take = min(self._frame_remaining, end - pos)
-                chunk = bytes(mv[pos : pos + take])
+                chunk = mv[pos : pos + take] if zero_copy else bytes(mv[pos : pos + take])
                 pos += take
                 self._frame_remaining -= take
                 if self._frame_discard:

@@ -1,0 +1,401 @@
+"""relay against the direct path and against OpenSSH's reverse tunnel, in one run on one machine.
+
+    python -m bench [--duration 5] [--conns 5000] [--json results.json] [--quick]
+
+Starts everything itself on 127.0.0.1: iperf3 and a tiny HTTP server as targets, relayd and relayc
+(TLS on, the real commands), and for the baseline a private sshd with throwaway keys plus
+``ssh -N -R``.  Prints one table; every relay figure is also given as a ratio to ssh -R and to the
+direct path measured in the same run.  A missing tool is reported with its Debian package and its
+row skipped, never faked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.ssh_reverse import SshReverse
+from bench.ssh_reverse import available as ssh_available
+
+TOKEN = "bench-token-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class Path_:
+    """One way to reach the targets: its public ports by target name."""
+
+    name: str
+    ports: dict[str, int] = field(default_factory=dict)
+    pids: list[int] = field(default_factory=list)
+
+
+# --- measurements -------------------------------------------------------------------------------
+
+
+def iperf(port: int, seconds: float, reverse: bool, parallel: int = 1) -> float:
+    cmd = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J", "-P", str(parallel)]
+    if reverse:
+        cmd.append("-R")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    data = json.loads(out.stdout)
+    if "error" in data:
+        raise RuntimeError(data["error"])
+    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def python_bulk(port: int, seconds: float, reverse: bool, parallel: int = 1) -> float:
+    """Fallback without iperf3: the echo target; send for ``seconds`` while reading the echo back."""
+    total = [0]
+    lock = threading.Lock()
+    block = os.urandom(1 << 18)
+
+    def one() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            deadline = time.monotonic() + seconds
+
+            def reader() -> None:
+                while True:
+                    d = s.recv(1 << 20)
+                    if not d:
+                        return
+                    with lock:
+                        total[0] += len(d)
+
+            t = threading.Thread(target=reader)
+            t.start()
+            while time.monotonic() < deadline:
+                s.sendall(block)
+            s.shutdown(socket.SHUT_WR)
+            t.join()
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=one) for _ in range(parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return total[0] * 8 / (time.monotonic() - t0) / 1e9
+
+
+def wrk(port: int, seconds: float, close: bool) -> dict[str, float]:
+    cmd = ["wrk", "-t2", "-c10", f"-d{int(seconds)}s", "--latency", f"http://127.0.0.1:{port}/"]
+    if close:
+        cmd[1:1] = ["-H", "Connection: close"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Socket errors: (.*)", out)
+    lat: dict[str, float] = {}
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if m:
+            lat[pct] = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    return {"rps": rps, "p50_ms": lat.get("50", float("nan")), "p99_ms": lat.get("99", float("nan")),
+            "socket_errors": 1.0 if errors else 0.0}  # fmt: skip
+
+
+async def _hold(port: int, n: int, ready: asyncio.Event, release: asyncio.Event, failures: list[int]) -> None:
+    sem = asyncio.Semaphore(200)
+    writers = []
+
+    async def one() -> None:
+        async with sem:
+            try:
+                r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 30)
+                w.write(b"x")
+                if await asyncio.wait_for(r.readexactly(1), 30) != b"x":
+                    raise OSError("bad echo")
+                writers.append(w)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                failures.append(1)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    ready.set()
+    await release.wait()
+    for w in writers:
+        w.close()
+
+
+def hold_connections(port: int, n: int, pids: list[int]) -> tuple[int, float]:
+    """Open ``n`` echo connections through ``port``, all answered; return (failures, KiB per conn)."""
+    before = sum(rss_kib(p) for p in pids)
+    failures: list[int] = []
+    result: dict[str, float] = {}
+
+    async def main() -> None:
+        ready, release = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(_hold(port, n, ready, release, failures))
+        await ready.wait()
+        await asyncio.sleep(1.0)
+        result["after"] = sum(rss_kib(p) for p in pids)
+        release.set()
+        await task
+
+    asyncio.run(main())
+    return len(failures), (result["after"] - before) / n
+
+
+# --- the paths ----------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.ssh: SshReverse | None = None
+        self.missing: dict[str, str] = {}
+        self.targets: dict[str, int] = {}
+        self.paths: list[Path_] = []
+        self.relay = Path_("relay")
+
+    def spawn(self, cmd: list[str], log: str) -> subprocess.Popen[bytes]:
+        f = open(self.tmp / log, "wb")  # noqa: SIM115 - kept open for the child's lifetime
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=self.tmp, env=env)
+        self.procs.append(p)
+        return p
+
+    def start_targets(self) -> None:
+        if shutil.which("iperf3"):
+            self.targets["iperf"] = free_port()
+            self.spawn(["iperf3", "-s", "-p", str(self.targets["iperf"])], "iperf3.log")
+        else:
+            self.missing["iperf3"] = "iperf3 not installed (apt-get install iperf3): bulk rows use a Python echo"
+        self.targets["http"] = free_port()
+        self.spawn([sys.executable, "-m", "bench.httpd", str(self.targets["http"])], "httpd.log")
+        self.targets["echo"] = free_port()
+        self.spawn([sys.executable, "-m", "bench.echod", str(self.targets["echo"])], "echod.log")
+        for port in self.targets.values():
+            wait_port(port)
+        self.paths.append(Path_("direct", dict(self.targets)))
+
+    def start_ssh(self) -> None:
+        why = ssh_available()
+        if why:
+            self.missing["ssh -R"] = why
+            return
+        self.ssh = SshReverse(self.tmp / "ssh", free_port())
+        self.ssh.start_sshd()
+        path = Path_("ssh -R")
+        for name, port in self.targets.items():
+            path.ports[name] = free_port()
+            self.ssh.forward(path.ports[name], port)
+        path.pids = self.ssh.pids()
+        self.paths.append(path)
+
+    def start_relay(self) -> None:
+        control = free_port()
+        (self.tmp / "relayd.toml").write_text(
+            f'bind_addr = "127.0.0.1"\nbind_port = {control}\nstate_dir = "state"\n[auth]\ntoken = "{TOKEN}"\n'
+        )
+        tunnels = ""
+        for name, port in self.targets.items():
+            self.relay.ports[name] = free_port()
+            tunnels += f'[[tunnels]]\nname = "{name}"\nlocal_port = {port}\nremote_port = {self.relay.ports[name]}\n'
+        (self.tmp / "relayc.toml").write_text(
+            f'server_port = {control}\nname = "bench"\n[auth]\ntoken = "{TOKEN}"\n{tunnels}'
+        )
+        relayd = shutil.which("relayd")
+        relayc = shutil.which("relayc")
+        d_cmd = [relayd] if relayd else [sys.executable, "-m", "relay_server.cli"]
+        c_cmd = [relayc] if relayc else [sys.executable, "-m", "relay_client.cli"]
+        d = self.spawn([*d_cmd, "-c", "relayd.toml", "--log-level", "warning"], "relayd.log")
+        wait_port(control)
+        c = self.spawn([*c_cmd, "-c", "relayc.toml", "--log-level", "warning"], "relayc.log")
+        for port in self.relay.ports.values():
+            wait_port(port)
+        self.relay.pids = [d.pid, c.pid]
+        self.paths.append(self.relay)
+
+    def stop(self) -> None:
+        if self.ssh:
+            self.ssh.stop()
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit == "Gbit/s":
+        return f"{v:.2f}"
+    if unit == "ms":
+        return f"{v:.2f}"
+    if unit == "KiB":
+        return f"{v:.1f}"
+    return f"{v:,.0f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="relay vs direct vs ssh -R on loopback")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per throughput/request measurement")
+    ap.add_argument("--conns", type=int, default=5000, help="connections held open for the memory row")
+    ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run): 1 s, 200 connections")
+    args = ap.parse_args()
+    if args.quick:
+        args.duration, args.conns = 1.0, 200
+    raise_fd_limit()
+    b = Bench(args)
+    rows: list[dict[str, Any]] = []
+    try:
+        b.start_targets()
+        b.start_ssh()
+        b.start_relay()
+        time.sleep(1.0)
+        idle = {"relayd": rss_kib(b.relay.pids[0]) / 1024, "relayc": rss_kib(b.relay.pids[1]) / 1024}
+        rows += measure(b)
+    finally:
+        b.stop()
+    machine = describe_machine()
+    print(f"\nrelay benchmark, {time.strftime('%Y-%m-%d')}, {machine}")
+    for what, why in b.missing.items():
+        print(f"  skipped/substituted: {what}: {why}")
+    print_table(rows)
+    print(f"\nidle RSS: relayd {idle['relayd']:.1f} MiB, relayc {idle['relayc']:.1f} MiB")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"machine": machine, "date": time.strftime("%Y-%m-%d"), "rows": rows, "idle_rss_mib": idle}, indent=2
+            )
+        )
+    return 0
+
+
+def measure(b: Bench) -> list[dict[str, Any]]:
+    d = b.args.duration
+    rows: list[dict[str, Any]] = []
+    have_iperf = "iperf" in b.targets
+    bulk = iperf if have_iperf else python_bulk
+    bulk_target = "iperf" if have_iperf else "echo"
+    for label, reverse, parallel in (
+        ("1. bulk, 1 conn, visitor->service", False, 1),
+        ("1. bulk, 1 conn, service->visitor", True, 1),
+        ("2. bulk, 8 conns, visitor->service", False, 8),
+        ("2. bulk, 8 conns, service->visitor", True, 8),
+    ):
+        if not have_iperf and reverse:
+            continue  # the echo fallback measures both directions at once
+        row: dict[str, Any] = {"row": label, "unit": "Gbit/s", "higher_is_better": True}
+        for path in b.paths:
+            row[path.name] = bulk(path.ports[bulk_target], d, reverse, parallel)
+            time.sleep(0.3)
+        rows.append(row)
+    if shutil.which("wrk"):
+        for label, close in (("3. keep-alive requests, 10 conns", False), ("4. new connections", True)):
+            rps: dict[str, Any] = {"row": label + " (req/s)", "unit": "req/s", "higher_is_better": True}
+            p99: dict[str, Any] = {"row": label + " p99", "unit": "ms", "higher_is_better": False}
+            p50: dict[str, Any] = {"row": label + " p50", "unit": "ms", "higher_is_better": False}
+            for path in b.paths:
+                r = wrk(path.ports["http"], d, close)
+                rps[path.name], p50[path.name], p99[path.name] = r["rps"], r["p50_ms"], r["p99_ms"]
+                time.sleep(0.5)
+            rows += [rps, p50, p99] if not close else [rps]
+    else:
+        b.missing["wrk"] = "wrk not installed (apt-get install wrk): rows 3 and 4 skipped"
+    n = b.args.conns
+    mem: dict[str, Any] = {"row": f"5. memory per held conn ({n} conns)", "unit": "KiB", "higher_is_better": False}
+    fails: dict[str, Any] = {"row": f"5. failed of {n} held conns", "unit": "count", "higher_is_better": False}
+    for path in b.paths:
+        if path.name == "direct":
+            continue
+        fails[path.name], mem[path.name] = hold_connections(path.ports["echo"], n, path.pids)
+        time.sleep(0.5)
+    rows += [mem, fails]
+    rows.append({"row": "6. keep-alive requests via http vhost", "unit": "req/s", "skipped": "needs http vhosts"})
+    return rows
+
+
+def describe_machine() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{platform.machine()} {model}, {os.cpu_count()} cores, {mem:.0f} GiB, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")  # fmt: skip
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = f"{'row':<42}{'unit':>8}{'direct':>11}{'ssh -R':>11}{'relay':>11}{'relay/ssh':>11}{'relay/direct':>14}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['row']:<42}{r['unit']:>8}   skipped: {r['skipped']}")
+            continue
+        unit = r["unit"]
+        relay, ssh, direct = r.get("relay"), r.get("ssh -R"), r.get("direct")
+
+        def ratio(a: float | None, b: float | None) -> str:
+            if a is None or b is None or b == 0 or a != a or b != b:
+                return "-"
+            return f"{a / b:.2f}x"
+
+        print(f"{r['row']:<42}{unit:>8}{fmt(direct, unit):>11}{fmt(ssh, unit):>11}{fmt(relay, unit):>11}"
+              f"{ratio(relay, ssh):>11}{ratio(relay, direct):>14}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
