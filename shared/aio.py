@@ -36,6 +36,9 @@ from shared.mux import (
 )
 
 log = logging.getLogger(__name__)
+# Bytes the connection's transport may hold before we stop producing frames for it.
+_TRANSPORT_HIGH = 1024 * 1024
+_WRITE_SLICE = 256 * 1024
 T = TypeVar("T")
 
 
@@ -115,6 +118,7 @@ class MuxConnection(asyncio.Protocol):
             transport.abort()
             return
         set_nodelay(transport)
+        transport.set_write_buffer_limits(high=_TRANSPORT_HIGH, low=_TRANSPORT_HIGH // 4)
         self.session = Session(self.client, self._loop.time(), keepalive_timeout=self._keepalive_timeout)
         self._arm_timer()
         self._flush()
@@ -164,12 +168,15 @@ class MuxConnection(asyncio.Protocol):
         self._flush()
 
     def pause_writing(self) -> None:
+        # Frames stay queued in the session (as views of the bytes already read) instead of piling
+        # up as ciphertext in the transport: no buffer churn, no bufferbloat.
         self._write_paused = True
         for h in list(self._handlers.values()):
             h.pause_input()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._flush()
         for h in list(self._handlers.values()):
             h.resume_input()
 
@@ -247,13 +254,13 @@ class MuxConnection(asyncio.Protocol):
     def go_away(self, code: int = GoAwayCode.NORMAL) -> None:
         if self.session is not None and not self.session.closed:
             self.session.go_away(code)
-            self._flush()
+            self._flush(force=True)
 
     def close(self, code: int | None = None) -> None:
         """Close the connection; with ``code``, send a GO_AWAY first."""
         if code is not None:
             self.go_away(code)
-        self._flush()
+        self._flush(force=True)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -265,7 +272,7 @@ class MuxConnection(asyncio.Protocol):
         """The peer broke the protocol or timed out: send the GO_AWAY queued, close."""
         self.error = exc
         log.warning("%s: closing session: %s", self.label or "session", exc)
-        self._flush()
+        self._flush(force=True)
         if self.transport is not None:
             self.transport.close()
             # A peer that does not read must not keep us around.
@@ -278,16 +285,21 @@ class MuxConnection(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
-    def _flush(self) -> None:
+    def _flush(self, force: bool = False) -> None:
         self._flush_scheduled = False
-        if self.session is None or self.transport is None:
+        if self.session is None or self.transport is None or (self._write_paused and not force):
             return
-        pieces = self.session.data_to_send_list()
-        if pieces and not self.transport.is_closing():
+        session, transport = self.session, self.transport
+        # Feed the transport a slice at a time: a TLS transport encrypts whatever it is given into
+        # one buffer, so handing it megabytes at once means megabyte allocations and page faults.
+        while not transport.is_closing() and (force or not self._write_paused):
+            pieces = session.data_to_send_list(_WRITE_SLICE)
+            if not pieces:
+                break
             if len(pieces) == 1:
-                self.transport.write(pieces[0])
+                transport.write(pieces[0])
             else:
-                self.transport.writelines(pieces)
+                transport.writelines(pieces)
 
     def _arm_timer(self) -> None:
         if self.session is not None and not self.session.closed:

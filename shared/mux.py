@@ -262,14 +262,27 @@ class Session:
         self._out.clear()
         return data
 
-    def data_to_send_list(self) -> list[bytes | memoryview]:
-        """Return and clear everything queued, as a list for ``writelines`` without joining big
+    def data_to_send_list(self, limit: int = 0) -> list[bytes | memoryview]:
+        """Return and remove what is queued, as a list for ``writelines``, without joining big
         payloads: small neighbours (headers, window updates) are merged so that each piece is worth
-        a TLS record of its own."""
+        a TLS record of its own.  With ``limit``, stop after about that many bytes (whole frames)
+        and leave the rest queued: a writer can then feed its transport in slices."""
         out = self._out
         if not out:
             return []
-        self._out = []
+        if limit:
+            taken = 0
+            cut = 0
+            while cut < len(out) and taken < limit:
+                taken += len(out[cut])
+                cut += 1
+            if cut < len(out):
+                self._out = out[cut:]
+                out = out[:cut]
+            else:
+                self._out = []
+        else:
+            self._out = []
         pieces: list[bytes | memoryview] = []
         small: list[bytes | memoryview] = []
         small_len = 0
