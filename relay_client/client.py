@@ -123,7 +123,12 @@ class Relayc:
     def __init__(self, config: ClientConfig, config_path: str | Path) -> None:
         self.config = config
         self.config_path = Path(config_path)
-        self.tunnels: dict[str, TunnelSpec] = {t.name: TunnelSpec(**t.model_dump()) for t in config.tunnels}
+        self.tunnels: dict[str, TunnelSpec] = {
+            t.name: TunnelSpec(
+                name=t.name, kind=t.type, local_ip=t.local_ip, local_port=t.local_port, remote_port=t.remote_port
+            )
+            for t in config.tunnels
+        }
         self.burst_log = BurstLog()
         self.known = KnownServers(resolve_path(config_path, KNOWN_SERVERS_FILE))
         self.server_key = f"{config.server_addr}:{config.server_port}"

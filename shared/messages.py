@@ -2,7 +2,9 @@
 
 Every object has a ``"type"``.  Unknown fields are ignored (so a newer peer may add some); an
 unknown ``type``, a missing or mistyped field, or a message over ``MAX_MESSAGE_SIZE`` is a
-``RemoteProtocolError`` that names the problem.  ``MessageDecoder`` is sans-IO: feed it bytes,
+``RemoteProtocolError`` that names the problem.  Messages are frozen dataclasses checked by a few
+lines of code rather than pydantic: one is decoded per visitor connection, and relayc's memory
+budget has no room for schema machinery it does not need.  ``MessageDecoder`` is sans-IO: feed it bytes,
 take whole messages out.
 """
 
@@ -10,9 +12,8 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Annotated, Any, Final, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Final
 
 from shared.errors import RemoteProtocolError
 
@@ -20,95 +21,188 @@ MAX_MESSAGE_SIZE: Final = 64 * 1024
 _LEN = struct.Struct("!I")
 
 
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+@dataclass(frozen=True)
+class _Field:
+    """How one field of a message is checked: its type and bounds."""
+
+    kind: type
+    default: Any = None
+    min_len: int = 0
+    max_len: int = 1024
+    lo: int = 0
+    hi: int = 65535
+    required: bool = True
+    choices: tuple[str, ...] = ()
 
 
+def _spec(kind: type, **kw: Any) -> Any:
+    return field(default=kw.get("default"), metadata={"spec": _Field(kind, **kw)})
+
+
+class _FieldError(Exception):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(reason)
+        self.path = path
+        self.reason = reason
+
+
+class _Message:
+    """Base of the control messages: frozen dataclasses that check their fields on decode.
+
+    ``wire_names`` renames attributes on the wire (``TunnelSpec.kind`` is sent as ``"type"``).
+    """
+
+    type: ClassVar[str]
+    wire_names: ClassVar[dict[str, str]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[self.wire_names.get(f.name, f.name)] = value.to_dict() if isinstance(value, _Message) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Any:
+        values: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            spec: _Field = f.metadata["spec"]
+            key = cls.wire_names.get(f.name, f.name)
+            if key not in obj:
+                if spec.required:
+                    raise _FieldError(key, "missing")
+                values[f.name] = spec.default
+                continue
+            values[f.name] = _check(key, spec, obj[key])
+        return cls(**values)
+
+
+def _check(key: str, spec: _Field, value: Any) -> Any:
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise _FieldError(key, "expected true or false")
+    elif spec.kind is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _FieldError(key, "expected an integer")
+        if not spec.lo <= value <= spec.hi:
+            raise _FieldError(key, f"{value} is not within {spec.lo}-{spec.hi}")
+    elif spec.kind is str:
+        if not isinstance(value, str):
+            raise _FieldError(key, "expected a string")
+        if not spec.min_len <= len(value) <= spec.max_len:
+            raise _FieldError(key, f"length {len(value)} is not within {spec.min_len}-{spec.max_len}")
+        if spec.choices and value not in spec.choices:
+            raise _FieldError(key, f"{value!r} is not one of {', '.join(spec.choices)}")
+    else:
+        if not isinstance(value, dict):
+            raise _FieldError(key, "expected an object")
+        try:
+            return spec.kind.from_dict(value)  # type: ignore[attr-defined]
+        except _FieldError as exc:
+            raise _FieldError(f"{key}.{exc.path}", exc.reason) from None
+    return value
+
+
+def _str(min_len: int = 0, max_len: int = 1024, default: str | None = None) -> Any:
+    return _spec(str, min_len=min_len, max_len=max_len, default=default, required=default is None)
+
+
+def _int(lo: int, hi: int, default: int | None = None) -> Any:
+    return _spec(int, lo=lo, hi=hi, default=default, required=default is None)
+
+
+@dataclass(frozen=True)
 class Hello(_Message):
     """relayc -> relayd, first message on the control stream."""
 
-    type: Literal["hello"] = "hello"
-    name: str = Field(min_length=1, max_length=128)
-    version: str = ""
-    client_nonce: str = Field(min_length=32, max_length=128)
+    type: ClassVar[str] = "hello"
+    name: str = _str(1, 128)
+    client_nonce: str = _str(32, 128)
+    version: str = _str(0, 64, default="")
 
 
+@dataclass(frozen=True)
 class Challenge(_Message):
     """relayd -> relayc: a fresh random nonce to sign."""
 
-    type: Literal["challenge"] = "challenge"
-    server_nonce: str = Field(min_length=32, max_length=128)
+    type: ClassVar[str] = "challenge"
+    server_nonce: str = _str(32, 128)
 
 
+@dataclass(frozen=True)
 class Login(_Message):
     """relayc -> relayd: proof of the token, HMAC over the transcript (see shared.auth)."""
 
-    type: Literal["login"] = "login"
-    proof: str = Field(min_length=64, max_length=64)
+    type: ClassVar[str] = "login"
+    proof: str = _str(64, 64)
 
 
+@dataclass(frozen=True)
 class LoginOk(_Message):
     """relayd -> relayc: login accepted; ``proof`` shows relayd knows the token too."""
 
-    type: Literal["login_ok"] = "login_ok"
-    proof: str = Field(min_length=64, max_length=64)
-    version: str = ""
+    type: ClassVar[str] = "login_ok"
+    proof: str = _str(64, 64)
+    version: str = _str(0, 64, default="")
 
 
+@dataclass(frozen=True)
 class LoginFailed(_Message):
-    type: Literal["login_failed"] = "login_failed"
-    reason: str
+    type: ClassVar[str] = "login_failed"
+    reason: str = _str(0, 1024)
 
 
+@dataclass(frozen=True)
 class TunnelSpec(_Message):
-    """What a tunnel is, as carried on the wire (the config model maps onto it)."""
+    """What a tunnel is, as carried on the wire (not a message of its own: nested in tunnel_add)."""
 
-    name: str = Field(min_length=1, max_length=128)
-    type: Literal["tcp"] = "tcp"
-    local_ip: str = "127.0.0.1"
-    local_port: int = Field(ge=1, le=65535)
-    remote_port: int = Field(default=0, ge=0, le=65535)
+    type: ClassVar[str] = "tunnel"
+    wire_names: ClassVar[dict[str, str]] = {"kind": "type"}
+    name: str = _str(1, 128)
+    local_port: int = _int(1, 65535)
+    kind: str = _spec(str, default="tcp", max_len=16, required=False, choices=("tcp",))
+    local_ip: str = _str(1, 255, default="127.0.0.1")
+    remote_port: int = _int(0, 65535, default=0)
 
 
+@dataclass(frozen=True)
 class TunnelAdd(_Message):
     """relayc -> relayd: please open a public listener for this tunnel."""
 
-    type: Literal["tunnel_add"] = "tunnel_add"
-    tunnel: TunnelSpec
+    type: ClassVar[str] = "tunnel_add"
+    tunnel: TunnelSpec = _spec(TunnelSpec)  # noqa: RUF009 - _spec returns a dataclasses.field
 
 
+@dataclass(frozen=True)
 class TunnelStatus(_Message):
     """relayd -> relayc: the result of a TunnelAdd."""
 
-    type: Literal["tunnel_status"] = "tunnel_status"
-    name: str
-    ok: bool
-    remote_port: int = 0
-    error: str = ""
+    type: ClassVar[str] = "tunnel_status"
+    name: str = _str(1, 128)
+    ok: bool = _spec(bool)
+    remote_port: int = _int(0, 65535, default=0)
+    error: str = _str(0, 4096, default="")
 
 
+@dataclass(frozen=True)
 class StreamOpen(_Message):
     """relayd -> relayc, the first message on every stream relayd opens for a visitor."""
 
-    type: Literal["stream_open"] = "stream_open"
-    tunnel: str
-    visitor: str = ""
+    type: ClassVar[str] = "stream_open"
+    tunnel: str = _str(1, 128)
+    visitor: str = _str(0, 300, default="")
 
 
-ControlMessage = Annotated[
-    Hello | Challenge | Login | LoginOk | LoginFailed | TunnelAdd | TunnelStatus | StreamOpen,
-    Field(discriminator="type"),
-]
-_adapter: TypeAdapter[Any] = TypeAdapter(ControlMessage)
-MESSAGE_TYPES: Final = frozenset(
-    ["hello", "challenge", "login", "login_ok", "login_failed", "tunnel_add", "tunnel_status", "stream_open"]
-)
+MESSAGE_CLASSES: Final[dict[str, type[_Message]]] = {
+    cls.type: cls for cls in (Hello, Challenge, Login, LoginOk, LoginFailed, TunnelAdd, TunnelStatus, StreamOpen)
+}
+MESSAGE_TYPES: Final = frozenset(MESSAGE_CLASSES)
 
 
 def encode_message(message: _Message) -> bytes:
-    body = message.model_dump_json().encode()
+    body = json.dumps({"type": message.type, **message.to_dict()}, separators=(",", ":")).encode()
     if len(body) > MAX_MESSAGE_SIZE:
-        raise ValueError(f"{message.__class__.__name__} message is {len(body)} bytes, over {MAX_MESSAGE_SIZE}")
+        raise ValueError(f"{message.type} message is {len(body)} bytes, over {MAX_MESSAGE_SIZE}")
     return _LEN.pack(len(body)) + body
 
 
@@ -121,14 +215,13 @@ def decode_message(body: bytes) -> Any:
     if not isinstance(obj, dict):
         raise RemoteProtocolError(f"control message must be a JSON object, got {type(obj).__name__}")
     kind = obj.get("type")
-    if kind not in MESSAGE_TYPES:
+    cls = MESSAGE_CLASSES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
         raise RemoteProtocolError(f"unknown control message type {kind!r}")
     try:
-        return _adapter.validate_python(obj)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"][1:]) or "?"
-        raise RemoteProtocolError(f"bad {kind} message: field {field}: {err['msg']}") from None
+        return cls.from_dict(obj)
+    except _FieldError as exc:
+        raise RemoteProtocolError(f"bad {kind} message: field {exc.path}: {exc.reason}") from None
 
 
 class MessageDecoder:

@@ -10,11 +10,6 @@ import re
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 _FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -35,8 +30,11 @@ def normalize_fingerprint(value: str) -> str:
 
 
 def fingerprint_of_pem_file(path: Path) -> str:
-    cert = x509.load_pem_x509_certificate(path.read_bytes())
-    return fingerprint_of_der(cert.public_bytes(serialization.Encoding.DER))
+    """Fingerprint of the first certificate in a PEM file (the leaf of a chain)."""
+    text = path.read_text()
+    begin = text.index("-----BEGIN CERTIFICATE-----")
+    end = text.index("-----END CERTIFICATE-----", begin) + len("-----END CERTIFICATE-----")
+    return fingerprint_of_der(ssl.PEM_cert_to_DER_cert(text[begin:end]))
 
 
 def ensure_self_signed(state_dir: Path, common_name: str = "relayd") -> tuple[Path, Path]:
@@ -45,6 +43,12 @@ def ensure_self_signed(state_dir: Path, common_name: str = "relayd") -> tuple[Pa
     key_path = state_dir / "server.key"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
+    # imported here: cryptography costs ~10 MiB of memory that only certificate generation needs
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     state_dir.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
