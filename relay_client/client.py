@@ -28,7 +28,7 @@ from typing import Any
 from relay_client.dialer import BurstLog, IncomingStream
 from shared import __version__, auth
 from shared.aio import ControlChannel, MuxConnection, StreamHandler
-from shared.config import ClientConfig, resolve_path
+from shared.config import ClientConfig, TunnelConfig, resolve_path
 from shared.errors import AuthError, RelayError, RemoteProtocolError, TrustError
 from shared.frames import GoAwayCode
 from shared.messages import (
@@ -50,6 +50,15 @@ KNOWN_SERVERS_FILE = "relayc_known_servers"
 BACKOFF_START = 0.5
 BACKOFF_MAX = 10.0
 STEP_TIMEOUT = 10.0
+
+
+def tunnel_spec(t: TunnelConfig) -> TunnelSpec:
+    """The wire form of a tunnel from relayc.toml."""
+    return TunnelSpec(
+        name=t.name, kind=t.type, local_ip=t.local_ip, local_port=t.local_port, remote_port=t.remote_port,
+        subdomain=t.subdomain, custom_domains=tuple(t.custom_domains), locations=tuple(t.locations),
+        http_user=t.http_user, http_password=t.http_password, host_header_rewrite=t.host_header_rewrite,
+    )  # fmt: skip
 
 
 class KnownServers:
@@ -123,12 +132,7 @@ class Relayc:
     def __init__(self, config: ClientConfig, config_path: str | Path) -> None:
         self.config = config
         self.config_path = Path(config_path)
-        self.tunnels: dict[str, TunnelSpec] = {
-            t.name: TunnelSpec(
-                name=t.name, kind=t.type, local_ip=t.local_ip, local_port=t.local_port, remote_port=t.remote_port
-            )
-            for t in config.tunnels
-        }
+        self.tunnels: dict[str, TunnelSpec] = {t.name: tunnel_spec(t) for t in config.tunnels}
         self.burst_log = BurstLog()
         self.known = KnownServers(resolve_path(config_path, KNOWN_SERVERS_FILE))
         self.server_key = f"{config.server_addr}:{config.server_port}"
@@ -283,7 +287,10 @@ class Relayc:
             spec = self.tunnels.get(message.name)
             if message.ok:
                 target = f"{spec.local_ip}:{spec.local_port}" if spec else "?"
-                log.info("tunnel %s: relayd port %d -> %s", message.name, message.remote_port, target)
+                if message.url:
+                    log.info("tunnel %s: %s -> %s", message.name, message.url, target)
+                else:
+                    log.info("tunnel %s: relayd port %d -> %s", message.name, message.remote_port, target)
             else:
                 log.error("tunnel %s refused by relayd: %s", message.name, message.error)
         else:

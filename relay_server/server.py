@@ -28,10 +28,12 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from relay_server.tunnels import PortPolicy, PublicTunnel, TunnelRefused
+from relay_server.vhost import HttpVisitor, SniVisitor, VhostRouter
 from shared import __version__, auth
 from shared.aio import ControlChannel, MuxConnection, StreamHandler
 from shared.config import ServerConfig, resolve_path
@@ -231,30 +233,29 @@ class ClientSession:
 
     async def _add_tunnel(self, message: TunnelAdd) -> None:
         spec = message.tunnel
+        server = self.server
         old = self.tunnels.pop(spec.name, None)
         if old is not None:
-            self.server.ports.release(old)
+            server.release_tunnel(old, client_gone=False)
         tunnel = PublicTunnel(self, spec)
+        url = ""
         try:
-            await self.server.ports.bind(tunnel, self.server.config.public_bind_addr, spec.remote_port)
+            if spec.kind == "tcp":
+                await server.ports.bind(tunnel, server.config.public_bind_addr, spec.remote_port)
+            else:
+                url = server.add_vhost(tunnel)
         except TunnelRefused as exc:
             log.warning("client %s tunnel %s refused: %s", self.name, spec.name, exc)
             self._send(TunnelStatus(name=spec.name, ok=False, error=str(exc)))
             return
         if self.state != "ready":  # the session ended while we were binding
-            self.server.ports.release(tunnel)
+            server.release_tunnel(tunnel, client_gone=True)
             return
         self.tunnels[spec.name] = tunnel
-        log.info(
-            "client %s tunnel %s: listening on %s:%d -> %s:%d",
-            self.name,
-            spec.name,
-            self.server.config.public_bind_addr,
-            tunnel.port,
-            spec.local_ip,
-            spec.local_port,
-        )
-        self._send(TunnelStatus(name=spec.name, ok=True, remote_port=tunnel.port))
+        where = f"{server.config.public_bind_addr}:{tunnel.port}" if spec.kind == "tcp" else url
+        log.info("client %s tunnel %s (%s): %s -> %s:%d", self.name, spec.name, spec.kind, where,
+                 spec.local_ip, spec.local_port)  # fmt: skip
+        self._send(TunnelStatus(name=spec.name, ok=True, remote_port=tunnel.port, url=url))
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -265,7 +266,7 @@ class ClientSession:
 
     def _release_tunnels(self) -> None:
         for tunnel in self.tunnels.values():
-            self.server.ports.release(tunnel)
+            self.server.release_tunnel(tunnel, client_gone=True)
         self.tunnels.clear()
 
 
@@ -277,6 +278,8 @@ class Relayd:
         self.config_path = Path(config_path)
         self.state_dir = resolve_path(config_path, config.state_dir)
         self.ports = PortPolicy(config.port_ranges, config.max_ports_per_client)
+        self.vhosts = VhostRouter(config.subdomain_host)
+        self._vhost_servers: list[asyncio.AbstractServer] = []
         self.guard = LoginGuard()
         self.sessions: dict[str, ClientSession] = {}
         self.connections: set[ClientSession] = set()
@@ -284,6 +287,8 @@ class Relayd:
         self._ssl: ssl.SSLContext | None = None
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
+        self.vhost_http_port = 0
+        self.vhost_https_port = 0
 
     def token_for(self, client_name: str) -> str | None:
         return self.config.auth.token or None
@@ -316,6 +321,20 @@ class Relayd:
             backlog=1024,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        vhost_factories: list[tuple[int, Callable[[], asyncio.Protocol], str]] = [
+            (cfg.vhost_http_port, lambda: HttpVisitor(self), "http"),
+            (cfg.vhost_https_port, lambda: SniVisitor(self), "https"),
+        ]
+        for port, factory, scheme in vhost_factories:
+            if port:
+                vhost = await loop.create_server(factory, cfg.public_bind_addr, port, reuse_address=True, backlog=1024)
+                self._vhost_servers.append(vhost)
+                bound = vhost.sockets[0].getsockname()[1]
+                if scheme == "http":
+                    self.vhost_http_port = bound
+                else:
+                    self.vhost_https_port = bound
+                log.info("%s virtual hosts on %s:%d", scheme, cfg.public_bind_addr, bound)
         log.info(
             "relayd %s listening for relayc on %s:%d (TLS %s)",
             __version__,
@@ -341,6 +360,8 @@ class Relayd:
         """Stop accepting, tell every client GO_AWAY, let open streams finish for ``grace`` s."""
         if self._server is not None:
             self._server.close()
+        for vhost in self._vhost_servers:
+            vhost.close()
         sessions = list(self.connections)
         for s in sessions:
             for tunnel in list(s.tunnels.values()):
@@ -354,6 +375,28 @@ class Relayd:
         for s in sessions:
             s._release_tunnels()
         await asyncio.sleep(0)
+
+    # --- tunnels --------------------------------------------------------------------------------
+
+    def add_vhost(self, tunnel: PublicTunnel) -> str:
+        """Route an http/https tunnel's domains to it; return the visitor URL(s)."""
+        kind = tunnel.spec.kind
+        port = self.vhost_http_port if kind == "http" else self.vhost_https_port
+        if not port:
+            key = "vhost_http_port" if kind == "http" else "vhost_https_port"
+            raise TunnelRefused(f"{kind} tunnels are off on this relayd ({key} is not set)")
+        domains = self.vhosts.add(tunnel)
+        tunnel.port = port
+        default = 80 if kind == "http" else 443
+        suffix = "" if port == default else f":{port}"
+        return ", ".join(f"{kind}://{d}{suffix}" for d in domains)
+
+    def release_tunnel(self, tunnel: PublicTunnel, client_gone: bool) -> None:
+        if tunnel.spec.kind == "tcp":
+            self.ports.release(tunnel)
+        else:
+            self.vhosts.remove(tunnel, client_gone)
+            tunnel.close()
 
     # --- registry -------------------------------------------------------------------------------
 

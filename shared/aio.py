@@ -354,7 +354,7 @@ class StreamBridge(asyncio.Protocol):
         self._unacked = 0
         self._write_paused = False
         self._paused_window = False
-        self._paused_session = mux.write_paused
+        self._paused_session = mux.write_paused if mux is not None else False
         self._reading_paused = False
         self._fin_sent = False
         self._fin_received = False

@@ -26,6 +26,16 @@ else:  # pragma: no cover
 
 EXAMPLE_TOKENS = frozenset({"example-token-change-me", "change-me", "token", "secret", "..."})
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def check_domain(value: str) -> str:
+    """A host name, lowercased; ValueError naming the problem otherwise."""
+    v = value.strip().lower().rstrip(".")
+    labels = v.split(".")
+    if not v or len(v) > 253 or not all(_LABEL_RE.match(label) for label in labels):
+        raise ValueError(f"{value!r} is not a valid domain name")
+    return v
 
 
 class _Strict(BaseModel):
@@ -95,6 +105,10 @@ class ServerConfig(_Strict):
     max_ports_per_client: int = Field(default=0, ge=0)
     keepalive_timeout: float = Field(default=30.0, ge=1.0, le=600.0)
     handshake_timeout: float = Field(default=10.0, ge=1.0, le=120.0)
+    vhost_http_port: int = Field(default=0, ge=0, le=65535)
+    vhost_https_port: int = Field(default=0, ge=0, le=65535)
+    subdomain_host: str = ""
+    vhost_header_timeout: float = Field(default=10.0, ge=1.0, le=300.0)
     auth: ServerAuth = ServerAuth()
     tls: ServerTLS = ServerTLS()
 
@@ -103,6 +117,11 @@ class ServerConfig(_Strict):
     def _ports(cls, v: str) -> str:
         PortRanges(v)
         return v
+
+    @field_validator("subdomain_host")
+    @classmethod
+    def _subdomain_host(cls, v: str) -> str:
+        return check_domain(v) if v else ""
 
     @property
     def port_ranges(self) -> PortRanges:
@@ -134,10 +153,38 @@ class ClientTLS(_Strict):
 
 class TunnelConfig(_Strict):
     name: str
-    type: Literal["tcp"] = "tcp"
+    type: Literal["tcp", "http", "https"] = "tcp"
     local_ip: str = "127.0.0.1"
     local_port: int = Field(ge=1, le=65535)
     remote_port: int = Field(default=0, ge=0, le=65535)
+    # http and https tunnels: routed by host name on relayd's vhost ports
+    subdomain: str = ""
+    custom_domains: list[str] = []
+    locations: list[str] = []
+    http_user: str = ""
+    http_password: str = ""
+    host_header_rewrite: str = ""
+
+    @field_validator("subdomain")
+    @classmethod
+    def _subdomain(cls, v: str) -> str:
+        v = v.lower()
+        if v and not _LABEL_RE.match(v):
+            raise ValueError("must be one DNS label: letters, digits and '-' (e.g. \"jupyter\")")
+        return v
+
+    @field_validator("custom_domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        return [check_domain(d) for d in v]
+
+    @field_validator("locations")
+    @classmethod
+    def _locations(cls, v: list[str]) -> list[str]:
+        for loc in v:
+            if not loc.startswith("/"):
+                raise ValueError(f"{loc!r} must start with '/'")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -227,8 +274,12 @@ def _check_semantics(cfg: ServerConfig | ClientConfig, path: str) -> None:
             if t.name in seen:
                 raise ConfigError(path, f"tunnels[{i}].name", f"{t.name!r} is already used by tunnels[{seen[t.name]}]")
             seen[t.name] = i
+        for i, t in enumerate(cfg.tunnels):
+            _check_tunnel_kind(t, f"tunnels[{i}]", path)
         ports: dict[int, int] = {}
         for i, t in enumerate(cfg.tunnels):
+            if t.type != "tcp":
+                continue
             if t.remote_port and t.remote_port in ports:
                 raise ConfigError(
                     path,
@@ -259,6 +310,29 @@ def _check_semantics(cfg: ServerConfig | ClientConfig, path: str) -> None:
             "auth.token",
             f"is the example token while bind_addr is {cfg.bind_addr!r}: anyone could log in; set your own secret",
         )
+
+
+def _check_tunnel_kind(t: TunnelConfig, key: str, path: str) -> None:
+    """Keys that belong to one tunnel type only are errors on the others (a typo'd type must not
+    silently publish a port)."""
+    http_only = {"locations": t.locations, "http_user": t.http_user, "http_password": t.http_password,
+                 "host_header_rewrite": t.host_header_rewrite}  # fmt: skip
+    if t.type == "tcp":
+        for name, value in {"subdomain": t.subdomain, "custom_domains": t.custom_domains, **http_only}.items():
+            if value:
+                raise ConfigError(path, f"{key}.{name}", 'only for http/https tunnels (this one is type "tcp")')
+        return
+    if t.remote_port:
+        raise ConfigError(path, f"{key}.remote_port", f"only for tcp tunnels; a {t.type} tunnel is reached by "
+                          "its domain on relayd's vhost port")  # fmt: skip
+    if not t.subdomain and not t.custom_domains:
+        raise ConfigError(path, f"{key}.subdomain", f"a {t.type} tunnel needs subdomain or custom_domains")
+    if t.type == "https":
+        for name, value in http_only.items():
+            if value:
+                raise ConfigError(path, f"{key}.{name}", "only for http tunnels (https is passed through untouched)")
+    if bool(t.http_user) != bool(t.http_password):
+        raise ConfigError(path, f"{key}.http_password", "http_user and http_password must be given together")
 
 
 def resolve_path(config_path: str | Path, value: str) -> Path:

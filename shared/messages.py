@@ -33,6 +33,7 @@ class _Field:
     hi: int = 65535
     required: bool = True
     choices: tuple[str, ...] = ()
+    max_items: int = 64
 
 
 def _spec(kind: type, **kw: Any) -> Any:
@@ -59,7 +60,11 @@ class _Message:
         out: dict[str, Any] = {}
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            out[self.wire_names.get(f.name, f.name)] = value.to_dict() if isinstance(value, _Message) else value
+            if isinstance(value, _Message):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[self.wire_names.get(f.name, f.name)] = value
         return out
 
     @classmethod
@@ -93,6 +98,13 @@ def _check(key: str, spec: _Field, value: Any) -> Any:
             raise _FieldError(key, f"length {len(value)} is not within {spec.min_len}-{spec.max_len}")
         if spec.choices and value not in spec.choices:
             raise _FieldError(key, f"{value!r} is not one of {', '.join(spec.choices)}")
+    elif spec.kind is list:
+        if not isinstance(value, list) or len(value) > spec.max_items:
+            raise _FieldError(key, f"expected a list of at most {spec.max_items} strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not 1 <= len(item) <= spec.max_len:
+                raise _FieldError(f"{key}[{i}]", f"expected a string of 1-{spec.max_len} characters")
+        return list(value)
     else:
         if not isinstance(value, dict):
             raise _FieldError(key, "expected an object")
@@ -160,9 +172,20 @@ class TunnelSpec(_Message):
     wire_names: ClassVar[dict[str, str]] = {"kind": "type"}
     name: str = _str(1, 128)
     local_port: int = _int(1, 65535)
-    kind: str = _spec(str, default="tcp", max_len=16, required=False, choices=("tcp",))
+    kind: str = _spec(str, default="tcp", max_len=16, required=False, choices=("tcp", "http", "https"))
     local_ip: str = _str(1, 255, default="127.0.0.1")
     remote_port: int = _int(0, 65535, default=0)
+    subdomain: str = _str(0, 63, default="")
+    custom_domains: tuple[str, ...] = _spec(list, default=(), max_len=253, required=False)
+    locations: tuple[str, ...] = _spec(list, default=(), max_len=1024, required=False)
+    http_user: str = _str(0, 256, default="")
+    http_password: str = _str(0, 256, default="")
+    host_header_rewrite: str = _str(0, 253, default="")
+
+    def __post_init__(self) -> None:
+        # lists arrive from JSON; keep the spec hashable and immutable
+        object.__setattr__(self, "custom_domains", tuple(self.custom_domains))
+        object.__setattr__(self, "locations", tuple(self.locations))
 
 
 @dataclass(frozen=True)
@@ -182,6 +205,7 @@ class TunnelStatus(_Message):
     ok: bool = _spec(bool)
     remote_port: int = _int(0, 65535, default=0)
     error: str = _str(0, 4096, default="")
+    url: str = _str(0, 4096, default="")  # http/https tunnels: where visitors reach it
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,243 @@
+"""A sans-IO reader of the visitor->server half of an HTTP/1.x connection.
+
+Theory of operation
+===================
+
+relayd routes every request by its own Host header, so it must find where each request head
+starts, which means following request bodies.  ``RequestReader`` is fed the bytes a visitor sends
+and returns events, without I/O and without a clock:
+
+  * ``RequestHead``: a complete head (method, target, version, headers in order);
+  * ``Body``: bytes that belong to the current request's body, to forward untouched;
+  * ``Tunnel``: the request asked to switch protocols (WebSocket) or was a CONNECT; every later
+    byte is opaque and returned as ``Body``.
+
+Framing follows RFC 9112 section 6: ``Transfer-Encoding: chunked`` wins over ``Content-Length``;
+without either a request has no body.  Chunked bodies are passed through as they are (chunk sizes,
+extensions, trailers), only tracked to find their end.  Responses are never parsed: they flow back
+untouched, so streamed answers (server-sent events, chunked, long polling) reach the browser as
+they are produced.
+
+Errors raise ``HttpError`` with the status relayd answers: 400 for a malformed line or header, or
+conflicting lengths; 431 when a head exceeds ``max_head`` bytes (64 KiB by default).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final, Union
+
+MAX_HEAD: Final = 64 * 1024
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VERSION = re.compile(rb"^HTTP/1\.[01]$")
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: str
+    target: str
+    version: str
+    headers: list[tuple[str, str]]
+
+    def get(self, name: str) -> str | None:
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self.headers if k.lower() == name]
+
+    @property
+    def path(self) -> str:
+        """The path of the target, whatever its form (origin or absolute)."""
+        target = self.target
+        if target.startswith(("http://", "https://")):
+            rest = target.split("://", 1)[1]
+            slash = rest.find("/")
+            target = rest[slash:] if slash >= 0 else "/"
+        return target.split("?", 1)[0] or "/"
+
+    @property
+    def is_upgrade(self) -> bool:
+        connection = ",".join(self.get_all("connection")).lower()
+        return self.method == "CONNECT" or (
+            "upgrade" in [t.strip() for t in connection.split(",")] and self.get("upgrade") is not None
+        )
+
+    def encode(self) -> bytes:
+        lines = [f"{self.method} {self.target} {self.version}"]
+        lines += [f"{k}: {v}" for k, v in self.headers]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """From here on the connection is opaque bytes (after an Upgrade or CONNECT request)."""
+
+
+Event = Union[RequestHead, Body, Tunnel]
+
+
+class RequestReader:
+    """Splits a visitor's byte stream into request heads and body bytes."""
+
+    def __init__(self, max_head: int = MAX_HEAD) -> None:
+        self.max_head = max_head
+        self._buf = bytearray()
+        self._state = "head"  # head | length | chunk_size | chunk_data | chunk_crlf | trailers | tunnel
+        self._remaining = 0
+        self.head_in_progress = False  # bytes of a head arrived but the head is not complete
+
+    @property
+    def in_tunnel(self) -> bool:
+        return self._state == "tunnel"
+
+    @property
+    def between_requests(self) -> bool:
+        return self._state == "head" and not self._buf
+
+    def feed(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        if self._state == "tunnel":
+            if data:
+                events.append(Body(bytes(data)))
+            return events
+        self._buf += data
+        while self._buf:
+            state = self._state
+            if state == "head":
+                if not self._read_head(events):
+                    break
+            elif state == "length":
+                take = min(self._remaining, len(self._buf))
+                events.append(Body(bytes(self._buf[:take])))
+                del self._buf[:take]
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = "head"
+            elif state == "tunnel":
+                events.append(Body(bytes(self._buf)))
+                self._buf.clear()
+            elif not self._read_chunked(events):
+                break
+        self.head_in_progress = self._state == "head" and bool(self._buf)
+        return events
+
+    def _read_head(self, events: list[Event]) -> bool:
+        buf = self._buf
+        # tolerate blank lines between requests (RFC 9112 section 2.2)
+        while buf[:2] == b"\r\n":
+            del buf[:2]
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > self.max_head:
+                raise HttpError(431, f"request head larger than {self.max_head} bytes")
+            return False
+        if end + 4 > self.max_head:
+            raise HttpError(431, f"request head larger than {self.max_head} bytes")
+        head = self._parse_head(bytes(buf[:end]))
+        del buf[: end + 4]
+        events.append(head)
+        if head.is_upgrade:
+            self._state = "tunnel"
+            events.append(Tunnel())
+            if buf:
+                events.append(Body(bytes(buf)))
+                buf.clear()
+            return True
+        te = ",".join(head.get_all("transfer-encoding")).lower()
+        lengths = head.get_all("content-length")
+        if te:
+            if [t.strip() for t in te.split(",")][-1] != "chunked":
+                raise HttpError(400, "Transfer-Encoding must end with chunked")
+            self._state = "chunk_size"
+        elif lengths:
+            values = {v.strip() for v in ",".join(lengths).split(",")}
+            if len(values) != 1 or not next(iter(values)).isdigit():
+                raise HttpError(400, "invalid or conflicting Content-Length")
+            self._remaining = int(next(iter(values)))
+            self._state = "length" if self._remaining else "head"
+        return True
+
+    def _parse_head(self, raw: bytes) -> RequestHead:
+        lines = raw.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1] or not _VERSION.match(parts[2]):
+            raise HttpError(400, "malformed request line")
+        headers: list[tuple[str, str]] = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN.match(name):
+                raise HttpError(400, "malformed header line")
+            if b"\r" in value or b"\n" in value or b"\0" in value:
+                raise HttpError(400, "invalid character in a header value")
+            headers.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
+        try:
+            target = parts[1].decode("ascii")
+        except UnicodeDecodeError:
+            raise HttpError(400, "request target is not ASCII") from None
+        return RequestHead(parts[0].decode("ascii"), target, parts[2].decode("ascii"), headers)
+
+    def _read_chunked(self, events: list[Event]) -> bool:
+        buf = self._buf
+        state = self._state
+        if state == "chunk_size":
+            end = buf.find(b"\r\n")
+            if end < 0:
+                if len(buf) > 4096:
+                    raise HttpError(400, "chunk size line too long")
+                return False
+            size_text = bytes(buf[:end]).split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise HttpError(400, "malformed chunk size") from None
+            events.append(Body(bytes(buf[: end + 2])))
+            del buf[: end + 2]
+            if size == 0:
+                self._state = "trailers"
+            else:
+                self._remaining = size
+                self._state = "chunk_data"
+        elif state == "chunk_data":
+            take = min(self._remaining, len(buf))
+            events.append(Body(bytes(buf[:take])))
+            del buf[:take]
+            self._remaining -= take
+            if self._remaining == 0:
+                self._state = "chunk_crlf"
+        elif state == "chunk_crlf":
+            if len(buf) < 2:
+                return False
+            if buf[:2] != b"\r\n":
+                raise HttpError(400, "chunk not followed by CRLF")
+            events.append(Body(b"\r\n"))
+            del buf[:2]
+            self._state = "chunk_size"
+        else:  # trailers: lines until an empty one
+            end = buf.find(b"\r\n")
+            if end < 0:
+                if len(buf) > self.max_head:
+                    raise HttpError(431, "trailers too large")
+                return False
+            events.append(Body(bytes(buf[: end + 2])))
+            del buf[: end + 2]
+            if end == 0:
+                self._state = "head"
+        return True
