@@ -313,9 +313,11 @@ def test_sni_unknown_or_missing_name_is_closed(world: dict[str, Any]) -> None:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     for server_name in ("unknown.tls.test", None):
-        with socket.create_connection(("127.0.0.1", world["https"]), timeout=10) as raw_sock:
-            with pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
-                ctx.wrap_socket(raw_sock, server_hostname=server_name).recv(10)
+        with (
+            socket.create_connection(("127.0.0.1", world["https"]), timeout=10) as raw_sock,
+            pytest.raises((ssl.SSLError, ConnectionResetError, OSError)),
+        ):
+            ctx.wrap_socket(raw_sock, server_hostname=server_name).recv(10)
 
 
 def test_conflicting_domain_is_refused_with_the_reason(world: dict[str, Any], tmp_path: Path) -> None:
