@@ -25,9 +25,10 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from relay_client.dialer import BurstLog, IncomingStream
+from relay_client.dialer import IncomingStream
 from shared import __version__, auth
 from shared.aio import ControlChannel, MuxConnection, StreamHandler
+from shared.burst import BurstLog
 from shared.config import ClientConfig, TunnelConfig, resolve_path
 from shared.errors import AuthError, RelayError, RemoteProtocolError, TrustError
 from shared.frames import GoAwayCode
@@ -58,6 +59,7 @@ def tunnel_spec(t: TunnelConfig) -> TunnelSpec:
         name=t.name, kind=t.type, local_ip=t.local_ip, local_port=t.local_port, remote_port=t.remote_port,
         subdomain=t.subdomain, custom_domains=tuple(t.custom_domains), locations=tuple(t.locations),
         http_user=t.http_user, http_password=t.http_password, host_header_rewrite=t.host_header_rewrite,
+        max_connections=t.max_connections, bandwidth_limit=t.bandwidth_limit, allow_sources=tuple(t.allow_sources),
     )  # fmt: skip
 
 
@@ -133,7 +135,7 @@ class Relayc:
         self.config = config
         self.config_path = Path(config_path)
         self.tunnels: dict[str, TunnelSpec] = {t.name: tunnel_spec(t) for t in config.tunnels}
-        self.burst_log = BurstLog()
+        self.burst_log = BurstLog(log)
         self.known = KnownServers(resolve_path(config_path, KNOWN_SERVERS_FILE))
         self.server_key = f"{config.server_addr}:{config.server_port}"
         self._stopping = False

@@ -4,36 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
-from typing import Any
 
 from shared.aio import MuxConnection, StreamBridge
+from shared.burst import BurstLog
 from shared.errors import RemoteProtocolError
 from shared.frames import ResetCode
 from shared.messages import MessageDecoder, StreamOpen, TunnelSpec
 
 log = logging.getLogger("relayc")
 _dials: set[asyncio.Task[None]] = set()
-
-
-class BurstLog:
-    """Logs a recurring failure once per ``interval`` with a count of the ones not logged."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warning(self, key: str, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) >= self.interval:
-            n = self._suppressed.pop(key, 0)
-            suffix = f" ({n} more like this since the last report)" if n else ""
-            log.warning(msg + suffix, *args)
-            self._last[key] = now
-        else:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
 
 
 class IncomingStream:

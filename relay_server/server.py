@@ -30,15 +30,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from relay_server.tunnels import PortPolicy, PublicTunnel, TunnelRefused
 from relay_server.vhost import HttpVisitor, SniVisitor, VhostRouter
 from shared import __version__, auth
 from shared.aio import ControlChannel, MuxConnection, StreamHandler
+from shared.burst import BurstLog
 from shared.config import ServerConfig, resolve_path
 from shared.errors import RemoteProtocolError
 from shared.frames import GoAwayCode
+from shared.limits import TokenBucket
 from shared.messages import (
     Challenge,
     Hello,
@@ -120,21 +122,31 @@ class ClientSession:
             on_stream_opened=self._stream_opened,
             on_go_away=self._go_away,
             on_closed=self._closed,
-            on_connected=self._connected,
         )
+        self.raw_transport: asyncio.Transport | None = None
+        rate = server.config.limits.bandwidth_per_client
+        self.bucket = TokenBucket(rate, asyncio.get_running_loop().time()) if rate else None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def _connected(self, mux: MuxConnection, transport: asyncio.Transport) -> bool:
-        peer = transport.get_extra_info("peername")
-        self.remote_addr = str(peer[0]) if peer else "?"
-        mux.label = f"client from {self.remote_addr}"
-        if not self.server.admit(self, self.remote_addr):
-            return False
+    def accepted(self, raw_transport: asyncio.Transport, addr: str) -> None:
+        """The TCP connection was admitted: start the deadline for TLS plus login."""
+        self.remote_addr = addr
+        self.raw_transport = raw_transport
+        self.mux.label = f"client from {addr}"
         self._handshake_timer = asyncio.get_running_loop().call_later(
             self.server.config.handshake_timeout, self._handshake_expired
         )
-        return True
+
+    def abort(self) -> None:
+        """Drop the connection now, whether TLS is finished or not."""
+        if self.mux.transport is not None:
+            self.mux.abort()
+        elif self.raw_transport is not None:
+            self.raw_transport.abort()
+
+    def conns_open(self) -> int:
+        return sum(t.counters.conns_open for t in self.tunnels.values())
 
     # --- mux callbacks --------------------------------------------------------------------------
 
@@ -214,6 +226,7 @@ class ClientSession:
             self._spawn(self._refuse_login())
             return
         server.guard.record_success(self.remote_addr)
+        server.left_preauth(self)
         self.state = "ready"
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
@@ -260,9 +273,16 @@ class ClientSession:
     # --- helpers --------------------------------------------------------------------------------
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        self.track(asyncio.get_running_loop().create_task(coro))
+
+    def track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
 
     def _release_tunnels(self) -> None:
         for tunnel in self.tunnels.values():
@@ -280,11 +300,15 @@ class Relayd:
         self.ports = PortPolicy(config.port_ranges, config.max_ports_per_client)
         self.vhosts = VhostRouter(config.subdomain_host)
         self._vhost_servers: list[asyncio.AbstractServer] = []
-        self.guard = LoginGuard()
+        auth_cfg = config.auth
+        self.guard = LoginGuard(auth_cfg.failure_window, auth_cfg.block_after_failures, auth_cfg.block_seconds)
+        self.burst_log = BurstLog(log)
+        self._preauth: dict[str, dict[ClientSession, None]] = {}
+        self._preauth_all: dict[ClientSession, None] = {}
         self.sessions: dict[str, ClientSession] = {}
         self.connections: set[ClientSession] = set()
         self.fingerprint = ""
-        self._ssl: ssl.SSLContext | None = None
+        self.tls_context: ssl.SSLContext | None = None
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
         self.vhost_http_port = 0
@@ -304,7 +328,7 @@ class Relayd:
                 key = resolve_path(self.config_path, cfg.tls.key_file)
             else:
                 cert, key = ensure_self_signed(self.state_dir)
-            self._ssl = server_context(cert, key)
+            self.tls_context = server_context(cert, key)
             self.fingerprint = fingerprint_of_pem_file(cert)
         else:
             log.warning(
@@ -315,8 +339,6 @@ class Relayd:
             self._accept,
             cfg.bind_addr,
             cfg.bind_port,
-            ssl=self._ssl,
-            ssl_handshake_timeout=cfg.handshake_timeout if self._ssl else None,
             reuse_address=True,
             backlog=1024,
         )
@@ -340,21 +362,51 @@ class Relayd:
             __version__,
             cfg.bind_addr,
             self.port,
-            "on" if self._ssl else "OFF",
+            "on" if self.tls_context else "OFF",
         )
         if self.fingerprint:
             log.info("TLS certificate fingerprint: %s", self.fingerprint)
 
     def _accept(self) -> asyncio.Protocol:
-        session = ClientSession(self)
-        return session.mux
+        return _Admission(self)
 
-    def admit(self, session: ClientSession, addr: str) -> bool:
-        """Called when a connection is accepted: refuse addresses the login guard blocks."""
+    def admit(self, addr: str) -> ClientSession | None:
+        """A TCP connection from ``addr`` arrived: None to drop it at once, else its session.
+
+        Addresses the login guard blocks are dropped before any TLS work.  Connections that have
+        not logged in yet are capped per address and in total; over a cap the *oldest* is closed,
+        so a flood of idle connections cannot lock a real client out (it logs in within its
+        handshake time while the flood keeps evicting itself).
+        """
         if self.guard.is_blocked(addr, time.monotonic()):
-            return False
+            return None
+        limits = self.config.limits
+        session = ClientSession(self)
+        per_ip = self._preauth.setdefault(addr, {})
+        per_ip[session] = None
+        self._preauth_all[session] = None
+        if len(per_ip) > limits.max_preauth_per_ip:
+            self._evict(next(iter(per_ip)))
+        if len(self._preauth_all) > limits.max_preauth_total:
+            self._evict(next(iter(self._preauth_all)))
         self.connections.add(session)
-        return True
+        return session
+
+    def _evict(self, session: ClientSession) -> None:
+        self.burst_log.warning(f"preauth:{session.remote_addr}",
+                               "too many connections from %s that have not logged in: closing the oldest",
+                               session.remote_addr)  # fmt: skip
+        self.left_preauth(session)
+        session.abort()
+
+    def left_preauth(self, session: ClientSession) -> None:
+        """The session logged in or closed: it no longer counts against the pre-login caps."""
+        self._preauth_all.pop(session, None)
+        per_ip = self._preauth.get(session.remote_addr)
+        if per_ip is not None:
+            per_ip.pop(session, None)
+            if not per_ip:
+                del self._preauth[session.remote_addr]
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop accepting, tell every client GO_AWAY, let open streams finish for ``grace`` s."""
@@ -414,6 +466,60 @@ class Relayd:
         self.sessions[session.name] = session
 
     def session_closed(self, session: ClientSession) -> None:
+        self.left_preauth(session)
         self.connections.discard(session)
         if self.sessions.get(session.name) is session:
             del self.sessions[session.name]
+
+
+class _Admission(asyncio.Protocol):
+    """The first protocol of an accepted control connection: admission, then TLS, then the mux."""
+
+    def __init__(self, server: Relayd) -> None:
+        self.server = server
+
+    def connection_made(self, base_transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base_transport)
+        peer = transport.get_extra_info("peername")
+        session = self.server.admit(str(peer[0]) if peer else "?")
+        if session is None:
+            transport.abort()
+            return
+        session.accepted(transport, session_addr(peer))
+        if self.server.tls_context is None:
+            transport.set_protocol(session.mux)
+            session.mux.connection_made(transport)
+            return
+        task = asyncio.get_running_loop().create_task(self._start_tls(transport, session))
+        session.track(task)
+
+    async def _start_tls(self, transport: asyncio.Transport, session: ClientSession) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.server.config.handshake_timeout
+        try:
+            tls = await loop.start_tls(
+                transport, session.mux, cast(ssl.SSLContext, self.server.tls_context),
+                server_side=True, ssl_handshake_timeout=timeout,
+            )  # fmt: skip
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.debug("TLS handshake with %s failed: %s", session.remote_addr, exc)
+            transport.abort()
+            self.server.session_closed(session)
+            session.cancel_handshake_timer()
+            return
+        if tls is None:
+            transport.abort()
+            self.server.session_closed(session)
+            session.cancel_handshake_timer()
+            return
+        session.mux.connection_made(tls)
+
+    def data_received(self, data: bytes) -> None:
+        """start_tls takes the stream over; bytes never reach this protocol."""
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Handled by the session once TLS has started."""
+
+
+def session_addr(peer: Any) -> str:
+    return str(peer[0]) if peer else "?"

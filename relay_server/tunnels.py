@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, cast
 from shared.aio import StreamBridge, TrafficCounters
 from shared.config import PortRanges
 from shared.errors import LocalProtocolError
+from shared.limits import SourceFilter, TokenBucket
 from shared.messages import StreamOpen, TunnelSpec, encode_message
 
 if TYPE_CHECKING:
@@ -22,8 +23,14 @@ class TunnelRefused(Exception):
     """A tunnel registration that policy or the host refuses; the message is sent to relayc."""
 
 
+def min_nonzero(*values: int) -> int:
+    """The strictest of several limits where 0 means unlimited."""
+    set_values = [v for v in values if v]
+    return min(set_values) if set_values else 0
+
+
 class PublicTunnel:
-    """One tcp tunnel of one logged-in client: a listener on relayd and its counters."""
+    """One tunnel of one logged-in client: its listener (tcp), counters and limits."""
 
     def __init__(self, client: ClientSession, spec: TunnelSpec) -> None:
         self.client = client
@@ -31,7 +38,24 @@ class PublicTunnel:
         self.port = 0
         self.server: asyncio.AbstractServer | None = None
         self.counters = TrafficCounters()
-        self.visitors: set[VisitorBridge] = set()
+        self.visitors: set[StreamBridge] = set()
+        limits = client.server.config.limits
+        self.max_connections = min_nonzero(limits.max_connections_per_tunnel, spec.max_connections)
+        rate = min_nonzero(limits.bandwidth_per_tunnel, spec.bandwidth_limit)
+        self.bucket = TokenBucket(rate, asyncio.get_running_loop().time()) if rate else None
+        self.sources = SourceFilter(spec.allow_sources)
+        self.buckets = tuple(b for b in (self.bucket, client.bucket) if b is not None)
+
+    def refusal(self, visitor_ip: str) -> str | None:
+        """Why a new visitor from ``visitor_ip`` may not use this tunnel now, or None."""
+        if not self.sources.allows(visitor_ip):
+            return f"source {visitor_ip} is not in allow_sources"
+        if self.max_connections and self.counters.conns_open >= self.max_connections:
+            return f"max_connections={self.max_connections} reached"
+        client_max = self.client.server.config.limits.max_connections_per_client
+        if client_max and self.client.conns_open() >= client_max:
+            return f"client {self.client.name} reached max_connections_per_client={client_max}"
+        return None
 
     @property
     def name(self) -> str:
@@ -65,12 +89,25 @@ class VisitorBridge(StreamBridge):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
-        counters = self.tunnel.counters
-        counters.conns_open += 1
-        counters.conns_total += 1
+        tunnel = self.tunnel
         peer = transport.get_extra_info("peername")
         visitor = f"{peer[0]}:{peer[1]}" if peer else ""
-        preamble = encode_message(StreamOpen(tunnel=self.tunnel.name, visitor=visitor))
+        refusal = tunnel.refusal(str(peer[0]) if peer else "")
+        if refusal is not None:
+            tunnel.client.server.burst_log.warning(
+                f"refuse:{tunnel.client.name}:{tunnel.name}", "client %s tunnel %s: visitor %s refused: %s",
+                tunnel.client.name, tunnel.name, visitor, refusal,
+            )  # fmt: skip
+            self.counters = None
+            self.transport = transport
+            self._done = True
+            transport.abort()
+            return
+        counters = tunnel.counters
+        counters.conns_open += 1
+        counters.conns_total += 1
+        self.buckets = tunnel.buckets
+        preamble = encode_message(StreamOpen(tunnel=tunnel.name, visitor=visitor))
         try:
             if not self.mux.is_open:
                 raise LocalProtocolError("client session is closed")
@@ -80,7 +117,7 @@ class VisitorBridge(StreamBridge):
             self._done = True
             transport.abort()
             return
-        self.tunnel.visitors.add(self)
+        tunnel.visitors.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:

@@ -33,10 +33,12 @@ log = logging.getLogger(__name__)
 _STATUS_TEXT = {
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
+    503: "Service Unavailable",
 }
 
 
@@ -132,6 +134,7 @@ class VhostRouter:
 
 def _open_stream(bridge: StreamBridge, tunnel: PublicTunnel, visitor: str, first: bytes = b"") -> bool:
     """Bind ``bridge`` to ``tunnel``: open a stream to its client with the stream_open preamble."""
+    bridge.buckets = tunnel.buckets
     mux = tunnel.client.mux
     if not mux.is_open:
         return False
@@ -145,7 +148,7 @@ def _open_stream(bridge: StreamBridge, tunnel: PublicTunnel, visitor: str, first
     tunnel.counters.conns_open += 1
     tunnel.counters.conns_total += 1
     tunnel.counters.bytes_in += len(first)
-    tunnel.visitors.add(bridge)  # type: ignore[arg-type]
+    tunnel.visitors.add(bridge)
     return True
 
 
@@ -201,7 +204,7 @@ class _VhostVisitor(StreamBridge):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_timer()
         if self.tunnel is not None:
-            self.tunnel.visitors.discard(self)  # type: ignore[arg-type]
+            self.tunnel.visitors.discard(self)
             super().connection_lost(exc)
         else:
             self._done = True
@@ -286,6 +289,11 @@ class HttpVisitor(_VhostVisitor):
                 return False
             headers = [(k, v) for k, v in headers if k.lower() != "authorization"]  # not for the app
         if self.tunnel is None:
+            refusal = tunnel.refusal(self.visitor.rsplit(":", 1)[0])
+            if refusal is not None:
+                status = 403 if refusal.startswith("source") else 503
+                self._refuse(status, f"Tunnel {tunnel.name}: {refusal}.")
+                return False
             if not _open_stream(self, tunnel, self.visitor):
                 self._refuse(
                     502, f"The tunnel for {host} is offline: its client {tunnel.client.name} is not connected."
@@ -369,7 +377,9 @@ class SniVisitor(_VhostVisitor):
             return
         self._cancel_timer()
         first, self._hello = self._hello, b""
-        if not _open_stream(self, tunnel, self.visitor, first):
+        if tunnel.refusal(self.visitor.rsplit(":", 1)[0]) is not None or not _open_stream(
+            self, tunnel, self.visitor, first
+        ):
             self._refuse(0, "")
             return
         self.tunnel = tunnel

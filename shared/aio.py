@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 from shared.errors import PeerTimeoutError, RemoteProtocolError
 from shared.frames import GoAwayCode, ResetCode
+from shared.limits import TokenBucket
 from shared.messages import MessageDecoder, encode_message
 from shared.mux import (
     SEND_BUFFER_HIGH,
@@ -333,12 +334,14 @@ class StreamBridge(asyncio.Protocol):
         "_done",
         "_fin_received",
         "_fin_sent",
+        "_paused_rate",
         "_paused_session",
         "_paused_window",
         "_pending",
         "_reading_paused",
         "_unacked",
         "_write_paused",
+        "buckets",
         "counters",
         "mux",
         "stream_id",
@@ -355,6 +358,8 @@ class StreamBridge(asyncio.Protocol):
         self._write_paused = False
         self._paused_window = False
         self._paused_session = mux.write_paused if mux is not None else False
+        self._paused_rate = False
+        self.buckets: tuple[TokenBucket, ...] = ()  # bandwidth limits (tunnel, client), both directions
         self._reading_paused = False
         self._fin_sent = False
         self._fin_received = False
@@ -386,6 +391,12 @@ class StreamBridge(asyncio.Protocol):
         if self.mux.send(self.stream_id, data):
             self._paused_window = True
             self._update_reading()
+        if self.buckets:
+            delay = self._rate_delay(len(data))
+            if delay > 0:
+                self._paused_rate = True
+                self._update_reading()
+                asyncio.get_running_loop().call_later(delay, self._rate_resume)
 
     def eof_received(self) -> bool:
         if not self._done and not self._fin_sent:
@@ -428,6 +439,9 @@ class StreamBridge(asyncio.Protocol):
         transport.write(data)
         if self._write_paused:
             self._unacked += len(data)
+        elif self.buckets and (delay := self._rate_delay(len(data))) > 0:
+            # hold the credit back: the remote sender slows down to the limit
+            asyncio.get_running_loop().call_later(delay, self.mux.consume, self.stream_id, len(data))
         else:
             self.mux.consume(self.stream_id, len(data))
 
@@ -482,11 +496,19 @@ class StreamBridge(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
 
+    def _rate_delay(self, n: int) -> float:
+        now = asyncio.get_running_loop().time()
+        return max(bucket.take(n, now) for bucket in self.buckets)
+
+    def _rate_resume(self) -> None:
+        self._paused_rate = False
+        self._update_reading()
+
     def _update_reading(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        want_pause = self._paused_window or self._paused_session
+        want_pause = self._paused_window or self._paused_session or self._paused_rate
         if want_pause and not self._reading_paused:
             self._reading_paused = True
             transport.pause_reading()

@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.errors import ConfigError
+from shared.limits import parse_rate
 from shared.tls import normalize_fingerprint
 
 if sys.version_info >= (3, 11):
@@ -88,6 +89,23 @@ class PortRanges:
 
 class ServerAuth(_Strict):
     token: str = ""
+    block_after_failures: int = Field(default=10, ge=1)
+    failure_window: float = Field(default=600.0, gt=0)
+    block_seconds: float = Field(default=600.0, ge=0)
+
+
+class ServerLimits(_Strict):
+    max_preauth_per_ip: int = Field(default=32, ge=1)
+    max_preauth_total: int = Field(default=1024, ge=1)
+    max_connections_per_tunnel: int = Field(default=0, ge=0)
+    max_connections_per_client: int = Field(default=0, ge=0)
+    bandwidth_per_tunnel: int = 0
+    bandwidth_per_client: int = 0
+
+    @field_validator("bandwidth_per_tunnel", "bandwidth_per_client", mode="before")
+    @classmethod
+    def _rate(cls, v: int | str) -> int:
+        return parse_rate(v)
 
 
 class ServerTLS(_Strict):
@@ -111,6 +129,7 @@ class ServerConfig(_Strict):
     vhost_header_timeout: float = Field(default=10.0, ge=1.0, le=300.0)
     auth: ServerAuth = ServerAuth()
     tls: ServerTLS = ServerTLS()
+    limits: ServerLimits = ServerLimits()
 
     @field_validator("allow_ports")
     @classmethod
@@ -164,6 +183,25 @@ class TunnelConfig(_Strict):
     http_user: str = ""
     http_password: str = ""
     host_header_rewrite: str = ""
+    # limits, enforced by relayd (its own [limits] can only make them stricter)
+    max_connections: int = Field(default=0, ge=0)
+    bandwidth_limit: int = 0
+    allow_sources: list[str] = []
+
+    @field_validator("bandwidth_limit", mode="before")
+    @classmethod
+    def _rate(cls, v: int | str) -> int:
+        return parse_rate(v)
+
+    @field_validator("allow_sources")
+    @classmethod
+    def _sources(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an address or CIDR like 10.0.0.0/8") from None
+        return v
 
     @field_validator("subdomain")
     @classmethod

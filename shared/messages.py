@@ -181,11 +181,15 @@ class TunnelSpec(_Message):
     http_user: str = _str(0, 256, default="")
     http_password: str = _str(0, 256, default="")
     host_header_rewrite: str = _str(0, 253, default="")
+    max_connections: int = _int(0, 2**31, default=0)
+    bandwidth_limit: int = _int(0, 2**62, default=0)
+    allow_sources: tuple[str, ...] = _spec(list, default=(), max_len=64, required=False)
 
     def __post_init__(self) -> None:
         # lists arrive from JSON; keep the spec hashable and immutable
         object.__setattr__(self, "custom_domains", tuple(self.custom_domains))
         object.__setattr__(self, "locations", tuple(self.locations))
+        object.__setattr__(self, "allow_sources", tuple(self.allow_sources))
 
 
 @dataclass(frozen=True)
