@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from relay_server.tunnels import PortPolicy, PublicTunnel, TunnelRefused
 from relay_server.vhost import HttpVisitor, SniVisitor, VhostRouter
@@ -123,16 +124,15 @@ class ClientSession:
             on_go_away=self._go_away,
             on_closed=self._closed,
         )
-        self.raw_transport: asyncio.Transport | None = None
         rate = server.config.limits.bandwidth_per_client
         self.bucket = TokenBucket(rate, asyncio.get_running_loop().time()) if rate else None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._tunnel_lock = asyncio.Lock()
 
-    def accepted(self, raw_transport: asyncio.Transport, addr: str) -> None:
+    def accepted(self, conn: socket.socket, addr: str) -> None:
         """The TCP connection was admitted: start the deadline for TLS plus login."""
         self.remote_addr = addr
-        self.raw_transport = raw_transport
         self.mux.label = f"client from {addr}"
         self._handshake_timer = asyncio.get_running_loop().call_later(
             self.server.config.handshake_timeout, self._handshake_expired
@@ -142,8 +142,9 @@ class ClientSession:
         """Drop the connection now, whether TLS is finished or not."""
         if self.mux.transport is not None:
             self.mux.abort()
-        elif self.raw_transport is not None:
-            self.raw_transport.abort()
+        else:
+            for task in list(self._tasks):  # still in the TLS handshake: cancelling closes it
+                task.cancel()
 
     def conns_open(self) -> int:
         return sum(t.counters.conns_open for t in self.tunnels.values())
@@ -245,6 +246,12 @@ class ClientSession:
         self.mux.close(GoAwayCode.AUTH_FAILED)
 
     async def _add_tunnel(self, message: TunnelAdd) -> None:
+        # One at a time per session: the port policy checks (max_ports_per_client, who holds a
+        # port) must see the previous registration's result, and there is an await in between.
+        async with self._tunnel_lock:
+            await self._add_tunnel_locked(message)
+
+    async def _add_tunnel_locked(self, message: TunnelAdd) -> None:
         spec = message.tunnel
         server = self.server
         old = self.tunnels.pop(spec.name, None)
@@ -309,7 +316,8 @@ class Relayd:
         self.connections: set[ClientSession] = set()
         self.fingerprint = ""
         self.tls_context: ssl.SSLContext | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
         self.port = 0
         self.vhost_http_port = 0
         self.vhost_https_port = 0
@@ -335,14 +343,12 @@ class Relayd:
                 "TLS is disabled (tls.enable = false): traffic between relayc and relayd is readable on the path"
             )
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._accept,
-            cfg.bind_addr,
-            cfg.bind_port,
-            reuse_address=True,
-            backlog=1024,
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        family = socket.getaddrinfo(cfg.bind_addr, cfg.bind_port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.create_server((cfg.bind_addr, cfg.bind_port), family=family, backlog=1024)
+        listener.setblocking(False)
+        self._listener = listener
+        self._accept_task = loop.create_task(self._accept_loop(listener))
+        self.port = listener.getsockname()[1]
         vhost_factories: list[tuple[int, Callable[[], asyncio.Protocol], str]] = [
             (cfg.vhost_http_port, lambda: HttpVisitor(self), "http"),
             (cfg.vhost_https_port, lambda: SniVisitor(self), "https"),
@@ -367,8 +373,42 @@ class Relayd:
         if self.fingerprint:
             log.info("TLS certificate fingerprint: %s", self.fingerprint)
 
-    def _accept(self) -> asyncio.Protocol:
-        return _Admission(self)
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept control connections ourselves: the address is known before a byte is read, so
+        admission (blocked addresses, pre-login caps) happens before any TLS work."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                self.burst_log.warning("accept", "cannot accept a connection: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            session = self.admit(str(peer[0]))
+            if session is None:
+                conn.close()
+                continue
+            session.accepted(conn, str(peer[0]))
+            session.track(loop.create_task(self._handshake(conn, session)))
+
+    async def _handshake(self, conn: socket.socket, session: ClientSession) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                lambda: session.mux, sock=conn, ssl=self.tls_context,
+                ssl_handshake_timeout=self.config.handshake_timeout if self.tls_context else None,
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            if session.mux.transport is None:
+                conn.close()
+            raise
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+            log.debug("TLS handshake with %s failed: %s", session.remote_addr, exc)
+            conn.close()
+            session.cancel_handshake_timer()
+            self.session_closed(session)
 
     def admit(self, addr: str) -> ClientSession | None:
         """A TCP connection from ``addr`` arrived: None to drop it at once, else its session.
@@ -410,8 +450,10 @@ class Relayd:
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop accepting, tell every client GO_AWAY, let open streams finish for ``grace`` s."""
-        if self._server is not None:
-            self._server.close()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        if self._listener is not None:
+            self._listener.close()
         for vhost in self._vhost_servers:
             vhost.close()
         sessions = list(self.connections)
@@ -470,56 +512,3 @@ class Relayd:
         self.connections.discard(session)
         if self.sessions.get(session.name) is session:
             del self.sessions[session.name]
-
-
-class _Admission(asyncio.Protocol):
-    """The first protocol of an accepted control connection: admission, then TLS, then the mux."""
-
-    def __init__(self, server: Relayd) -> None:
-        self.server = server
-
-    def connection_made(self, base_transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, base_transport)
-        peer = transport.get_extra_info("peername")
-        session = self.server.admit(str(peer[0]) if peer else "?")
-        if session is None:
-            transport.abort()
-            return
-        session.accepted(transport, session_addr(peer))
-        if self.server.tls_context is None:
-            transport.set_protocol(session.mux)
-            session.mux.connection_made(transport)
-            return
-        task = asyncio.get_running_loop().create_task(self._start_tls(transport, session))
-        session.track(task)
-
-    async def _start_tls(self, transport: asyncio.Transport, session: ClientSession) -> None:
-        loop = asyncio.get_running_loop()
-        timeout = self.server.config.handshake_timeout
-        try:
-            tls = await loop.start_tls(
-                transport, session.mux, cast(ssl.SSLContext, self.server.tls_context),
-                server_side=True, ssl_handshake_timeout=timeout,
-            )  # fmt: skip
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
-            log.debug("TLS handshake with %s failed: %s", session.remote_addr, exc)
-            transport.abort()
-            self.server.session_closed(session)
-            session.cancel_handshake_timer()
-            return
-        if tls is None:
-            transport.abort()
-            self.server.session_closed(session)
-            session.cancel_handshake_timer()
-            return
-        session.mux.connection_made(tls)
-
-    def data_received(self, data: bytes) -> None:
-        """start_tls takes the stream over; bytes never reach this protocol."""
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        """Handled by the session once TLS has started."""
-
-
-def session_addr(peer: Any) -> str:
-    return str(peer[0]) if peer else "?"
