@@ -17,7 +17,7 @@ class Echo(asyncio.Protocol):
         self.t.write(data)
 
     def eof_received(self) -> bool:
-        self.t.write_eof()
+        self.t.close()  # the peer finished: flush the echo and close (close() writes what is buffered)
         return True
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable, Coroutine
@@ -53,8 +54,12 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
 
 
 def run(main: Coroutine[Any, Any, T], use_uvloop: bool = True) -> T:
-    """Run ``main`` on uvloop when importable, else on the default asyncio loop."""
-    if use_uvloop:
+    """Run ``main`` on uvloop when importable, else on the default asyncio loop.
+
+    ``RELAY_LOOP=asyncio`` in the environment forces the standard loop (a way out should a uvloop
+    bug bite: 0.23 aborts on transports left open after EOF both ways, which relay never does).
+    """
+    if use_uvloop and os.environ.get("RELAY_LOOP", "").lower() != "asyncio":
         try:
             import uvloop
         except ImportError:

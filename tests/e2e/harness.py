@@ -180,6 +180,10 @@ class TcpServer:
 
     def close(self) -> None:
         self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept(); close() alone would not stop listening
+        except OSError:
+            pass
         self.sock.close()
 
 
