@@ -29,7 +29,7 @@ from relay_client.dialer import IncomingStream
 from shared import __version__, auth
 from shared.aio import ControlChannel, MuxConnection, StreamHandler
 from shared.burst import BurstLog
-from shared.config import ClientConfig, TunnelConfig, resolve_path
+from shared.config import ClientConfig, TargetPolicy, TunnelConfig, resolve_path
 from shared.errors import AuthError, RelayError, RemoteProtocolError, TrustError
 from shared.frames import GoAwayCode
 from shared.messages import (
@@ -39,6 +39,9 @@ from shared.messages import (
     LoginFailed,
     LoginOk,
     TunnelAdd,
+    TunnelPush,
+    TunnelPushRefused,
+    TunnelRemove,
     TunnelSpec,
     TunnelStatus,
     encode_message,
@@ -135,6 +138,8 @@ class Relayc:
         self.config = config
         self.config_path = Path(config_path)
         self.tunnels: dict[str, TunnelSpec] = {t.name: tunnel_spec(t) for t in config.tunnels}
+        self.pushed: set[str] = set()  # names of tunnels relayd pushed (sent again after each login)
+        self.targets = TargetPolicy(config.allow_targets)
         self.burst_log = BurstLog(log)
         self.known = KnownServers(resolve_path(config_path, KNOWN_SERVERS_FILE))
         self.server_key = f"{config.server_addr}:{config.server_port}"
@@ -144,7 +149,10 @@ class Relayc:
         self.connected = asyncio.Event()
 
     def tunnel_spec(self, name: str) -> TunnelSpec | None:
-        return self.tunnels.get(name)
+        spec = self.tunnels.get(name)
+        if spec is not None and name in self.pushed and not self.targets.allows(spec.local_ip, spec.local_port):
+            return None  # checked at push time already; checked again right before any dial
+        return spec
 
     async def run(self) -> None:
         """Connect and serve forever, reconnecting with backoff after any failure."""
@@ -197,11 +205,14 @@ class Relayc:
             STEP_TIMEOUT * 2,
         )
         self._current = session
+        for name in self.pushed:
+            self.tunnels.pop(name, None)
+        self.pushed.clear()
         try:
             fingerprint = self._verify_server(session.mux)
             await self._login(session, fingerprint)
             self.connected.set()
-            for spec in self.tunnels.values():
+            for spec in list(self.tunnels.values()):
                 session.control.send(TunnelAdd(tunnel=spec))  # type: ignore[union-attr]
             while True:
                 message = await session.next_message(timeout=None)
@@ -285,6 +296,15 @@ class Relayc:
         log.info("logged in to relayd %s at %s as %r", answer.version or "?", self.server_key, cfg.name)
 
     def _on_message(self, message: Any) -> None:
+        if isinstance(message, TunnelPush):
+            self._on_push(message.tunnel)
+            return
+        if isinstance(message, TunnelRemove):
+            if message.name in self.pushed:
+                self.pushed.discard(message.name)
+                self.tunnels.pop(message.name, None)
+                log.info("tunnel %s: removed by relayd", message.name)
+            return
         if isinstance(message, TunnelStatus):
             spec = self.tunnels.get(message.name)
             if message.ok:
@@ -297,6 +317,26 @@ class Relayc:
                 log.error("tunnel %s refused by relayd: %s", message.name, message.error)
         else:
             raise RemoteProtocolError(f"unexpected {message.type} message from relayd")
+
+    def _on_push(self, spec: TunnelSpec) -> None:
+        """A tunnel defined on relayd: dial targets outside allow_targets are refused before any dial."""
+        control = self._current.control if self._current else None
+        if control is None:
+            return
+        if spec.name in self.tunnels and spec.name not in self.pushed:
+            reason = f"a tunnel named {spec.name!r} is already defined in {self.config_path.name}"
+        elif not self.targets.allows(spec.local_ip, spec.local_port):
+            reason = (f"target {spec.local_ip}:{spec.local_port} is not in allow_targets of "
+                      f"{self.config_path.name} ({', '.join(self.config.allow_targets)})")  # fmt: skip
+        else:
+            reason = ""
+        if reason:
+            log.warning("tunnel %s pushed by relayd refused: %s", spec.name, reason)
+            control.send(TunnelPushRefused(name=spec.name, error=reason))
+            return
+        self.tunnels[spec.name] = spec
+        self.pushed.add(spec.name)
+        control.send(TunnelAdd(tunnel=spec))
 
     def stop(self) -> None:
         """Stop reconnecting; tell relayd we go away and close the current session."""

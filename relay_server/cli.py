@@ -23,8 +23,37 @@ async def serve(relayd: Relayd) -> None:
     log.info("relayd stopped")
 
 
+def hash_password_command(argv: list[str]) -> int:
+    """`relayd hash-password`: read a password (twice from a terminal, once from a pipe), print its hash."""
+    import getpass
+
+    from relay_server.passwords import hash_password
+
+    if argv and argv[0] in ("-h", "--help"):
+        print(
+            "usage: relayd hash-password\n\nReads a password and prints the password_hash for relayd.toml [dashboard]."
+        )
+        return 0
+    if sys.stdin.isatty():
+        password = getpass.getpass("Dashboard password: ")
+        if password != getpass.getpass("Again: "):
+            print("relayd: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        print("relayd: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hash-password"]:
+        return hash_password_command(argv[1:])
     parser = base_parser("relayd", "relay server: accepts relayc clients and opens their public ports", "relayd.toml")
+    parser.epilog = "Also: relayd hash-password (prints a password_hash for [dashboard])."
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     config = load_or_exit("relayd", ServerConfig, args.config)

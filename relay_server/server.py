@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from relay_server.store import Store
 from relay_server.tunnels import PortPolicy, PublicTunnel, TunnelRefused
 from relay_server.vhost import HttpVisitor, SniVisitor, VhostRouter
 from shared import __version__, auth
@@ -49,6 +50,10 @@ from shared.messages import (
     LoginFailed,
     LoginOk,
     TunnelAdd,
+    TunnelPush,
+    TunnelPushRefused,
+    TunnelRemove,
+    TunnelSpec,
     TunnelStatus,
 )
 from shared.tls import ensure_self_signed, fingerprint_of_pem_file, server_context
@@ -200,10 +205,16 @@ class ClientSession:
                 self._on_login(message)
             elif isinstance(message, TunnelAdd) and self.state == "ready":
                 self._spawn(self._add_tunnel(message))
+            elif isinstance(message, TunnelPushRefused) and self.state == "ready":
+                log.warning("client %s refused pushed tunnel %s: %s", self.name, message.name, message.error)
+                self.server.refusals[(self.name, message.name)] = message.error
             else:
                 raise RemoteProtocolError(f"unexpected {message.type} message in state {self.state}")
         except RemoteProtocolError as exc:
             self.mux.fail(exc)
+
+    def send(self, message: Any) -> None:
+        self._send(message)
 
     def _send(self, message: Any) -> None:
         if self.control is not None and self.mux.is_open:
@@ -235,6 +246,7 @@ class ClientSession:
         server.register(self)
         self._send(LoginOk(proof=auth.server_proof(token, *args), version=__version__))
         log.info("client %s logged in from %s (relayc %s)", self.name, self.remote_addr, self.version or "?")
+        server.client_ready(self)
 
     async def _refuse_login(self) -> None:
         now = time.monotonic()
@@ -266,8 +278,10 @@ class ClientSession:
                 url = server.add_vhost(tunnel)
         except TunnelRefused as exc:
             log.warning("client %s tunnel %s refused: %s", self.name, spec.name, exc)
+            server.refusals[(self.name, spec.name)] = str(exc)
             self._send(TunnelStatus(name=spec.name, ok=False, error=str(exc)))
             return
+        server.refusals.pop((self.name, spec.name), None)
         if self.state != "ready":  # the session ended while we were binding
             server.release_tunnel(tunnel, client_gone=True)
             return
@@ -316,14 +330,89 @@ class Relayd:
         self.connections: set[ClientSession] = set()
         self.fingerprint = ""
         self.tls_context: ssl.SSLContext | None = None
+        self.store: Store | None = Store(self.state_dir / "relayd.db") if config.dashboard is not None else None
+        self.refusals: dict[tuple[str, str], str] = {}  # (client, tunnel) -> why it is not active
+        self._traffic_seen: dict[tuple[str, str], tuple[int, int]] = {}
+        self.dashboard: Any = None
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
+        self._traffic_task: asyncio.Task[None] | None = None
         self.port = 0
         self.vhost_http_port = 0
         self.vhost_https_port = 0
 
     def token_for(self, client_name: str) -> str | None:
+        """A client created in the dashboard logs in with its own token (none while disabled);
+        any other name with the shared ``[auth] token``."""
+        if self.store is not None:
+            row = self.store.client(client_name)
+            if row is not None:
+                return str(row["token"]) if row["enabled"] else None
         return self.config.auth.token or None
+
+    # --- dashboard support ----------------------------------------------------------------------
+
+    def client_ready(self, session: ClientSession) -> None:
+        """After login: remember it, and push the client's dashboard tunnels (again)."""
+        if self.store is None:
+            return
+        if self.store.client(session.name) is not None:
+            self.store.touch_client(session.name, session.remote_addr, session.version)
+        for row in self.store.tunnels(session.name):
+            if row["enabled"]:
+                session.send(TunnelPush(tunnel=spec_of(row)))
+
+    def push_tunnel(self, row: dict[str, Any]) -> None:
+        session = self.sessions.get(row["client"])
+        if session is not None and session.state == "ready":
+            session.send(TunnelPush(tunnel=spec_of(row)))
+
+    def unpush_tunnel(self, client: str, name: str) -> None:
+        self.refusals.pop((client, name), None)
+        session = self.sessions.get(client)
+        if session is None:
+            return
+        tunnel = session.tunnels.pop(name, None)
+        if tunnel is not None:
+            self.release_tunnel(tunnel, client_gone=False)
+        session.send(TunnelRemove(name=name))
+
+    def kick(self, client: str) -> bool:
+        session = self.sessions.get(client)
+        if session is None:
+            return False
+        log.info("client %s: kicked by the operator", client)
+        session.mux.close(GoAwayCode.KICKED)
+        return True
+
+    def snapshot_traffic(self) -> list[tuple[str, str, int, int]]:
+        """Byte deltas per tunnel since the last snapshot (for the traffic buckets)."""
+        rows = []
+        for session in self.sessions.values():
+            for t in session.tunnels.values():
+                key = (session.name, t.name)
+                last_in, last_out = self._traffic_seen.get(key, (0, 0))
+                c = t.counters
+                if c.bytes_in < last_in or c.bytes_out < last_out:  # a new listener: counters restarted
+                    last_in = last_out = 0
+                if c.bytes_in != last_in or c.bytes_out != last_out:
+                    rows.append((session.name, t.name, c.bytes_in - last_in, c.bytes_out - last_out))
+                self._traffic_seen[key] = (c.bytes_in, c.bytes_out)
+        return rows
+
+    async def _record_traffic_loop(self) -> None:
+        assert self.store is not None
+        while True:
+            now = time.time()
+            await asyncio.sleep(60 - now % 60 + 0.05)
+            self.flush_traffic()
+
+    def flush_traffic(self) -> None:
+        if self.store is not None:
+            rows = self.snapshot_traffic()
+            if rows:
+                now = int(time.time())
+                self.store.record_traffic(now - now % 60, rows)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -372,6 +461,12 @@ class Relayd:
         )
         if self.fingerprint:
             log.info("TLS certificate fingerprint: %s", self.fingerprint)
+        if cfg.dashboard is not None:
+            from relay_server.dashboard.app import Dashboard  # FastAPI is only imported when used
+
+            self.dashboard = Dashboard(self, cfg.dashboard)
+            await self.dashboard.start()
+            self._traffic_task = loop.create_task(self._record_traffic_loop())
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         """Accept control connections ourselves: the address is known before a byte is read, so
@@ -456,6 +551,11 @@ class Relayd:
             self._listener.close()
         for vhost in self._vhost_servers:
             vhost.close()
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+        if self._traffic_task is not None:
+            self._traffic_task.cancel()
+            self.flush_traffic()
         sessions = list(self.connections)
         for s in sessions:
             for tunnel in list(s.tunnels.values()):
@@ -512,3 +612,11 @@ class Relayd:
         self.connections.discard(session)
         if self.sessions.get(session.name) is session:
             del self.sessions[session.name]
+
+
+def spec_of(row: dict[str, Any]) -> TunnelSpec:
+    """The wire form of a dashboard tunnel row."""
+    return TunnelSpec(
+        name=row["name"], kind=row["type"], local_ip=row["local_ip"], local_port=row["local_port"],
+        remote_port=row["remote_port"], subdomain=row["subdomain"], custom_domains=tuple(row["custom_domains"]),
+    )  # fmt: skip

@@ -114,6 +114,24 @@ class ServerTLS(_Strict):
     key_file: str = ""
 
 
+WEAK_PASSWORDS = frozenset(
+    {"admin", "123", "1234", "12345", "123456", "12345678", "password", "passw0rd", "root", "relay",
+     "changeme", "change-me", "secret", "test", "guest", "qwerty", "letmein", "default", "...",
+     "example-dashboard-password"}
+)  # fmt: skip
+
+
+class DashboardConfig(_Strict):
+    addr: str = "127.0.0.1"
+    port: int = Field(default=7500, ge=0, le=65535)
+    user: str = "admin"
+    password: str = ""
+    password_hash: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    metrics_public: bool = False
+
+
 class ServerConfig(_Strict):
     bind_addr: str = "127.0.0.1"
     bind_port: int = Field(default=7000, ge=0, le=65535)
@@ -130,6 +148,7 @@ class ServerConfig(_Strict):
     auth: ServerAuth = ServerAuth()
     tls: ServerTLS = ServerTLS()
     limits: ServerLimits = ServerLimits()
+    dashboard: DashboardConfig | None = None  # on when the [dashboard] table is present
 
     @field_validator("allow_ports")
     @classmethod
@@ -168,6 +187,52 @@ class ClientTLS(_Strict):
     @classmethod
     def _fp(cls, v: str) -> str:
         return normalize_fingerprint(v) if v else ""
+
+
+class TargetPolicy:
+    """Which local targets relayc may dial for tunnels pushed by relayd (``allow_targets``).
+
+    Entries: a host (``"localhost"``, ``"10.1.2.3"``), ``host:port`` (``"gpu-box:8888"``,
+    ``"[::1]:22"``) or a CIDR (``"10.0.0.0/8"``).  Matching is on the names as written: relayc
+    does not resolve a pushed host name to compare it with a CIDR.
+    """
+
+    def __init__(self, entries: list[str]) -> None:
+        self.hosts: set[str] = set()
+        self.host_ports: set[tuple[str, int]] = set()
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for raw in entries:
+            entry = raw.strip().lower()
+            if "/" in entry:
+                try:
+                    self.networks.append(ipaddress.ip_network(entry, strict=False))
+                except ValueError:
+                    raise ValueError(f"{raw!r} is not a valid CIDR") from None
+                continue
+            host, port = entry, None
+            if entry.startswith("["):
+                host, _, rest = entry[1:].partition("]")
+                port = rest[1:] if rest.startswith(":") else None
+            elif entry.count(":") == 1:
+                host, port = entry.split(":")
+            if not host:
+                raise ValueError(f"{raw!r} has no host")
+            if port is None:
+                self.hosts.add(host)
+            elif port.isdigit() and 1 <= int(port) <= 65535:
+                self.host_ports.add((host, int(port)))
+            else:
+                raise ValueError(f"{raw!r}: port must be 1-65535")
+
+    def allows(self, host: str, port: int) -> bool:
+        h = host.strip().lower().strip("[]")
+        if h in self.hosts or (h, port) in self.host_ports:
+            return True
+        try:
+            ip = ipaddress.ip_address(h)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.networks)
 
 
 class TunnelConfig(_Strict):
@@ -239,7 +304,15 @@ class ClientConfig(_Strict):
     keepalive_timeout: float = Field(default=30.0, ge=1.0, le=600.0)
     auth: ClientAuth = ClientAuth()
     tls: ClientTLS = ClientTLS()
+    allow_targets: list[str] = ["127.0.0.1", "::1", "localhost"]
     tunnels: list[TunnelConfig] = []
+
+    @field_validator("allow_targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            TargetPolicy([entry])
+        return v
 
     @field_validator("name")
     @classmethod
@@ -342,12 +415,33 @@ def _check_semantics(cfg: ServerConfig | ClientConfig, path: str) -> None:
             "empty: set a long random secret, e.g. the output of "
             "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
         )
+    if cfg.dashboard is not None:
+        _check_dashboard(cfg.dashboard, path)
     if not is_loopback(cfg.bind_addr) and cfg.auth.token in EXAMPLE_TOKENS:
         raise ConfigError(
             path,
             "auth.token",
             f"is the example token while bind_addr is {cfg.bind_addr!r}: anyone could log in; set your own secret",
         )
+
+
+def _check_dashboard(dash: DashboardConfig, path: str) -> None:
+    if not dash.password and not dash.password_hash:
+        raise ConfigError(path, "dashboard.password", "empty: the dashboard never runs without a password "
+                          "(set password, or password_hash made by `relayd hash-password`)")  # fmt: skip
+    if dash.password and dash.password_hash:
+        raise ConfigError(path, "dashboard.password_hash", "set password or password_hash, not both")
+    if dash.password_hash and not dash.password_hash.startswith("scrypt$"):
+        raise ConfigError(path, "dashboard.password_hash", "not a hash made by `relayd hash-password`")
+    if (
+        dash.password
+        and not is_loopback(dash.addr)
+        and (dash.password.lower() in WEAK_PASSWORDS or len(dash.password) < 8)
+    ):
+        raise ConfigError(path, "dashboard.password", f"too weak for a dashboard on {dash.addr!r} (a well-known "
+                          "or short password): use a long random one, or keep addr on 127.0.0.1")  # fmt: skip
+    if bool(dash.tls_cert_file) != bool(dash.tls_key_file):
+        raise ConfigError(path, "dashboard.tls_key_file", "tls_cert_file and tls_key_file must be given together")
 
 
 def _check_tunnel_kind(t: TunnelConfig, key: str, path: str) -> None:

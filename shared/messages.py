@@ -213,6 +213,32 @@ class TunnelStatus(_Message):
 
 
 @dataclass(frozen=True)
+class TunnelPush(_Message):
+    """relayd -> relayc: a tunnel defined in the dashboard; relayc checks allow_targets, then
+    registers it with tunnel_add (or answers tunnel_push_refused)."""
+
+    type: ClassVar[str] = "tunnel_push"
+    tunnel: TunnelSpec = _spec(TunnelSpec)  # noqa: RUF009 - _spec returns a dataclasses.field
+
+
+@dataclass(frozen=True)
+class TunnelPushRefused(_Message):
+    """relayc -> relayd: a pushed tunnel was refused before any dial; ``error`` says why."""
+
+    type: ClassVar[str] = "tunnel_push_refused"
+    name: str = _str(1, 128)
+    error: str = _str(0, 4096, default="")
+
+
+@dataclass(frozen=True)
+class TunnelRemove(_Message):
+    """relayd -> relayc: forget a pushed tunnel (deleted or disabled in the dashboard)."""
+
+    type: ClassVar[str] = "tunnel_remove"
+    name: str = _str(1, 128)
+
+
+@dataclass(frozen=True)
 class StreamOpen(_Message):
     """relayd -> relayc, the first message on every stream relayd opens for a visitor."""
 
@@ -222,7 +248,20 @@ class StreamOpen(_Message):
 
 
 MESSAGE_CLASSES: Final[dict[str, type[_Message]]] = {
-    cls.type: cls for cls in (Hello, Challenge, Login, LoginOk, LoginFailed, TunnelAdd, TunnelStatus, StreamOpen)
+    cls.type: cls
+    for cls in (
+        Hello,
+        Challenge,
+        Login,
+        LoginOk,
+        LoginFailed,
+        TunnelAdd,
+        TunnelStatus,
+        TunnelPush,
+        TunnelPushRefused,
+        TunnelRemove,
+        StreamOpen,
+    )
 }
 MESSAGE_TYPES: Final = frozenset(MESSAGE_CLASSES)
 

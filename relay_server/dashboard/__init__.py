@@ -1,0 +1,1 @@
+"""relayd's browser dashboard and JSON API (FastAPI), imported only when [dashboard] is configured."""

@@ -1,0 +1,512 @@
+"""The dashboard: a FastAPI app served by uvicorn inside relayd's own event loop.
+
+It reads the data plane (sessions, tunnels, counters) and the store, and changes them only
+through ``Relayd`` methods; the data plane never imports this module.
+
+Authentication, on every route but the login form and static files:
+  * browsers: a session cookie from the login form (HttpOnly, SameSite=Strict, Secure over TLS);
+    state-changing requests must also carry the session's CSRF token in ``X-CSRF-Token``;
+  * scripts: HTTP Basic with the dashboard user and password, or ``Authorization: Bearer <token>``
+    with the API token relayd keeps in ``state_dir/dashboard_api_token``.
+Failed logins are answered more slowly, per address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field, field_validator
+
+from relay_server.passwords import verify_password
+from relay_server.server import LoginGuard
+from relay_server.store import Conflict
+from shared.config import check_domain, is_loopback, resolve_path
+
+if TYPE_CHECKING:
+    from relay_server.server import Relayd
+    from shared.config import DashboardConfig
+
+log = logging.getLogger("relayd.dashboard")
+STATIC = Path(__file__).parent / "static"
+SESSION_COOKIE = "relay_session"
+SESSION_TTL = 12 * 3600
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ClientIn(BaseModel):
+    name: str = Field(pattern=_NAME, description="unique client name, as relayc.toml's name")
+
+
+class ClientPatch(BaseModel):
+    enabled: bool
+
+
+class TunnelIn(BaseModel):
+    client: str = Field(pattern=_NAME)
+    name: str = Field(pattern=_NAME)
+    type: Literal["tcp", "http"] = "tcp"
+    local_ip: str = Field(default="127.0.0.1", min_length=1, max_length=255)
+    local_port: int = Field(ge=1, le=65535)
+    remote_port: int = Field(default=0, ge=0, le=65535)
+    subdomain: str = ""
+    custom_domains: list[str] = []
+
+    @field_validator("subdomain")
+    @classmethod
+    def _subdomain(cls, v: str) -> str:
+        if v and not re.match(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", v.lower()):
+            raise ValueError("must be one DNS label")
+        return v.lower()
+
+    @field_validator("custom_domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        return [check_domain(d) for d in v]
+
+
+class TunnelPatch(BaseModel):
+    enabled: bool
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handling: relayd owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Dashboard:
+    def __init__(self, relayd: Relayd, config: DashboardConfig) -> None:
+        self.relayd = relayd
+        self.config = config
+        self.store = relayd.store
+        assert self.store is not None
+        self.guard = LoginGuard(window=600, block_after=30, block_for=300)
+        self.sessions: dict[str, tuple[float, str]] = {}  # cookie -> (expiry, csrf token)
+        token_file = relayd.state_dir / "dashboard_api_token"
+        if not token_file.exists():
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+        self.api_token = token_file.read_text().strip()
+        self.token_file = token_file
+        self.app = self._build_app()
+        self.server: _EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        cert = str(resolve_path(self.relayd.config_path, cfg.tls_cert_file)) if cfg.tls_cert_file else None
+        key = str(resolve_path(self.relayd.config_path, cfg.tls_key_file)) if cfg.tls_key_file else None
+        uv_config = uvicorn.Config(
+            self.app, host=cfg.addr, port=cfg.port, log_level="warning", access_log=False, lifespan="off",
+            ssl_certfile=cert, ssl_keyfile=key, server_header=False, proxy_headers=False,
+        )  # fmt: skip
+        self.server = _EmbeddedServer(uv_config)
+        self._task = asyncio.get_running_loop().create_task(self.server.serve())
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()  # raises the startup error (port in use...)
+                raise OSError(f"dashboard could not start on {cfg.addr}:{cfg.port}")
+            await asyncio.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        scheme = "https" if cert else "http"
+        log.info("dashboard on %s://%s:%d (user %s; API token in %s)", scheme, cfg.addr, self.port, cfg.user,
+                 self.token_file)  # fmt: skip
+        if not is_loopback(cfg.addr) and not cert:
+            log.warning("the dashboard listens on %s without TLS: passwords cross the network in clear", cfg.addr)
+
+    async def stop(self) -> None:
+        if self.server is not None and self._task is not None:
+            self.server.should_exit = True
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._task, 5)
+
+    # --- auth -----------------------------------------------------------------------------------
+
+    def _password_ok(self, user: str, password: str) -> bool:
+        cfg = self.config
+        user_ok = hmac.compare_digest(user.encode(), cfg.user.encode())
+        if cfg.password_hash:
+            pw_ok = verify_password(password, cfg.password_hash)
+        else:
+            pw_ok = hmac.compare_digest(password.encode(), cfg.password.encode())
+        return user_ok and pw_ok
+
+    async def _failed(self, request: Request) -> None:
+        addr = request.client.host if request.client else "?"
+        delay = self.guard.record_failure(addr, time.monotonic())
+        await asyncio.sleep(min(delay, 4.0))
+
+    async def require_auth(self, request: Request) -> str:
+        """Dependency: returns how the caller authenticated ("cookie", "basic", "bearer")."""
+        header = request.headers.get("authorization", "")
+        if header[:7].lower() == "bearer ":
+            if hmac.compare_digest(header[7:].strip().encode(), self.api_token.encode()):
+                return "bearer"
+            await self._failed(request)
+            raise HTTPException(401, "invalid API token", headers={"WWW-Authenticate": "Bearer"})
+        if header[:6].lower() == "basic ":
+            try:
+                user, _, password = base64.b64decode(header[6:].strip()).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                user, password = "", ""
+            if self._password_ok(user, password):
+                return "basic"
+            await self._failed(request)
+            raise HTTPException(401, "wrong user or password", headers={"WWW-Authenticate": 'Basic realm="relayd"'})
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        entry = self.sessions.get(cookie)
+        if entry is not None and entry[0] > time.time():
+            if request.method not in ("GET", "HEAD", "OPTIONS"):
+                sent = request.headers.get("x-csrf-token", "")
+                if not hmac.compare_digest(sent.encode(), entry[1].encode()):
+                    raise HTTPException(403, "missing or wrong X-CSRF-Token")
+            return "cookie"
+        raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": 'Basic realm="relayd"'})
+
+    # --- the app --------------------------------------------------------------------------------
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="relayd dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+        auth = Depends(self.require_auth)
+        relayd = self.relayd
+        store = self.store
+        assert store is not None
+
+        @app.exception_handler(Conflict)
+        async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
+            return JSONResponse({"detail": str(exc)}, status_code=409)
+
+        @app.exception_handler(HTTPException)
+        async def _http(request: Request, exc: HTTPException) -> Response:
+            if exc.status_code == 401 and request.url.path in ("/", "/clients", "/tunnels"):
+                return RedirectResponse("/login", status_code=303)
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+        @app.get("/login", include_in_schema=False)
+        async def login_page() -> HTMLResponse:
+            return HTMLResponse((STATIC / "login.html").read_text())
+
+        @app.post("/login", include_in_schema=False)
+        async def login(request: Request) -> Response:
+            # a urlencoded form of two fields: parsed here rather than with python-multipart
+            form = urllib.parse.parse_qs((await request.body())[:8192].decode("utf-8", "replace"))
+            user, password = form.get("user", [""])[0], form.get("password", [""])[0]
+            addr = request.client.host if request.client else "?"
+            if self.guard.is_blocked(addr, time.monotonic()) or not self._password_ok(user, password):
+                await self._failed(request)
+                return RedirectResponse("/login?failed=1", status_code=303)
+            self.guard.record_success(addr)
+            cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+            self.sessions[cookie] = (time.time() + SESSION_TTL, csrf)
+            resp = RedirectResponse("/", status_code=303)
+            resp.set_cookie(SESSION_COOKIE, cookie, httponly=True, samesite="strict",
+                            secure=bool(self.config.tls_cert_file), max_age=SESSION_TTL)  # fmt: skip
+            return resp
+
+        @app.post("/logout", include_in_schema=False)
+        async def logout(request: Request, _: str = auth) -> Response:
+            self.sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
+            resp = RedirectResponse("/login", status_code=303)
+            resp.delete_cookie(SESSION_COOKIE)
+            return resp
+
+        @app.get("/", include_in_schema=False)
+        @app.get("/clients", include_in_schema=False)
+        @app.get("/tunnels", include_in_schema=False)
+        async def index(request: Request, _: str = auth) -> HTMLResponse:
+            entry = self.sessions.get(request.cookies.get(SESSION_COOKIE, ""))
+            csrf = entry[1] if entry else ""
+            html = (STATIC / "index.html").read_text().replace("{{CSRF}}", csrf)
+            return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi(_: str = auth) -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs(_: str = auth) -> HTMLResponse:
+            return HTMLResponse((STATIC / "docs.html").read_text())
+
+        # --- JSON API ---------------------------------------------------------------------------
+
+        @app.get("/api/v1/overview")
+        async def overview(_: str = auth) -> dict[str, Any]:
+            tunnels = self.tunnel_list()
+            return {
+                "clients_online": len(relayd.sessions),
+                "clients_total": len({c["name"] for c in store.clients()} | set(relayd.sessions)),
+                "tunnels_active": sum(1 for t in tunnels if t["status"] == "active"),
+                "tunnels_total": len(tunnels),
+                "conns_open": sum(t["conns_open"] for t in tunnels),
+                "bytes_in": sum(t["bytes_in"] for t in tunnels),
+                "bytes_out": sum(t["bytes_out"] for t in tunnels),
+                "fingerprint": relayd.fingerprint,
+            }
+
+        @app.get("/api/v1/clients")
+        async def clients(_: str = auth) -> list[dict[str, Any]]:
+            return self.client_list()
+
+        @app.post("/api/v1/clients", status_code=201)
+        async def create_client(body: ClientIn, request: Request, _: str = auth) -> dict[str, Any]:
+            if body.name in relayd.sessions and store.client(body.name) is None:
+                raise Conflict(f"client {body.name!r} is connected with the shared token; pick another name")
+            token = store.create_client(body.name)
+            return {"name": body.name, "token": token, "relayc_toml": self.relayc_toml(body.name, token, request),
+                    "created": time.time()}  # fmt: skip
+
+        @app.patch("/api/v1/clients/{name}")
+        async def patch_client(name: str, body: ClientPatch, _: str = auth) -> dict[str, Any]:
+            self._client_or_404(name)
+            store.set_client_enabled(name, body.enabled)
+            if not body.enabled:
+                relayd.kick(name)
+            return self._client_or_404(name)
+
+        @app.post("/api/v1/clients/{name}/rotate")
+        async def rotate(name: str, request: Request, _: str = auth) -> dict[str, Any]:
+            if store.client(name) is None:
+                raise HTTPException(404, f"client {name!r} was not created in the dashboard")
+            token = store.rotate_token(name)
+            relayd.kick(name)
+            return {"name": name, "token": token, "relayc_toml": self.relayc_toml(name, token, request)}
+
+        @app.post("/api/v1/clients/{name}/kick")
+        async def kick(name: str, _: str = auth) -> dict[str, Any]:
+            if not relayd.kick(name):
+                raise HTTPException(404, f"client {name!r} is not connected")
+            return {"name": name, "kicked": True}
+
+        @app.delete("/api/v1/clients/{name}", status_code=204)
+        async def delete_client(name: str, _: str = auth) -> Response:
+            if store.client(name) is None:
+                raise HTTPException(404, f"client {name!r} was not created in the dashboard")
+            for t in store.tunnels(name):
+                relayd.unpush_tunnel(name, t["name"])
+            store.delete_client(name)
+            relayd.kick(name)
+            return Response(status_code=204)
+
+        @app.get("/api/v1/tunnels")
+        async def tunnels(_: str = auth) -> list[dict[str, Any]]:
+            return self.tunnel_list()
+
+        @app.post("/api/v1/tunnels", status_code=201)
+        async def create_tunnel(body: TunnelIn, _: str = auth) -> dict[str, Any]:
+            if store.client(body.client) is None and body.client not in relayd.sessions:
+                raise HTTPException(404, f"client {body.client!r} does not exist")
+            session = relayd.sessions.get(body.client)
+            if session is not None and body.name in session.tunnels and store.tunnel(body.client, body.name) is None:
+                raise Conflict(f"client {body.client!r} already has a tunnel named {body.name!r} (from relayc.toml)")
+            if body.type == "tcp" and body.remote_port:
+                if body.remote_port not in relayd.ports.allowed:
+                    raise HTTPException(422, [{"loc": ["body", "remote_port"], "type": "value_error",
+                                               "msg": f"{body.remote_port} is not in allow_ports "
+                                                      f"({relayd.ports.allowed.text})"}])  # fmt: skip
+                holder = relayd.ports.holders.get(body.remote_port)
+                if holder is not None:
+                    raise Conflict(f"port {body.remote_port} is already used by client {holder.client.name!r} "
+                                   f"tunnel {holder.name!r}")  # fmt: skip
+            if body.type == "http" and not body.subdomain and not body.custom_domains:
+                raise HTTPException(422, [{"loc": ["body", "subdomain"], "type": "value_error",
+                                           "msg": "an http tunnel needs subdomain or custom_domains"}])  # fmt: skip
+            row = body.model_dump()
+            store.add_tunnel(row)
+            saved = store.tunnel(body.client, body.name)
+            assert saved is not None
+            relayd.push_tunnel(saved)
+            return self._tunnel_item(saved)
+
+        @app.patch("/api/v1/tunnels/{client}/{name}")
+        async def patch_tunnel(client: str, name: str, body: TunnelPatch, _: str = auth) -> dict[str, Any]:
+            row = store.tunnel(client, name)
+            if row is None:
+                raise HTTPException(404, f"no dashboard tunnel {client}/{name}")
+            store.set_tunnel_enabled(client, name, body.enabled)
+            if body.enabled:
+                relayd.push_tunnel({**row, "enabled": True})
+            else:
+                relayd.unpush_tunnel(client, name)
+            saved = store.tunnel(client, name)
+            assert saved is not None
+            return self._tunnel_item(saved)
+
+        @app.delete("/api/v1/tunnels/{client}/{name}", status_code=204)
+        async def delete_tunnel(client: str, name: str, _: str = auth) -> Response:
+            if store.tunnel(client, name) is None:
+                raise HTTPException(404, f"no dashboard tunnel {client}/{name}")
+            store.delete_tunnel(client, name)
+            relayd.unpush_tunnel(client, name)
+            return Response(status_code=204)
+
+        @app.get("/api/v1/traffic")
+        async def traffic(client: str = "", tunnel: str = "", since: float = 0, _: str = auth) -> dict[str, Any]:
+            relayd.flush_traffic()
+            return store.traffic(client, tunnel, since)
+
+        @app.get("/metrics", response_class=PlainTextResponse)
+        async def metrics(request: Request) -> PlainTextResponse:
+            if not self.config.metrics_public:
+                await self.require_auth(request)
+            return PlainTextResponse(self.metrics_text(), media_type="text/plain; version=0.0.4")
+
+        return app
+
+    # --- views of the data plane ---------------------------------------------------------------
+
+    def _client_or_404(self, name: str) -> dict[str, Any]:
+        for c in self.client_list():
+            if c["name"] == name:
+                return c
+        raise HTTPException(404, f"client {name!r} does not exist")
+
+    def client_list(self) -> list[dict[str, Any]]:
+        assert self.store is not None
+        out: dict[str, dict[str, Any]] = {}
+        for row in self.store.clients():
+            out[row["name"]] = {
+                "name": row["name"], "created": row["created"], "last_seen": row["last_seen"],
+                "remote_addr": row["remote_addr"], "version": row["version"], "enabled": bool(row["enabled"]),
+                "online": False, "source": "dashboard",
+            }  # fmt: skip
+        for name, s in self.relayd.sessions.items():
+            item = out.setdefault(name, {"name": name, "created": None, "enabled": True, "source": "config"})
+            item.update(online=True, remote_addr=s.remote_addr, version=s.version, last_seen=time.time())
+        return sorted(out.values(), key=lambda c: c["name"])
+
+    def _tunnel_item(self, row: dict[str, Any]) -> dict[str, Any]:
+        for t in self.tunnel_list():
+            if t["client"] == row["client"] and t["name"] == row["name"]:
+                return t
+        raise HTTPException(404, "tunnel vanished")
+
+    def tunnel_list(self) -> list[dict[str, Any]]:
+        relayd = self.relayd
+        assert self.store is not None
+        rows = {(r["client"], r["name"]): r for r in self.store.tunnels()}
+        out: list[dict[str, Any]] = []
+        seen: set[tuple[str, str]] = set()
+        for cname, session in relayd.sessions.items():
+            for t in session.tunnels.values():
+                key = (cname, t.name)
+                seen.add(key)
+                spec = t.spec
+                out.append({
+                    "client": cname, "name": t.name, "type": spec.kind, "local_ip": spec.local_ip,
+                    "local_port": spec.local_port, "remote_port": t.port, "subdomain": spec.subdomain,
+                    "custom_domains": list(spec.custom_domains),
+                    "source": "dashboard" if key in rows else "client", "status": "active",
+                    "enabled": True, "public": self._public(spec.kind, t.port, spec.subdomain, spec.custom_domains),
+                    **t.counters.as_dict(),
+                })  # fmt: skip
+        for key, r in rows.items():
+            if key in seen:
+                continue
+            if not r["enabled"]:
+                status = "disabled"
+            elif key in relayd.refusals:
+                status = f"refused: {relayd.refusals[key]}"
+            elif r["client"] not in relayd.sessions:
+                status = "client offline"
+            else:
+                status = "pending"
+            out.append({
+                "client": r["client"], "name": r["name"], "type": r["type"], "local_ip": r["local_ip"],
+                "local_port": r["local_port"], "remote_port": r["remote_port"], "subdomain": r["subdomain"],
+                "custom_domains": r["custom_domains"], "source": "dashboard", "status": status,
+                "enabled": r["enabled"], "public": "", "bytes_in": 0, "bytes_out": 0, "conns_open": 0,
+                "conns_total": 0,
+            })  # fmt: skip
+        for key, reason in relayd.refusals.items():
+            if key not in seen and key not in rows:
+                out.append({"client": key[0], "name": key[1], "type": "?", "local_ip": "", "local_port": 0,
+                            "remote_port": 0, "subdomain": "", "custom_domains": [], "source": "client",
+                            "status": f"refused: {reason}", "enabled": True, "public": "", "bytes_in": 0,
+                            "bytes_out": 0, "conns_open": 0, "conns_total": 0})  # fmt: skip
+        return sorted(out, key=lambda t: (t["client"], t["name"]))
+
+    def _public(self, kind: str, port: int, subdomain: str, domains: tuple[str, ...]) -> str:
+        cfg = self.relayd.config
+        if kind == "tcp":
+            return f"{cfg.public_bind_addr}:{port}"
+        names = ([f"{subdomain}.{cfg.subdomain_host}"] if subdomain and cfg.subdomain_host else []) + list(domains)
+        default = 80 if kind == "http" else 443
+        return ", ".join(f"{kind}://{n}" + ("" if port == default else f":{port}") for n in names)
+
+    def relayc_toml(self, name: str, token: str, request: Request) -> str:
+        cfg = self.relayd.config
+        server = cfg.bind_addr
+        if server in ("0.0.0.0", "::"):
+            host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
+            server = host if host and not is_loopback(host) else "YOUR-VM-ADDRESS"
+        lines = [
+            "# relayc.toml made by the relayd dashboard",
+            f'server_addr = "{server}"',
+            f"server_port = {self.relayd.port}",
+            f'name = "{name}"',
+            "",
+            "[auth]",
+            f'token = "{token}"',
+            "",
+            "[tls]",
+            "enable = true" if self.relayd.fingerprint else "enable = false",
+        ]
+        if self.relayd.fingerprint:
+            lines.append(f'server_fingerprint = "{self.relayd.fingerprint}"')
+        lines += ["", "# Tunnels can be added here, or in the dashboard without touching this machine again."]
+        return "\n".join(lines) + "\n"
+
+    def metrics_text(self) -> str:
+        tunnels = self.tunnel_list()
+
+        def esc(v: str) -> str:
+            return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+        out = [
+            "# HELP relay_clients_online Clients with a live session.",
+            "# TYPE relay_clients_online gauge",
+            f"relay_clients_online {len(self.relayd.sessions)}",
+            "# HELP relay_tunnels Tunnels known, by status.",
+            "# TYPE relay_tunnels gauge",
+            f'relay_tunnels{{status="active"}} {sum(1 for t in tunnels if t["status"] == "active")}',
+            f'relay_tunnels{{status="inactive"}} {sum(1 for t in tunnels if t["status"] != "active")}',
+            "# HELP relay_connections_open Open visitor connections.",
+            "# TYPE relay_connections_open gauge",
+            f"relay_connections_open {sum(t['conns_open'] for t in tunnels)}",
+        ]
+        for metric, field_name, help_text in (
+            ("relay_tunnel_bytes_in_total", "bytes_in", "Bytes from visitors to the lab side."),
+            ("relay_tunnel_bytes_out_total", "bytes_out", "Bytes from the lab side to visitors."),
+            ("relay_tunnel_connections_total", "conns_total", "Visitor connections accepted."),
+            ("relay_tunnel_connections_open", "conns_open", "Visitor connections open."),
+        ):
+            kind = "gauge" if field_name == "conns_open" else "counter"
+            out += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+            for t in tunnels:
+                if t["status"] == "active":
+                    out.append(f'{metric}{{client="{esc(t["client"])}",tunnel="{esc(t["name"])}"}} {t[field_name]}')
+        return "\n".join(out) + "\n"
