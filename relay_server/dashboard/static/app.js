@@ -29,8 +29,8 @@ function ago(ts) {
 function esc(s) { return String(s).replace(/[&<>"']/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c])); }
 
 function chart(points, step, since, w = 600, h = 160) {
-  const n = Math.max(1, Math.round((Date.now() / 1000 - since) / step));
   const start = Math.floor(since / step) * step;
+  const n = Math.floor((Date.now() / 1000 - start) / step) + 1;  // up to and including the current bucket
   const ins = new Array(n).fill(0), outs = new Array(n).fill(0);
   for (const p of points) { const i = Math.floor((p.ts - start) / step); if (i >= 0 && i < n) { ins[i] += p.bytes_in; outs[i] += p.bytes_out; } }
   const max = Math.max(1, ...ins, ...outs);

@@ -1,0 +1,108 @@
+"""A real browser (Playwright driving Debian's chromium) through the dashboard's main flow.
+
+Screenshots of each page go to $RELAY_SCREENSHOTS when set (docs/screenshots for the README),
+else to the test's temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import Proc, TcpServer, echo_handler, free_port, relayd_config, wait_port_serves
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PASSWORD = "a-long-dashboard-password"
+
+if CHROMIUM is None and os.environ.get("CI"):
+    raise RuntimeError("CI must install Debian's chromium for the browser tests (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.stop(signal.SIGKILL)
+
+
+def test_login_add_client_add_tunnel_watch_bytes_grow(tmp_path: Path, procs: list[Proc]) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = Path(os.environ.get("RELAY_SCREENSHOTS", str(tmp_path)))
+    shots.mkdir(parents=True, exist_ok=True)
+    echo = TcpServer(echo_handler)
+    port, dash, public = free_port(), free_port(), free_port()
+    d = Proc("relay_server.cli", relayd_config(tmp_path, port, dashboard={"port": dash, "password": PASSWORD}))
+    procs.append(d)
+    d.wait_for("dashboard on")
+    base = f"http://127.0.0.1:{dash}"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],  # fmt: skip
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        # signing in
+        page.goto(base + "/")
+        expect(page).to_have_url(re.compile(r"/login$"))
+        page.screenshot(path=str(shots / "login.png"))
+        page.fill("#user", "admin")
+        page.fill("#password", "wrong-password")
+        page.click("#sign-in")
+        expect(page.locator("#failed")).to_be_visible()
+        page.fill("#user", "admin")
+        page.fill("#password", PASSWORD)
+        page.click("#sign-in")
+        expect(page.locator("#ov-clients")).to_have_text("0 / 0")
+        # adding a client: its ready-made relayc.toml is shown once
+        page.click("#nav-clients")
+        page.fill("#client-name", "lab-gpu-01")
+        page.click("#add-client-btn")
+        toml = page.locator("#new-client-toml")
+        expect(toml).to_contain_text('name = "lab-gpu-01"')
+        expect(toml).to_contain_text("server_fingerprint")
+        (tmp_path / "relayc.toml").write_text(toml.inner_text())
+        relayc = Proc("relay_client.cli", tmp_path / "relayc.toml")
+        procs.append(relayc)
+        relayc.wait_for("logged in to relayd")
+        expect(page.locator('tr[data-client="lab-gpu-01"]')).to_contain_text("online")
+        page.screenshot(path=str(shots / "clients.png"))
+        # adding a TCP tunnel from the browser
+        page.click("#nav-tunnels")
+        page.select_option("#tunnel-client", "lab-gpu-01")
+        page.fill("#tunnel-name", "ssh")
+        page.fill("#tunnel-remote-port", str(public))
+        page.fill("#tunnel-target", f"127.0.0.1:{echo.port}")
+        page.click("#add-tunnel-btn")
+        row = page.locator('tr[data-tunnel="lab-gpu-01/ssh"]')
+        expect(row).to_contain_text("active", timeout=10_000)
+        expect(row.locator(".bytes-in")).to_have_text("0 B")
+        wait_port_serves(public, timeout=5)
+        # traffic passes; the counter grows on the page without a reload
+        with socket.create_connection(("127.0.0.1", public)) as s:
+            s.sendall(b"x" * 50_000)
+            got = 0
+            while got < 50_000:
+                got += len(s.recv(65536))
+        expect(row.locator(".bytes-in")).to_have_text(re.compile(r"^5\d\.\d KB$"), timeout=10_000)
+        time.sleep(0.5)
+        page.screenshot(path=str(shots / "tunnels.png"))
+        page.click("#nav-overview")
+        expect(page.locator("#ov-clients")).to_have_text("1 / 1")
+        expect(page.locator("#ov-tunnels")).to_have_text("1 / 1")
+        page.screenshot(path=str(shots / "overview.png"))
+        browser.close()
+    echo.close()
+    for name in ("login", "clients", "tunnels", "overview"):
+        assert (shots / f"{name}.png").stat().st_size > 5000
