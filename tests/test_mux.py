@@ -157,10 +157,6 @@ def test_stalled_stream_does_not_stall_another_on_same_session() -> None:
     moving = c.open_stream()
     pair.pump()
     consumed_other = 0
-
-    class Selective:
-        pass
-
     pair.server.auto_consume = False
     c.send_data(stalled, bytes(10 * 1024 * 1024))
     total = 50 * 1024 * 1024

@@ -196,6 +196,15 @@ def echo_handler(conn: socket.socket) -> None:
         conn.sendall(data)
 
 
+def port_refuses(port: int) -> bool:
+    """True when nothing accepts connections on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return False
+    except OSError:
+        return True
+
+
 def wait_port_serves(port: int, timeout: float = 15.0, probe: bytes = b"ping") -> float:
     """Wait until a connection to ``port`` echoes ``probe``; return the seconds it took."""
     start = time.monotonic()

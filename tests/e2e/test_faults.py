@@ -24,6 +24,7 @@ from tests.e2e.harness import (
     TcpServer,
     echo_handler,
     free_port,
+    port_refuses,
     recv_all,
     relayc_config,
     relayd_config,
@@ -50,14 +51,6 @@ def start(procs: list[Proc], module: str, config: Path) -> Proc:
     p = Proc(module, config)
     procs.append(p)
     return p
-
-
-def refused(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return False
-    except OSError:
-        return True
 
 
 def fd_count(pid: int) -> int:
@@ -121,7 +114,7 @@ def test_relayc_killed_then_restarted_takes_its_tunnels_back(
     c.wait_for(r"tunnel e: relayd port")
     c.stop(signal.SIGKILL)
     d.wait_for(r"client lab \(127\.0\.0\.1\) disconnected", timeout=10)
-    assert refused(public)  # its listener closed with the session
+    assert port_refuses(public)  # its listener closed with the session
     start(procs, "relay_client.cli", cfg).wait_for(r"tunnel e: relayd port")
     wait_port_serves(public)
 
@@ -141,7 +134,7 @@ def test_frozen_relayc_is_noticed_within_the_keepalive_timeout(
         d.wait_for(r"peer silent for .*keepalive timeout 3 s", timeout=10)
         assert time.monotonic() - t0 < 3 + 2
         d.wait_for(r"client lab \(127\.0\.0\.1\) disconnected")
-        assert refused(public)
+        assert port_refuses(public)
     finally:
         c.popen.send_signal(signal.SIGCONT)
     wait_port_serves(public, timeout=20)  # and it comes back by itself
