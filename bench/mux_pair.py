@@ -4,9 +4,10 @@
 
 Moves ``--mb`` MiB from the client session to the server session over 1 stream and over 64
 concurrent streams, the receiver consuming everything it gets (as a bridge with a fast socket
-does).  The baseline, measured in the same run, is the least any framing in Python must do with
-those bytes: join the sender's chunks into one wire buffer and slice it again on the other side.
-Figures are MB/s (10^6 bytes) and the ratio to that baseline.
+does).  The baseline, measured in the same run, is a naive framing of the same bytes: join header
+and payload into one wire buffer, then copy the payload out again on the other side (two copies;
+the session copies once and hands out views on receive).  Figures are MB/s (10^6 bytes) and the
+ratio to that baseline.
 """
 
 from __future__ import annotations
