@@ -9,10 +9,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +23,6 @@ PASSWORD = "a-long-dashboard-password"
 if CHROMIUM is None and os.environ.get("CI"):
     raise RuntimeError("CI must install Debian's chromium for the browser tests (apt-get install chromium)")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop(signal.SIGKILL)
 
 
 def test_login_add_client_add_tunnel_watch_bytes_grow(tmp_path: Path, procs: list[Proc]) -> None:

@@ -12,16 +12,12 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.e2e.harness import (
     Proc,
     TcpServer,
-    echo_handler,
     free_port,
     port_refuses,
     relayd_config,
@@ -56,21 +52,6 @@ class Api:
         ctype = resp.getheader("Content-Type", "")
         parsed: Any = json.loads(raw) if raw and "json" in ctype else raw.decode(errors="replace")
         return resp.status, parsed, {k.lower(): v for k, v in resp.getheaders()}
-
-
-@pytest.fixture
-def echo() -> Iterator[TcpServer]:
-    server = TcpServer(echo_handler)
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop(signal.SIGKILL)
 
 
 def start_relayd(procs: list[Proc], tmp: Path, port: int, dash_port: int, **kw: Any) -> Proc:

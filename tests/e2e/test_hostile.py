@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import socket
 import ssl
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ from tests.e2e.harness import (
     TOKEN,
     Proc,
     TcpServer,
-    echo_handler,
     free_port,
     recv_all,
     relayc_config,
@@ -27,21 +24,6 @@ from tests.e2e.harness import (
     wait_port_serves,
 )
 from tests.e2e.rawclient import RawClient
-
-
-@pytest.fixture
-def echo() -> Iterator[TcpServer]:
-    server = TcpServer(echo_handler)
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop(signal.SIGKILL)
 
 
 def start(procs: list[Proc], module: str, config: Path) -> Proc:

@@ -11,10 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.e2e.harness import (
     ROOT,
@@ -28,21 +25,6 @@ from tests.e2e.harness import (
     relayd_config,
     wait_port_serves,
 )
-
-
-@pytest.fixture
-def echo() -> Iterator[TcpServer]:
-    server = TcpServer(echo_handler)
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop(signal.SIGKILL)
 
 
 def start_relayd(procs: list[Proc], tmp: Path, port: int, **overrides: object) -> Proc:
