@@ -26,7 +26,8 @@ def available() -> str | None:
     return None
 
 
-def _wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -60,7 +61,7 @@ class SshReverse:
             "MaxSessions 100\nMaxStartups 100\n"
         )
         self.sshd = subprocess.Popen([SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")])
-        _wait_port(self.sshd_port)
+        wait_port(self.sshd_port)
 
     def forward(self, public_port: int, target_port: int) -> None:
         """Start ``ssh -N -R 127.0.0.1:public:127.0.0.1:target`` and wait until the port listens."""
@@ -72,7 +73,7 @@ class SshReverse:
             f"{getpass.getuser()}@127.0.0.1",
         ]  # fmt: skip
         self.clients.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL))
-        _wait_port(public_port)
+        wait_port(public_port)
 
     def pids(self) -> list[int]:
         """ssh clients and the sshd processes serving them (children of the listener)."""

@@ -119,6 +119,13 @@ class Proc:
         return int(self.popen.returncode)
 
 
+def spawn(procs: list[Proc], module: str, config: Path) -> Proc:
+    """Start ``python -m module -c config`` and register it for cleanup in ``procs``."""
+    p = Proc(module, config)
+    procs.append(p)
+    return p
+
+
 def relayd_config(tmp: Path, port: int, **overrides: Any) -> Path:
     data: dict[str, Any] = {
         "bind_addr": "127.0.0.1",

@@ -27,14 +27,9 @@ from tests.e2e.harness import (
     recv_all,
     relayc_config,
     relayd_config,
+    spawn,
     wait_port_serves,
 )
-
-
-def start(procs: list[Proc], module: str, config: Path) -> Proc:
-    p = Proc(module, config)
-    procs.append(p)
-    return p
 
 
 def fd_count(pid: int) -> int:
@@ -50,8 +45,8 @@ def rss_mib(pid: int) -> float:
 
 def test_relayd_killed_during_transfers(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
     port, public = free_port(), free_port()
-    start(procs, "relay_server.cli", relayd_config(tmp_path, port)).wait_for("listening for relayc")
-    c = start(procs, "relay_client.cli", relayc_config(tmp_path, port, [
+    spawn(procs, "relay_server.cli", relayd_config(tmp_path, port)).wait_for("listening for relayc")
+    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
         {"name": "e", "local_port": echo.port, "remote_port": public}]))  # fmt: skip
     c.wait_for(r"tunnel e: relayd port")
     outcomes: list[str] = []
@@ -82,7 +77,7 @@ def test_relayd_killed_during_transfers(tmp_path: Path, echo: TcpServer, procs: 
         t.join(30)
     assert outcomes == ["reset"] * 4  # reset at once, none left hanging
     killed = time.monotonic()
-    start(procs, "relay_server.cli", relayd_config(tmp_path, port)).wait_for("listening for relayc")
+    spawn(procs, "relay_server.cli", relayd_config(tmp_path, port)).wait_for("listening for relayc")
     wait_port_serves(public, timeout=15)
     assert time.monotonic() - killed < 20
 
@@ -91,15 +86,15 @@ def test_relayc_killed_then_restarted_takes_its_tunnels_back(
     tmp_path: Path, echo: TcpServer, procs: list[Proc]
 ) -> None:
     port, public = free_port(), free_port()
-    d = start(procs, "relay_server.cli", relayd_config(tmp_path, port))
+    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port))
     d.wait_for("listening for relayc")
     cfg = relayc_config(tmp_path, port, [{"name": "e", "local_port": echo.port, "remote_port": public}])
-    c = start(procs, "relay_client.cli", cfg)
+    c = spawn(procs, "relay_client.cli", cfg)
     c.wait_for(r"tunnel e: relayd port")
     c.stop(signal.SIGKILL)
     d.wait_for(r"client lab \(127\.0\.0\.1\) disconnected", timeout=10)
     assert port_refuses(public)  # its listener closed with the session
-    start(procs, "relay_client.cli", cfg).wait_for(r"tunnel e: relayd port")
+    spawn(procs, "relay_client.cli", cfg).wait_for(r"tunnel e: relayd port")
     wait_port_serves(public)
 
 
@@ -107,9 +102,9 @@ def test_frozen_relayc_is_noticed_within_the_keepalive_timeout(
     tmp_path: Path, echo: TcpServer, procs: list[Proc]
 ) -> None:
     port, public = free_port(), free_port()
-    d = start(procs, "relay_server.cli", relayd_config(tmp_path, port, keepalive_timeout=3))
+    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port, keepalive_timeout=3))
     d.wait_for("listening for relayc")
-    c = start(procs, "relay_client.cli", relayc_config(tmp_path, port, [
+    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
         {"name": "e", "local_port": echo.port, "remote_port": public}], keepalive_timeout=3))  # fmt: skip
     c.wait_for(r"tunnel e: relayd port")
     c.popen.send_signal(signal.SIGSTOP)  # alive, socket open, silent
@@ -172,10 +167,10 @@ class FreezableProxy:
 
 def test_silent_path_is_noticed_by_both_sides_and_recovers(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
     port, public = free_port(), free_port()
-    d = start(procs, "relay_server.cli", relayd_config(tmp_path, port, keepalive_timeout=3))
+    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port, keepalive_timeout=3))
     d.wait_for("listening for relayc")
     proxy = FreezableProxy(port)
-    c = start(procs, "relay_client.cli", relayc_config(tmp_path, proxy.port, [
+    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, proxy.port, [
         {"name": "e", "local_port": echo.port, "remote_port": public}], keepalive_timeout=3))  # fmt: skip
     c.wait_for(r"tunnel e: relayd port")
     mark_d, mark_c = d.mark(), c.mark()
@@ -192,8 +187,8 @@ def test_silent_path_is_noticed_by_both_sides_and_recovers(tmp_path: Path, echo:
 def test_target_restarted_only_its_connections_fail(tmp_path: Path, procs: list[Proc]) -> None:
     port, public_a, public_b = free_port(), free_port(), free_port()
     a, b = TcpServer(echo_handler), TcpServer(echo_handler)
-    start(procs, "relay_server.cli", relayd_config(tmp_path, port)).wait_for("listening for relayc")
-    c = start(procs, "relay_client.cli", relayc_config(tmp_path, port, [
+    spawn(procs, "relay_server.cli", relayd_config(tmp_path, port)).wait_for("listening for relayc")
+    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
         {"name": "a", "local_port": a.port, "remote_port": public_a},
         {"name": "b", "local_port": b.port, "remote_port": public_b}]))  # fmt: skip
     c.wait_for(r"tunnel b: relayd port")
@@ -231,9 +226,9 @@ def test_sigterm_lets_transfers_finishing_within_5s_finish(tmp_path: Path, procs
 
     target = TcpServer(count_then_reply)
     port, public = free_port(), free_port()
-    d = start(procs, "relay_server.cli", relayd_config(tmp_path, port))
+    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port))
     d.wait_for("listening for relayc")
-    c = start(procs, "relay_client.cli", relayc_config(tmp_path, port, [
+    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
         {"name": "t", "local_port": target.port, "remote_port": public}]))  # fmt: skip
     c.wait_for(r"tunnel t: relayd port")
     payload = os.urandom(30 * 1024 * 1024)
@@ -260,7 +255,7 @@ def test_200_clients_and_1000_new_connections_per_second(tmp_path: Path, procs: 
     echod_log = open(tmp_path / "echod.log", "wb")  # noqa: SIM115
     echod = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "bench.echod", str(echod_port)], env=env,
                              stderr=echod_log)  # fmt: skip
-    d = start(procs, "relay_server.cli", relayd_config(tmp_path, port, limits={"max_preauth_per_ip": 512}))
+    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port, limits={"max_preauth_per_ip": 512}))
     fingerprint = d.wait_for(r"fingerprint: (sha256:[0-9a-f]+)").group(1)
     (tmp_path / "first_port").write_text(str(first))
     many = subprocess.Popen(
@@ -341,9 +336,9 @@ def test_1gb_integrity_under_load_and_a_slow_reader_beside_a_fast_one(tmp_path: 
 
     echo, src = TcpServer(echo_handler), TcpServer(source)
     port, p_echo, p_src = free_port(), free_port(), free_port()
-    d = start(procs, "relay_server.cli", relayd_config(tmp_path, port))
+    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port))
     d.wait_for("listening for relayc")
-    c = start(procs, "relay_client.cli", relayc_config(tmp_path, port, [
+    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
         {"name": "echo", "local_port": echo.port, "remote_port": p_echo},
         {"name": "src", "local_port": src.port, "remote_port": p_src}]))  # fmt: skip
     c.wait_for(r"tunnel src: relayd port")

@@ -21,15 +21,10 @@ from tests.e2e.harness import (
     recv_all,
     relayc_config,
     relayd_config,
+    spawn,
     wait_port_serves,
 )
 from tests.e2e.rawclient import RawClient
-
-
-def start(procs: list[Proc], module: str, config: Path) -> Proc:
-    p = Proc(module, config)
-    procs.append(p)
-    return p
 
 
 def tls_send(port: int, data: bytes) -> None:
@@ -53,9 +48,9 @@ def test_fuzzing_the_control_port_leaves_real_clients_served(
     tmp_path: Path, echo: TcpServer, procs: list[Proc]
 ) -> None:
     port, public = free_port(), free_port()
-    d = start(procs, "relay_server.cli", relayd_config(tmp_path, port, handshake_timeout=2))
+    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port, handshake_timeout=2))
     d.wait_for("listening for relayc")
-    c = start(procs, "relay_client.cli", relayc_config(tmp_path, port, [
+    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
         {"name": "e", "local_port": echo.port, "remote_port": public}]))  # fmt: skip
     c.wait_for(r"tunnel e: relayd port")
     rng = random.Random(7)
@@ -91,7 +86,7 @@ def test_idle_flood_is_capped_and_a_real_client_still_logs_in(
     tmp_path: Path, echo: TcpServer, procs: list[Proc]
 ) -> None:
     port, public = free_port(), free_port()
-    d = start(procs, "relay_server.cli", relayd_config(tmp_path, port, handshake_timeout=3,
+    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port, handshake_timeout=3,
                                                        limits={"max_preauth_per_ip": 50}))  # fmt: skip
     d.wait_for("listening for relayc")
     idle = []
@@ -101,7 +96,7 @@ def test_idle_flood_is_capped_and_a_real_client_still_logs_in(
         except OSError:
             break
     try:
-        c = start(procs, "relay_client.cli", relayc_config(tmp_path, port, [
+        c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
             {"name": "e", "local_port": echo.port, "remote_port": public}]))  # fmt: skip
         c.wait_for(r"tunnel e: relayd port", timeout=20)
         wait_port_serves(public)
@@ -131,7 +126,7 @@ def test_brute_force_is_slowed_then_blocked_and_others_unaffected(
     tmp_path: Path, echo: TcpServer, procs: list[Proc]
 ) -> None:
     port, public = free_port(), free_port()
-    d = start(procs, "relay_server.cli", relayd_config(tmp_path, port, auth={
+    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port, auth={
         "token": TOKEN, "block_after_failures": 4, "failure_window": 60, "block_seconds": 30}))  # fmt: skip
     d.wait_for("listening for relayc")
     results = []
@@ -148,7 +143,7 @@ def test_brute_force_is_slowed_then_blocked_and_others_unaffected(
     d.wait_for(r"127\.0\.0\.2 blocked for 30 s after 4 failed logins")
     assert d.output.count("login failed: client 'raw' from 127.0.0.2") == 1  # once per burst
     # a good client from another address is unaffected
-    c = start(procs, "relay_client.cli", relayc_config(tmp_path, port, [
+    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
         {"name": "e", "local_port": echo.port, "remote_port": public}]))  # fmt: skip
     c.wait_for(r"tunnel e: relayd port")
     assert RawClient(port, source_ip="127.0.0.1").login(TOKEN, name="other")
@@ -156,16 +151,16 @@ def test_brute_force_is_slowed_then_blocked_and_others_unaffected(
 
 def test_malicious_client_cannot_escape_its_limits(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
     port, taken, allowed_a, allowed_b = free_port(), free_port(), free_port(), free_port()
-    d = start(procs, "relay_server.cli", relayd_config(tmp_path, port, allow_ports=f"{taken},{allowed_a},{allowed_b}",
+    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port, allow_ports=f"{taken},{allowed_a},{allowed_b}",
                                                        max_ports_per_client=1))  # fmt: skip
     d.wait_for("listening for relayc")
-    c = start(procs, "relay_client.cli", relayc_config(tmp_path, port, [
+    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
         {"name": "a", "local_port": echo.port, "remote_port": taken},
         {"name": "b", "local_port": echo.port, "remote_port": allowed_a}]))  # fmt: skip
     c.wait_for(r"tunnel a: relayd port")
     c.wait_for(r"tunnel b refused by relayd: client 'lab' already holds max_ports_per_client=1")
     # another client cannot take the port of the first
-    c2 = start(procs, "relay_client.cli", relayc_config(tmp_path, port, [
+    c2 = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
         {"name": "x", "local_port": echo.port, "remote_port": taken}], filename="c2.toml", name="other"))  # fmt: skip
     c2.wait_for(rf"tunnel x refused by relayd: port {taken} is already used by client 'lab' tunnel 'a'")
     # a client opening a stream toward relayd gets it reset, and nothing else happens
@@ -192,9 +187,9 @@ def test_malicious_client_cannot_escape_its_limits(tmp_path: Path, echo: TcpServ
 
 def test_tunnel_limits_sources_connections_bandwidth(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
     port, p_src, p_conn, p_bw = free_port(), free_port(), free_port(), free_port()
-    d = start(procs, "relay_server.cli", relayd_config(tmp_path, port))
+    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port))
     d.wait_for("listening for relayc")
-    c = start(procs, "relay_client.cli", relayc_config(tmp_path, port, [
+    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
         {"name": "campus-only", "local_port": echo.port, "remote_port": p_src, "allow_sources": ["10.0.0.0/8"]},
         {"name": "two", "local_port": echo.port, "remote_port": p_conn, "max_connections": 2},
         {"name": "slow", "local_port": echo.port, "remote_port": p_bw, "bandwidth_limit": "1MB"},
