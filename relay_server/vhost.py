@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, cast
 from relay_server.http1 import Body, HttpError, RequestHead, RequestReader
 from relay_server.sni import NEED_MORE, SniError, read_sni
 from relay_server.tunnels import PublicTunnel, TunnelRefused
-from shared.aio import MuxConnection, StreamBridge, set_nodelay
+from shared.aio import MuxConnection, StreamBridge
 from shared.errors import LocalProtocolError
 from shared.messages import StreamOpen, encode_message
 
@@ -167,7 +167,6 @@ class _VhostVisitor(StreamBridge):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        set_nodelay(self.transport)
         peer = transport.get_extra_info("peername")
         self.visitor = f"{peer[0]}:{peer[1]}" if peer else ""
         self._arm_timer()

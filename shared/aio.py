@@ -375,7 +375,9 @@ class StreamBridge(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        set_nodelay(transport)
+        # No set_nodelay here: uvloop and asyncio set TCP_NODELAY on every transport they create
+        # with create_server/create_connection (checked by tests/test_aio.py), so a syscall per
+        # connection is saved.
         if self._done:
             transport.abort()
             return

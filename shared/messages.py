@@ -47,6 +47,11 @@ class _FieldError(Exception):
         self.reason = reason
 
 
+_SPECS: dict[type, tuple[tuple[str, str, _Field], ...]] = {}
+# One encoder for every message: json.dumps with non-default arguments builds a new one per call.
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 class _Message:
     """Base of the control messages: frozen dataclasses that check their fields on decode.
 
@@ -56,29 +61,39 @@ class _Message:
     type: ClassVar[str]
     wire_names: ClassVar[dict[str, str]] = {}
 
+    @classmethod
+    def _specs(cls) -> tuple[tuple[str, str, _Field], ...]:
+        """(attribute, wire key, spec) per field; computed once per class (dataclasses.fields is slow)."""
+        cached = _SPECS.get(cls)
+        if cached is None:
+            cached = tuple(
+                (f.name, cls.wire_names.get(f.name, f.name), f.metadata["spec"])
+                for f in fields(cls)  # type: ignore[arg-type]
+            )
+            _SPECS[cls] = cached
+        return cached
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
+        for name, key, _ in self._specs():
+            value = getattr(self, name)
             if isinstance(value, _Message):
                 value = value.to_dict()
             elif isinstance(value, tuple):
                 value = list(value)
-            out[self.wire_names.get(f.name, f.name)] = value
+            out[key] = value
         return out
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> Any:
         values: dict[str, Any] = {}
-        for f in fields(cls):  # type: ignore[arg-type]
-            spec: _Field = f.metadata["spec"]
-            key = cls.wire_names.get(f.name, f.name)
+        for name, key, spec in cls._specs():
             if key not in obj:
                 if spec.required:
                     raise _FieldError(key, "missing")
-                values[f.name] = spec.default
+                values[name] = spec.default
                 continue
-            values[f.name] = _check(key, spec, obj[key])
+            values[name] = _check(key, spec, obj[key])
         return cls(**values)
 
 
@@ -267,7 +282,7 @@ MESSAGE_TYPES: Final = frozenset(MESSAGE_CLASSES)
 
 
 def encode_message(message: _Message) -> bytes:
-    body = json.dumps({"type": message.type, **message.to_dict()}, separators=(",", ":")).encode()
+    body = _JSON.encode({"type": message.type, **message.to_dict()}).encode()
     if len(body) > MAX_MESSAGE_SIZE:
         raise ValueError(f"{message.type} message is {len(body)} bytes, over {MAX_MESSAGE_SIZE}")
     return _LEN.pack(len(body)) + body

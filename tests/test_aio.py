@@ -99,6 +99,19 @@ class Chain:
             self.client_mux.close()
 
 
+def _bridged_sockets(chain: Chain) -> list[socket.socket]:
+    """The sockets of the bridges open right now, on both sides of the chain."""
+    socks = []
+    for mux in (chain.client_mux, chain.server_mux):
+        assert mux is not None
+        for handler in mux._handlers.values():
+            transport = getattr(handler, "transport", None)
+            if transport is not None:
+                socks.append(transport.get_extra_info("socket"))
+    assert len(socks) == 2
+    return socks
+
+
 class _OpeningBridge(StreamBridge):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.stream_id = self.mux.open_stream(self)
@@ -135,6 +148,13 @@ def test_bulk_and_half_close_over_real_sockets(loop_name: str, tls: bool, tmp_pa
             payloads = [os.urandom(300_000 + i) for i in range(16)]
             results = await asyncio.gather(*(roundtrip(port, p) for p in payloads))
             assert results == payloads
+            # TCP_NODELAY comes from the event loop itself on every bridged socket
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"x")
+            await r.readexactly(1)
+            for bridge_sock in _bridged_sockets(chain):
+                assert bridge_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            w.close()
             # everything finished: no stream is left behind on either side
             await asyncio.sleep(0.1)
             assert chain.client_mux is not None and chain.client_mux.stream_count == 0
