@@ -388,6 +388,7 @@ class Relayd:
     def snapshot_traffic(self) -> list[tuple[str, str, int, int]]:
         """Byte deltas per tunnel since the last snapshot (for the traffic buckets)."""
         rows = []
+        seen: dict[tuple[str, str], tuple[int, int]] = {}
         for session in self.sessions.values():
             for t in session.tunnels.values():
                 key = (session.name, t.name)
@@ -397,7 +398,8 @@ class Relayd:
                     last_in = last_out = 0
                 if c.bytes_in != last_in or c.bytes_out != last_out:
                     rows.append((session.name, t.name, c.bytes_in - last_in, c.bytes_out - last_out))
-                self._traffic_seen[key] = (c.bytes_in, c.bytes_out)
+                seen[key] = (c.bytes_in, c.bytes_out)
+        self._traffic_seen = seen  # tunnels that are gone are forgotten
         return rows
 
     async def _record_traffic_loop(self) -> None:

@@ -220,6 +220,9 @@ class Dashboard:
                 await self._failed(request)
                 return RedirectResponse("/login?failed=1", status_code=303)
             self.guard.record_success(addr)
+            now = time.time()
+            for stale in [c for c, (expiry, _) in self.sessions.items() if expiry <= now]:
+                del self.sessions[stale]  # expired sessions go when a new one is made
             cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
             self.sessions[cookie] = (time.time() + SESSION_TTL, csrf)
             resp = RedirectResponse("/", status_code=303)
