@@ -385,8 +385,9 @@ class Relayd:
         session.mux.close(GoAwayCode.KICKED)
         return True
 
-    def snapshot_traffic(self) -> list[tuple[str, str, int, int]]:
-        """Byte deltas per tunnel since the last snapshot (for the traffic buckets)."""
+    def pending_traffic(self) -> tuple[list[tuple[str, str, int, int]], dict[tuple[str, str], tuple[int, int]]]:
+        """Byte deltas per tunnel not yet recorded in the traffic buckets, and the counter values
+        they were measured at.  Reads only: ``flush_traffic`` is what records them."""
         rows = []
         seen: dict[tuple[str, str], tuple[int, int]] = {}
         for session in self.sessions.values():
@@ -399,8 +400,7 @@ class Relayd:
                 if c.bytes_in != last_in or c.bytes_out != last_out:
                     rows.append((session.name, t.name, c.bytes_in - last_in, c.bytes_out - last_out))
                 seen[key] = (c.bytes_in, c.bytes_out)
-        self._traffic_seen = seen  # tunnels that are gone are forgotten
-        return rows
+        return rows, seen
 
     async def _record_traffic_loop(self) -> None:
         assert self.store is not None
@@ -410,8 +410,10 @@ class Relayd:
             self.flush_traffic()
 
     def flush_traffic(self) -> None:
+        """Record the pending deltas in the current minute's bucket (once a minute, and at exit)."""
         if self.store is not None:
-            rows = self.snapshot_traffic()
+            rows, seen = self.pending_traffic()
+            self._traffic_seen = seen  # tunnels that are gone are forgotten
             if rows:
                 now = int(time.time())
                 self.store.record_traffic(now - now % 60, rows)

@@ -368,8 +368,22 @@ class Dashboard:
 
         @app.get("/api/v1/traffic")
         async def traffic(client: str = "", tunnel: str = "", since: float = 0, _: str = auth) -> dict[str, Any]:
-            relayd.flush_traffic()
-            return store.traffic(client, tunnel, since)
+            series = store.traffic(client, tunnel, since)
+            # the current minute is still in memory (recorded once a minute): add it, write nothing
+            rows, _measured_at = relayd.pending_traffic()
+            step = series["step"]
+            now = int(time.time())
+            bucket = now - now % step
+            b_in = sum(r[2] for r in rows if client in ("", r[0]) and tunnel in ("", r[1]))
+            b_out = sum(r[3] for r in rows if client in ("", r[0]) and tunnel in ("", r[1]))
+            if b_in or b_out:
+                points = series["points"]
+                if points and points[-1]["ts"] == bucket:
+                    points[-1] = {"ts": bucket, "bytes_in": points[-1]["bytes_in"] + b_in,
+                                  "bytes_out": points[-1]["bytes_out"] + b_out}  # fmt: skip
+                else:
+                    points.append({"ts": bucket, "bytes_in": b_in, "bytes_out": b_out})
+            return series
 
         @app.get("/metrics", response_class=PlainTextResponse)
         async def metrics(request: Request) -> PlainTextResponse:
