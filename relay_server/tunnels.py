@@ -46,6 +46,28 @@ class PublicTunnel:
         self.sources = SourceFilter(spec.allow_sources)
         self.buckets = tuple(b for b in (self.bucket, client.bucket) if b is not None)
 
+    def attach(self, bridge: StreamBridge, visitor: str, first: bytes = b"") -> bool:
+        """Bind a visitor's bridge to this tunnel: open its stream to the client (``stream_open``
+        preamble, then ``first``), count it, apply the bandwidth limits.  False if the client's
+        session cannot take a new stream (closing, going away)."""
+        mux = self.client.mux
+        if not mux.is_open:
+            return False
+        try:
+            bridge.stream_id = mux.open_stream(
+                bridge, encode_message(StreamOpen(tunnel=self.name, visitor=visitor)) + first
+            )
+        except LocalProtocolError:
+            return False
+        bridge.mux = mux
+        bridge.counters = counters = self.counters
+        bridge.buckets = self.buckets
+        counters.conns_open += 1
+        counters.conns_total += 1
+        counters.bytes_in += len(first)
+        self.visitors.add(bridge)
+        return True
+
     def refusal(self, visitor_ip: str) -> str | None:
         """Why a new visitor from ``visitor_ip`` may not use this tunnel now, or None."""
         if not self.sources.allows(visitor_ip):
@@ -84,7 +106,7 @@ class VisitorBridge(StreamBridge):
     __slots__ = ("tunnel",)
 
     def __init__(self, tunnel: PublicTunnel) -> None:
-        super().__init__(tunnel.client.mux, tunnel.counters)
+        super().__init__(tunnel.client.mux)  # counters are attached once the visitor is admitted
         self.tunnel = tunnel
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -98,26 +120,15 @@ class VisitorBridge(StreamBridge):
                 f"refuse:{tunnel.client.name}:{tunnel.name}", "client %s tunnel %s: visitor %s refused: %s",
                 tunnel.client.name, tunnel.name, visitor, refusal,
             )  # fmt: skip
-            self.counters = None
             self.transport = transport
             self._done = True
             transport.abort()
             return
-        counters = tunnel.counters
-        counters.conns_open += 1
-        counters.conns_total += 1
-        self.buckets = tunnel.buckets
-        preamble = encode_message(StreamOpen(tunnel=tunnel.name, visitor=visitor))
-        try:
-            if not self.mux.is_open:
-                raise LocalProtocolError("client session is closed")
-            self.stream_id = self.mux.open_stream(self, preamble)
-        except LocalProtocolError:
-            self.transport = transport
+        self.transport = transport
+        if not tunnel.attach(self, visitor):
             self._done = True
             transport.abort()
             return
-        tunnel.visitors.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:

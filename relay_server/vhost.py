@@ -22,8 +22,6 @@ from relay_server.http1 import Body, HttpError, RequestHead, RequestReader
 from relay_server.sni import NEED_MORE, SniError, read_sni
 from relay_server.tunnels import PublicTunnel, TunnelRefused
 from shared.aio import MuxConnection, StreamBridge
-from shared.errors import LocalProtocolError
-from shared.messages import StreamOpen, encode_message
 
 if TYPE_CHECKING:
     from relay_server.server import Relayd
@@ -130,26 +128,6 @@ class VhostRouter:
             if path.startswith(loc):
                 return tunnel
         return None
-
-
-def _open_stream(bridge: StreamBridge, tunnel: PublicTunnel, visitor: str, first: bytes = b"") -> bool:
-    """Bind ``bridge`` to ``tunnel``: open a stream to its client with the stream_open preamble."""
-    bridge.buckets = tunnel.buckets
-    mux = tunnel.client.mux
-    if not mux.is_open:
-        return False
-    preamble = encode_message(StreamOpen(tunnel=tunnel.name, visitor=visitor))
-    try:
-        bridge.stream_id = mux.open_stream(bridge, preamble + first)
-    except LocalProtocolError:
-        return False
-    bridge.mux = mux
-    bridge.counters = tunnel.counters
-    tunnel.counters.conns_open += 1
-    tunnel.counters.conns_total += 1
-    tunnel.counters.bytes_in += len(first)
-    tunnel.visitors.add(bridge)
-    return True
 
 
 class _VhostVisitor(StreamBridge):
@@ -293,7 +271,7 @@ class HttpVisitor(_VhostVisitor):
                 status = 403 if refusal.startswith("source") else 503
                 self._refuse(status, f"Tunnel {tunnel.name}: {refusal}.")
                 return False
-            if not _open_stream(self, tunnel, self.visitor):
+            if not tunnel.attach(self, self.visitor):
                 self._refuse(
                     502, f"The tunnel for {host} is offline: its client {tunnel.client.name} is not connected."
                 )
@@ -376,9 +354,7 @@ class SniVisitor(_VhostVisitor):
             return
         self._cancel_timer()
         first, self._hello = self._hello, b""
-        if tunnel.refusal(self.visitor.rsplit(":", 1)[0]) is not None or not _open_stream(
-            self, tunnel, self.visitor, first
-        ):
+        if tunnel.refusal(self.visitor.rsplit(":", 1)[0]) is not None or not tunnel.attach(self, self.visitor, first):
             self._refuse(0, "")
             return
         self.tunnel = tunnel
