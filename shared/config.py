@@ -30,6 +30,21 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
+def check_name(value: str) -> str:
+    """A client or tunnel name (the same rule in config files and the dashboard API)."""
+    if not _NAME_RE.match(value):
+        raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
+def check_label(value: str) -> str:
+    """A subdomain: one DNS label, lowercased; "" stays "" (no subdomain)."""
+    v = value.lower()
+    if v and not _LABEL_RE.match(v):
+        raise ValueError("must be one DNS label: letters, digits and '-' (e.g. \"jupyter\")")
+    return v
+
+
 def check_domain(value: str) -> str:
     """A host name, lowercased; ValueError naming the problem otherwise."""
     v = value.strip().lower().rstrip(".")
@@ -271,10 +286,7 @@ class TunnelConfig(_Strict):
     @field_validator("subdomain")
     @classmethod
     def _subdomain(cls, v: str) -> str:
-        v = v.lower()
-        if v and not _LABEL_RE.match(v):
-            raise ValueError("must be one DNS label: letters, digits and '-' (e.g. \"jupyter\")")
-        return v
+        return check_label(v)
 
     @field_validator("custom_domains")
     @classmethod
@@ -292,9 +304,7 @@ class TunnelConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
-        return v
+        return check_name(v)
 
 
 class ClientConfig(_Strict):
@@ -317,9 +327,7 @@ class ClientConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
-        return v
+        return check_name(v)
 
 
 # --- loading ------------------------------------------------------------------------------------

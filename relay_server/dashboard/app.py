@@ -19,7 +19,6 @@ import contextlib
 import hmac
 import logging
 import os
-import re
 import secrets
 import time
 import urllib.parse
@@ -36,7 +35,7 @@ from pydantic import BaseModel, Field, field_validator
 from relay_server.passwords import verify_password
 from relay_server.server import LoginGuard
 from relay_server.store import Conflict
-from shared.config import check_domain, is_loopback, resolve_path
+from shared.config import check_domain, check_label, check_name, is_loopback, resolve_path
 
 if TYPE_CHECKING:
     from relay_server.server import Relayd
@@ -46,11 +45,12 @@ log = logging.getLogger("relayd.dashboard")
 STATIC = Path(__file__).parent / "static"
 SESSION_COOKIE = "relay_session"
 SESSION_TTL = 12 * 3600
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class ClientIn(BaseModel):
-    name: str = Field(pattern=_NAME, description="unique client name, as relayc.toml's name")
+    name: str = Field(description="unique client name, as relayc.toml's name")
+
+    _name = field_validator("name")(lambda cls, v: check_name(v))
 
 
 class ClientPatch(BaseModel):
@@ -58,8 +58,8 @@ class ClientPatch(BaseModel):
 
 
 class TunnelIn(BaseModel):
-    client: str = Field(pattern=_NAME)
-    name: str = Field(pattern=_NAME)
+    client: str
+    name: str
     type: Literal["tcp", "http"] = "tcp"
     local_ip: str = Field(default="127.0.0.1", min_length=1, max_length=255)
     local_port: int = Field(ge=1, le=65535)
@@ -67,12 +67,8 @@ class TunnelIn(BaseModel):
     subdomain: str = ""
     custom_domains: list[str] = []
 
-    @field_validator("subdomain")
-    @classmethod
-    def _subdomain(cls, v: str) -> str:
-        if v and not re.match(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", v.lower()):
-            raise ValueError("must be one DNS label")
-        return v.lower()
+    _names = field_validator("client", "name")(lambda cls, v: check_name(v))
+    _subdomain = field_validator("subdomain")(lambda cls, v: check_label(v))
 
     @field_validator("custom_domains")
     @classmethod
