@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared import __version__
-from shared.config import ClientConfig, ModelT, ServerConfig, load_config
+from shared.config import ModelT, load_config
 from shared.errors import ConfigError
 
 EXIT_CONFIG = 2
@@ -103,6 +103,3 @@ def install_stop_handlers(stop: Callable[[], None]) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, handler, sig)
-
-
-__all__ = ["ClientConfig", "ServerConfig", "base_parser", "install_stop_handlers", "load_or_exit", "setup_logging"]

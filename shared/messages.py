@@ -278,7 +278,6 @@ MESSAGE_CLASSES: Final[dict[str, type[_Message]]] = {
         StreamOpen,
     )
 }
-MESSAGE_TYPES: Final = frozenset(MESSAGE_CLASSES)
 
 
 def encode_message(message: _Message) -> bytes:

@@ -55,7 +55,6 @@ from typing import Final, Union
 
 from shared.errors import LocalProtocolError, PeerTimeoutError, RemoteProtocolError
 from shared.frames import (
-    HEADER,
     HEADER_LEN,
     MAX_FRAME_PAYLOAD,
     MAX_WINDOW,
@@ -805,7 +804,6 @@ class Session:
 __all__ = [
     "DEFAULT_KEEPALIVE_TIMEOUT",
     "DEFAULT_MAX_STREAMS",
-    "HEADER",
     "INITIAL_SESSION_WINDOW",
     "INITIAL_STREAM_WINDOW",
     "SEND_BUFFER_HIGH",
