@@ -203,6 +203,15 @@ def echo_handler(conn: socket.socket) -> None:
         conn.sendall(data)
 
 
+def closed_by_peer(s: socket.socket, timeout: float = 5.0) -> bool:
+    """True when the other end closes ``s`` (FIN or reset) without sending a byte; a connection
+    left hanging raises TimeoutError, so the calling test fails."""
+    try:
+        return recv_all(s, timeout=timeout) == b""
+    except ConnectionResetError:
+        return True
+
+
 def port_refuses(port: int) -> bool:
     """True when nothing accepts connections on 127.0.0.1:``port``."""
     try:
