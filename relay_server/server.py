@@ -166,7 +166,7 @@ class ClientSession:
 
     def _go_away(self, mux: MuxConnection, code: int) -> None:
         log.info("client %s: going away (code %d)", self.name or self.remote_addr, code)
-        self._release_tunnels()
+        self.release_tunnels()
 
     def _closed(self, mux: MuxConnection, exc: BaseException | None) -> None:
         if self._handshake_timer is not None:
@@ -176,7 +176,7 @@ class ClientSession:
         self.state = "closed"
         for task in self._tasks:
             task.cancel()
-        self._release_tunnels()
+        self.release_tunnels()
         self.server.session_closed(self)
         if was_ready:
             why = f": {exc}" if exc else ""
@@ -305,7 +305,8 @@ class ClientSession:
             self._handshake_timer.cancel()
             self._handshake_timer = None
 
-    def _release_tunnels(self) -> None:
+    def release_tunnels(self) -> None:
+        """Close this client's listeners and routes, resetting their visitors."""
         for tunnel in self.tunnels.values():
             self.server.release_tunnel(tunnel, client_gone=True)
         self.tunnels.clear()
@@ -563,7 +564,7 @@ class Relayd:
         sessions = list(self.connections)
         for s in sessions:
             for tunnel in list(s.tunnels.values()):
-                tunnel.server and tunnel.server.close()
+                tunnel.stop_accepting()
             s.mux.go_away(GoAwayCode.NORMAL)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(s.mux.stream_count > 1 for s in sessions if s.mux.is_open):
@@ -571,7 +572,7 @@ class Relayd:
         for s in sessions:
             s.mux.close()
         for s in sessions:
-            s._release_tunnels()
+            s.release_tunnels()
         await asyncio.sleep(0)
 
     # --- tunnels --------------------------------------------------------------------------------
@@ -607,7 +608,7 @@ class Relayd:
                 session.remote_addr,
                 old.remote_addr,
             )
-            old._release_tunnels()
+            old.release_tunnels()
             old.mux.close(GoAwayCode.REPLACED)
         self.sessions[session.name] = session
 

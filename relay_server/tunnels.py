@@ -90,11 +90,15 @@ class PublicTunnel:
         )
         self.port = self.server.sockets[0].getsockname()[1]
 
-    def close(self) -> None:
-        """Stop accepting and reset the visitors still connected."""
+    def stop_accepting(self) -> None:
+        """Close the listener; visitors already connected carry on (graceful shutdown)."""
         if self.server is not None:
             self.server.close()
             self.server = None
+
+    def close(self) -> None:
+        """Stop accepting and reset the visitors still connected."""
+        self.stop_accepting()
         for visitor in list(self.visitors):
             visitor.abort()
         self.visitors.clear()
