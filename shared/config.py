@@ -11,13 +11,13 @@ import ipaddress
 import re
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from shared.errors import ConfigError
 from shared.limits import parse_rate
+from shared.schema import SchemaError, Table, key, key_path
 from shared.tls import normalize_fingerprint
 
 if sys.version_info >= (3, 11):
@@ -54,8 +54,31 @@ def check_domain(value: str) -> str:
     return v
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+def check_port_ranges(value: str) -> str:
+    PortRanges(value)
+    return value
+
+
+def check_sources(value: list[str]) -> list[str]:
+    for cidr in value:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ValueError(f"{cidr!r} is not an address or CIDR like 10.0.0.0/8") from None
+    return value
+
+
+def check_locations(value: list[str]) -> list[str]:
+    for loc in value:
+        if not loc.startswith("/"):
+            raise ValueError(f"{loc!r} must start with '/'")
+    return value
+
+
+def check_targets(value: list[str]) -> list[str]:
+    for entry in value:
+        TargetPolicy([entry])
+    return value
 
 
 def is_loopback(host: str) -> bool:
@@ -102,31 +125,29 @@ class PortRanges:
 # --- relayd -------------------------------------------------------------------------------------
 
 
-class ServerAuth(_Strict):
-    token: str = ""
-    block_after_failures: int = Field(default=10, ge=1)
-    failure_window: float = Field(default=600.0, gt=0)
-    block_seconds: float = Field(default=600.0, ge=0)
+@dataclass(kw_only=True)
+class ServerAuth(Table):
+    token: str = key("")
+    block_after_failures: int = key(10, ge=1)
+    failure_window: float = key(600.0, gt=0)
+    block_seconds: float = key(600.0, ge=0)
 
 
-class ServerLimits(_Strict):
-    max_preauth_per_ip: int = Field(default=32, ge=1)
-    max_preauth_total: int = Field(default=1024, ge=1)
-    max_connections_per_tunnel: int = Field(default=0, ge=0)
-    max_connections_per_client: int = Field(default=0, ge=0)
-    bandwidth_per_tunnel: int = 0
-    bandwidth_per_client: int = 0
-
-    @field_validator("bandwidth_per_tunnel", "bandwidth_per_client", mode="before")
-    @classmethod
-    def _rate(cls, v: int | str) -> int:
-        return parse_rate(v)
+@dataclass(kw_only=True)
+class ServerLimits(Table):
+    max_preauth_per_ip: int = key(32, ge=1)
+    max_preauth_total: int = key(1024, ge=1)
+    max_connections_per_tunnel: int = key(0, ge=0)
+    max_connections_per_client: int = key(0, ge=0)
+    bandwidth_per_tunnel: int = key(0, before=parse_rate)
+    bandwidth_per_client: int = key(0, before=parse_rate)
 
 
-class ServerTLS(_Strict):
-    enable: bool = True
-    cert_file: str = ""
-    key_file: str = ""
+@dataclass(kw_only=True)
+class ServerTLS(Table):
+    enable: bool = key(True)
+    cert_file: str = key("")
+    key_file: str = key("")
 
 
 WEAK_PASSWORDS = frozenset(
@@ -136,45 +157,36 @@ WEAK_PASSWORDS = frozenset(
 )  # fmt: skip
 
 
-class DashboardConfig(_Strict):
-    addr: str = "127.0.0.1"
-    port: int = Field(default=7500, ge=0, le=65535)
-    user: str = "admin"
-    password: str = ""
-    password_hash: str = ""
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    metrics_public: bool = False
+@dataclass(kw_only=True)
+class DashboardConfig(Table):
+    addr: str = key("127.0.0.1")
+    port: int = key(7500, ge=0, le=65535)
+    user: str = key("admin")
+    password: str = key("")
+    password_hash: str = key("")
+    tls_cert_file: str = key("")
+    tls_key_file: str = key("")
+    metrics_public: bool = key(False)
 
 
-class ServerConfig(_Strict):
-    bind_addr: str = "127.0.0.1"
-    bind_port: int = Field(default=7000, ge=0, le=65535)
-    proxy_bind_addr: str = ""
-    state_dir: str = "relayd-state"
-    allow_ports: str = "1024-65535"
-    max_ports_per_client: int = Field(default=0, ge=0)
-    keepalive_timeout: float = Field(default=30.0, ge=1.0, le=600.0)
-    handshake_timeout: float = Field(default=10.0, ge=1.0, le=120.0)
-    vhost_http_port: int = Field(default=0, ge=0, le=65535)
-    vhost_https_port: int = Field(default=0, ge=0, le=65535)
-    subdomain_host: str = ""
-    vhost_header_timeout: float = Field(default=10.0, ge=1.0, le=300.0)
-    auth: ServerAuth = ServerAuth()
-    tls: ServerTLS = ServerTLS()
-    limits: ServerLimits = ServerLimits()
-    dashboard: DashboardConfig | None = None  # on when the [dashboard] table is present
-
-    @field_validator("allow_ports")
-    @classmethod
-    def _ports(cls, v: str) -> str:
-        PortRanges(v)
-        return v
-
-    @field_validator("subdomain_host")
-    @classmethod
-    def _subdomain_host(cls, v: str) -> str:
-        return check_domain(v) if v else ""
+@dataclass(kw_only=True)
+class ServerConfig(Table):
+    bind_addr: str = key("127.0.0.1")
+    bind_port: int = key(7000, ge=0, le=65535)
+    proxy_bind_addr: str = key("")
+    state_dir: str = key("relayd-state")
+    allow_ports: str = key("1024-65535", check=check_port_ranges)
+    max_ports_per_client: int = key(0, ge=0)
+    keepalive_timeout: float = key(30.0, ge=1.0, le=600.0)
+    handshake_timeout: float = key(10.0, ge=1.0, le=120.0)
+    vhost_http_port: int = key(0, ge=0, le=65535)
+    vhost_https_port: int = key(0, ge=0, le=65535)
+    subdomain_host: str = key("", check=lambda v: check_domain(v) if v else "")
+    vhost_header_timeout: float = key(10.0, ge=1.0, le=300.0)
+    auth: ServerAuth = key(factory=ServerAuth)
+    tls: ServerTLS = key(factory=ServerTLS)
+    limits: ServerLimits = key(factory=ServerLimits)
+    dashboard: DashboardConfig | None = key(None)  # on when the [dashboard] table is present
 
     @property
     def port_ranges(self) -> PortRanges:
@@ -188,20 +200,17 @@ class ServerConfig(_Strict):
 # --- relayc -------------------------------------------------------------------------------------
 
 
-class ClientAuth(_Strict):
-    token: str = ""
+@dataclass(kw_only=True)
+class ClientAuth(Table):
+    token: str = key("")
 
 
-class ClientTLS(_Strict):
-    enable: bool = True
-    server_fingerprint: str = ""
-    server_name: str = ""
-    ca_file: str = ""
-
-    @field_validator("server_fingerprint")
-    @classmethod
-    def _fp(cls, v: str) -> str:
-        return normalize_fingerprint(v) if v else ""
+@dataclass(kw_only=True)
+class ClientTLS(Table):
+    enable: bool = key(True)
+    server_fingerprint: str = key("", check=lambda v: normalize_fingerprint(v) if v else "")
+    server_name: str = key("")
+    ca_file: str = key("")
 
 
 class TargetPolicy:
@@ -250,84 +259,36 @@ class TargetPolicy:
         return any(ip in net for net in self.networks)
 
 
-class TunnelConfig(_Strict):
-    name: str
-    type: Literal["tcp", "http", "https"] = "tcp"
-    local_ip: str = "127.0.0.1"
-    local_port: int = Field(ge=1, le=65535)
-    remote_port: int = Field(default=0, ge=0, le=65535)
+@dataclass(kw_only=True)
+class TunnelConfig(Table):
+    name: str = key(check=check_name)
+    type: Literal["tcp", "http", "https"] = key("tcp")
+    local_ip: str = key("127.0.0.1")
+    local_port: int = key(ge=1, le=65535)
+    remote_port: int = key(0, ge=0, le=65535)
     # http and https tunnels: routed by host name on relayd's vhost ports
-    subdomain: str = ""
-    custom_domains: list[str] = []
-    locations: list[str] = []
-    http_user: str = ""
-    http_password: str = ""
-    host_header_rewrite: str = ""
+    subdomain: str = key("", check=check_label)
+    custom_domains: list[str] = key([], check=lambda v: [check_domain(d) for d in v])
+    locations: list[str] = key([], check=check_locations)
+    http_user: str = key("")
+    http_password: str = key("")
+    host_header_rewrite: str = key("")
     # limits, enforced by relayd (its own [limits] can only make them stricter)
-    max_connections: int = Field(default=0, ge=0)
-    bandwidth_limit: int = 0
-    allow_sources: list[str] = []
-
-    @field_validator("bandwidth_limit", mode="before")
-    @classmethod
-    def _rate(cls, v: int | str) -> int:
-        return parse_rate(v)
-
-    @field_validator("allow_sources")
-    @classmethod
-    def _sources(cls, v: list[str]) -> list[str]:
-        for cidr in v:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"{cidr!r} is not an address or CIDR like 10.0.0.0/8") from None
-        return v
-
-    @field_validator("subdomain")
-    @classmethod
-    def _subdomain(cls, v: str) -> str:
-        return check_label(v)
-
-    @field_validator("custom_domains")
-    @classmethod
-    def _domains(cls, v: list[str]) -> list[str]:
-        return [check_domain(d) for d in v]
-
-    @field_validator("locations")
-    @classmethod
-    def _locations(cls, v: list[str]) -> list[str]:
-        for loc in v:
-            if not loc.startswith("/"):
-                raise ValueError(f"{loc!r} must start with '/'")
-        return v
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v)
+    max_connections: int = key(0, ge=0)
+    bandwidth_limit: int = key(0, before=parse_rate)
+    allow_sources: list[str] = key([], check=check_sources)
 
 
-class ClientConfig(_Strict):
-    server_addr: str = "127.0.0.1"
-    server_port: int = Field(default=7000, ge=1, le=65535)
-    name: str = Field(default_factory=socket.gethostname)
-    keepalive_timeout: float = Field(default=30.0, ge=1.0, le=600.0)
-    auth: ClientAuth = ClientAuth()
-    tls: ClientTLS = ClientTLS()
-    allow_targets: list[str] = ["127.0.0.1", "::1", "localhost"]
-    tunnels: list[TunnelConfig] = []
-
-    @field_validator("allow_targets")
-    @classmethod
-    def _targets(cls, v: list[str]) -> list[str]:
-        for entry in v:
-            TargetPolicy([entry])
-        return v
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v)
+@dataclass(kw_only=True)
+class ClientConfig(Table):
+    server_addr: str = key("127.0.0.1")
+    server_port: int = key(7000, ge=1, le=65535)
+    name: str = key(factory=socket.gethostname, check=check_name)
+    keepalive_timeout: float = key(30.0, ge=1.0, le=600.0)
+    auth: ClientAuth = key(factory=ClientAuth)
+    tls: ClientTLS = key(factory=ClientTLS)
+    allow_targets: list[str] = key(["127.0.0.1", "::1", "localhost"], check=check_targets)
+    tunnels: list[TunnelConfig] = key([])
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -335,40 +296,14 @@ class ClientConfig(_Strict):
 ModelT = TypeVar("ModelT", ServerConfig, ClientConfig)
 
 
-def key_path(loc: tuple[int | str, ...]) -> str:
-    """``('tunnels', 1, 'local_port')`` -> ``tunnels[1].local_port``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + part
-    return out
-
-
-def _reason(err: Any) -> str:
-    kind = err.get("type", "")
-    if kind == "extra_forbidden":
-        return "unknown key (is it misspelled?)"
-    if kind == "missing":
-        return "required key is missing"
-    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-    if "input" in err and kind not in ("model_type", "list_type", "dict_type"):
-        return f"{msg} (got {err['input']!r})"
-    return msg
-
-
 def parse_config(model: type[ModelT], data: dict[str, Any], path: str) -> ModelT:
     try:
-        cfg = model.model_validate(data)
-    except ValidationError as exc:
-        errors = exc.errors()
-        first = errors[0]
-        reason = _reason(first)
-        if len(errors) > 1:
-            more = "; ".join(f"{key_path(e['loc'])}: {_reason(e)}" for e in errors[1:4])
-            reason += f"  (also: {more})"
-        raise ConfigError(path, key_path(first["loc"]), reason) from None
+        cfg = model.from_table(data)
+    except SchemaError as exc:
+        (loc, reason), *others = exc.problems
+        if others:
+            reason += "  (also: " + "; ".join(f"{key_path(o)}: {why}" for o, why in others[:3]) + ")"
+        raise ConfigError(path, key_path(loc), reason) from None
     _check_semantics(cfg, path)
     return cfg
 
