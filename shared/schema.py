@@ -177,31 +177,22 @@ def _table(cls: type[Table], data: Any, loc: Loc, problems: list[tuple[Loc, str]
 
 
 def _value(tp: Any, rule: _Rule, raw: Any, loc: Loc, problems: list[tuple[Loc, str]]) -> Any:
-    if rule.before is not None:
-        try:
+    try:
+        if rule.before is not None:
             raw = rule.before(raw)
-        except ValueError as exc:
-            problems.append((loc, _problem(str(exc), raw)))
-            return _INVALID
-    value = _typed(tp, raw, loc, problems)
-    if value is _INVALID:
-        return value
-    if rule.ge is not None and value < rule.ge:
-        problems.append((loc, _problem(f"must be at least {rule.ge:g}", raw)))
+        value = _typed(tp, raw, loc, problems)
+        if value is _INVALID:
+            return value
+        if rule.ge is not None and value < rule.ge:
+            raise ValueError(f"must be at least {rule.ge:g}")
+        if rule.gt is not None and value <= rule.gt:
+            raise ValueError(f"must be greater than {rule.gt:g}")
+        if rule.le is not None and value > rule.le:
+            raise ValueError(f"must be at most {rule.le:g}")
+        return value if rule.check is None else rule.check(value)
+    except ValueError as exc:
+        problems.append((loc, _problem(str(exc), raw)))
         return _INVALID
-    if rule.gt is not None and value <= rule.gt:
-        problems.append((loc, _problem(f"must be greater than {rule.gt:g}", raw)))
-        return _INVALID
-    if rule.le is not None and value > rule.le:
-        problems.append((loc, _problem(f"must be at most {rule.le:g}", raw)))
-        return _INVALID
-    if rule.check is not None:
-        try:
-            value = rule.check(value)
-        except ValueError as exc:
-            problems.append((loc, _problem(str(exc), raw)))
-            return _INVALID
-    return value
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
