@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from shared.aio import MuxConnection, StreamBridge
 from shared.burst import BurstLog
@@ -13,7 +14,8 @@ from shared.frames import ResetCode
 from shared.messages import MessageDecoder, StreamOpen, TunnelSpec
 
 log = logging.getLogger("relayc")
-_dials: set[asyncio.Task[None]] = set()
+_dials: set[asyncio.Task[Any]] = set()
+DIAL_TIMEOUT = 10.0
 
 
 class IncomingStream:
@@ -66,27 +68,45 @@ class IncomingStream:
             bridge.on_data(rest)
         if self._ended:
             bridge.on_end()
-        task = asyncio.get_running_loop().create_task(self._dial(bridge, spec, first.visitor))
-        _dials.add(task)  # a task only weakly referenced by the loop could be collected mid-dial
-        task.add_done_callback(_dials.discard)
+        self._dial(bridge, spec, first.visitor)
 
-    async def _dial(self, bridge: StreamBridge, spec: TunnelSpec, visitor: str) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(loop.create_connection(lambda: bridge, spec.local_ip, spec.local_port), 10.0)
-        except (OSError, asyncio.TimeoutError) as exc:
-            reason = getattr(exc, "strerror", None) or exc.__class__.__name__
-            self._burst_log.warning(
-                f"dial:{spec.name}",
-                "tunnel %s: cannot reach %s:%d (%s); visitor %s refused",
-                spec.name,
-                spec.local_ip,
-                spec.local_port,
-                reason,
-                visitor,
-            )
-            bridge.on_reset(ResetCode.REFUSED)
-            self.mux.reset(self.stream_id, ResetCode.REFUSED)
+    def _dial(self, bridge: StreamBridge, spec: TunnelSpec, visitor: str) -> None:
+        # One task and one timer per dial (not a coroutine of ours plus wait_for's own task): a new
+        # visitor connection costs relayc less CPU this way (bench row 4).
+        loop = self.mux.loop
+        task = loop.create_task(loop.create_connection(lambda: bridge, spec.local_ip, spec.local_port))
+        timer = loop.call_later(DIAL_TIMEOUT, task.cancel)
+        _dials.add(task)  # a task only weakly referenced by the loop could be collected mid-dial
+        task.add_done_callback(lambda done: self._dialed(done, timer, bridge, spec, visitor))
+
+    def _dialed(
+        self,
+        task: asyncio.Task[Any],
+        timer: asyncio.TimerHandle,
+        bridge: StreamBridge,
+        spec: TunnelSpec,
+        visitor: str,
+    ) -> None:
+        _dials.discard(task)
+        timer.cancel()
+        if task.cancelled():
+            reason = f"no answer within {DIAL_TIMEOUT:g} s"
+        else:
+            exc = task.exception()
+            if exc is None:
+                return
+            reason = getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
+        self._burst_log.warning(
+            f"dial:{spec.name}",
+            "tunnel %s: cannot reach %s:%d (%s); visitor %s refused",
+            spec.name,
+            spec.local_ip,
+            spec.local_port,
+            reason,
+            visitor,
+        )
+        bridge.on_reset(ResetCode.REFUSED)
+        self.mux.reset(self.stream_id, ResetCode.REFUSED)
 
     def on_end(self) -> None:
         self._ended = True

@@ -107,7 +107,7 @@ class MuxConnection(asyncio.Protocol):
         self._handlers: dict[int, StreamHandler] = {}
         self.session: Session | None = None
         self.transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_event_loop()
+        self.loop = self._loop = asyncio.get_event_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         self._write_paused = False

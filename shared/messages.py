@@ -50,6 +50,7 @@ class _FieldError(Exception):
 _SPECS: dict[type, tuple[tuple[str, str, _Field], ...]] = {}
 # One encoder for every message: json.dumps with non-default arguments builds a new one per call.
 _JSON = json.JSONEncoder(separators=(",", ":"))
+_JSON_DECODE = json.JSONDecoder().decode  # json.loads would sniff the encoding of bytes on every call
 
 
 class _Message:
@@ -287,10 +288,10 @@ def encode_message(message: _Message) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-def decode_message(body: bytes) -> Any:
+def decode_message(body: bytes | memoryview) -> Any:
     """Decode one message body (without its length prefix)."""
     try:
-        obj = json.loads(body)
+        obj = _JSON_DECODE(str(body, "utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RemoteProtocolError(f"control message is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -314,17 +315,27 @@ class MessageDecoder:
 
     def feed(self, data: bytes | memoryview, limit: int = 0) -> list[Any]:
         """Add bytes; return the whole messages now available (at most ``limit`` if non-zero)."""
-        self._buf += data
         out: list[Any] = []
-        while len(self._buf) >= 4 and not (limit and len(out) >= limit):
-            (size,) = _LEN.unpack_from(self._buf)
-            if size > self._max_size:
-                raise RemoteProtocolError(f"control message of {size} bytes exceeds the maximum {self._max_size}")
-            if len(self._buf) < 4 + size:
-                break
-            body = bytes(self._buf[4 : 4 + size])
-            del self._buf[: 4 + size]
-            out.append(decode_message(body))
+        buffered = bool(self._buf)
+        if buffered:
+            self._buf += data
+        # Messages are decoded straight from the bytes given (the usual case: each arrives whole);
+        # only a partial message, or what follows ``limit`` messages, is kept in ``self._buf``.
+        pos, end = 0, len(self._buf) if buffered else len(data)
+        with memoryview(self._buf if buffered else data) as view:
+            while end - pos >= 4 and not (limit and len(out) >= limit):
+                (size,) = _LEN.unpack_from(view, pos)
+                if size > self._max_size:
+                    raise RemoteProtocolError(f"control message of {size} bytes exceeds the maximum {self._max_size}")
+                if end - pos < 4 + size:
+                    break
+                with view[pos + 4 : pos + 4 + size] as body:
+                    out.append(decode_message(body))
+                pos += 4 + size
+            if not buffered and pos < end:
+                self._buf += view[pos:]
+        if buffered:
+            del self._buf[:pos]
         return out
 
     def take_rest(self) -> bytes:
