@@ -52,6 +52,30 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by ``pids`` (from /proc; 0 for a pid that is gone)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wrk_with_cpu(path: Path_, port: int, seconds: float, close: bool, host: str = "") -> dict[str, float]:
+    """``wrk`` through ``path``, plus the CPU its tunnel processes spent per request (microseconds).
+
+    On a shared machine requests/s swing with the neighbours; CPU per request is much steadier, so
+    it is the figure to compare across commits."""
+    before = cpu_seconds(path.pids)
+    r = wrk(port, seconds, close, host)
+    spent = cpu_seconds(path.pids) - before
+    r["cpu_us"] = spent / (r["rps"] * max(1, int(seconds))) * 1e6 if path.pids and r["rps"] else float("nan")
+    return r
+
+
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -273,6 +297,8 @@ def fmt(v: float | None, unit: str) -> str:
         return f"{v:.2f}"
     if unit == "ms":
         return f"{v:.2f}"
+    if unit == "us":
+        return f"{v:.1f}"
     if unit == "KiB":
         return f"{v:.1f}"
     return f"{v:,.0f}"
@@ -338,11 +364,14 @@ def measure(b: Bench) -> list[dict[str, Any]]:
             rps: dict[str, Any] = {"row": label + " (req/s)", "unit": "req/s", "higher_is_better": True}
             p99: dict[str, Any] = {"row": label + " p99", "unit": "ms", "higher_is_better": False}
             p50: dict[str, Any] = {"row": label + " p50", "unit": "ms", "higher_is_better": False}
+            cpu: dict[str, Any] = {"row": label + " CPU/req", "unit": "us", "higher_is_better": False}
             for path in b.paths:
-                r = wrk(path.ports["http"], d, close)
+                r = wrk_with_cpu(path, path.ports["http"], d, close)
                 rps[path.name], p50[path.name], p99[path.name] = r["rps"], r["p50_ms"], r["p99_ms"]
+                if path.pids:
+                    cpu[path.name] = r["cpu_us"]
                 time.sleep(0.5)
-            rows += [rps, p50, p99] if not close else [rps]
+            rows += [rps, p50, p99, cpu] if not close else [rps, cpu]
     else:
         b.missing["wrk"] = "wrk not installed (apt-get install wrk): rows 3 and 4 skipped"
     n = b.args.conns
@@ -359,14 +388,18 @@ def measure(b: Bench) -> list[dict[str, Any]]:
                                  "higher_is_better": True}  # fmt: skip
         vp99: dict[str, Any] = {"row": "6. keep-alive requests, http vhost p99", "unit": "ms",
                                 "higher_is_better": False}  # fmt: skip
+        vcpu: dict[str, Any] = {"row": "6. keep-alive requests, http vhost CPU/req", "unit": "us",
+                                "higher_is_better": False}  # fmt: skip
         for path in b.paths:
             if path.name == "relay":
-                r = wrk(b.vhost_port, d, False, host="web.bench.test")
+                r = wrk_with_cpu(path, b.vhost_port, d, False, host="web.bench.test")
             else:
-                r = wrk(path.ports["http"], d, False)  # no vhost there: the same requests as row 3
+                r = wrk_with_cpu(path, path.ports["http"], d, False)  # no vhost there: the same as row 3
             vhost[path.name], vp99[path.name] = r["rps"], r["p99_ms"]
+            if path.pids:
+                vcpu[path.name] = r["cpu_us"]
             time.sleep(0.5)
-        rows += [vhost, vp99]
+        rows += [vhost, vp99, vcpu]
     return rows
 
 

@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.harness import (
     ROOT,
     Proc,
@@ -251,6 +253,58 @@ def test_target_down_closes_visitor_at_once_and_tunnel_stays(tmp_path: Path, pro
     threading.Thread(target=server._serve, daemon=True).start()
     wait_port_serves(public)
     server.close()
+
+
+def _unanswering_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener that never accepts, its accept queue filled: Linux drops further SYNs, so a
+    connect to it neither succeeds nor fails (the dial hangs until someone gives up)."""
+    jam = socket.socket()
+    jam.bind(("127.0.0.1", 0))
+    jam.listen(0)
+    fillers: list[socket.socket] = []
+    for _ in range(2):
+        f = socket.socket()
+        f.settimeout(1.0)
+        try:
+            f.connect(jam.getsockname())
+        except OSError:
+            f.close()
+            break
+        fillers.append(f)
+    probe = socket.socket()
+    probe.settimeout(0.5)
+    try:
+        probe.connect(jam.getsockname())
+    except TimeoutError:
+        return jam, fillers
+    finally:
+        probe.close()
+    jam.close()
+    for f in fillers:
+        f.close()
+    pytest.skip("this kernel answers connects beyond a full accept queue")
+
+
+@pytest.mark.slow
+def test_target_that_never_answers_is_given_up_after_the_dial_timeout(tmp_path: Path, procs: list[Proc]) -> None:
+    jam, fillers = _unanswering_listener()
+    try:
+        port, public = free_port(), free_port()
+        start_relayd(procs, tmp_path, port)
+        target = jam.getsockname()[1]
+        c = start_relayc(
+            procs, relayc_config(tmp_path, port, [{"name": "j", "local_port": target, "remote_port": public}])
+        )
+        c.wait_for(r"tunnel j: relayd port")
+        with socket.create_connection(("127.0.0.1", public)) as s:
+            t0 = time.monotonic()
+            assert closed_by_peer(s, timeout=20)
+            assert 9 < time.monotonic() - t0 < 15  # relayc's 10 s dial timeout, not sooner, not never
+        c.wait_for(r"tunnel j: cannot reach 127.0.0.1:\d+ \(no answer within 10 s\)")
+    finally:
+        jam.close()
+        for f in fillers:
+            f.close()
 
 
 def test_sigterm_is_graceful_exit_0(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
