@@ -1,12 +1,18 @@
 """relay against the direct path and against OpenSSH's reverse tunnel, in one run on one machine.
 
-    python -m bench [--duration 5] [--conns 5000] [--json results.json] [--quick]
+    python -m bench [--duration 5] [--conns 5000] [--json results.json] [--quick] [--no-bare]
 
 Starts everything itself on 127.0.0.1: iperf3 and a tiny HTTP server as targets, relayd and relayc
 (TLS on, the real commands), and for the baseline a private sshd with throwaway keys plus
 ``ssh -N -R``.  Prints one table; every relay figure is also given as a ratio to ssh -R and to the
 direct path measured in the same run.  A missing tool is reported with its Debian package and its
 row skipped, never faked.
+
+The "bare" column is two bare uvloop forwarders with TLS between them (bench/forwarder.py): no
+multiplexer, no authentication, one TLS connection per visitor.  It is the least a two-process
+Python relay with TLS does per request, so relay/bare near 1 in rows 3 and 6 says the cost left is
+the interpreter, the syscalls and TLS, not relay's layers.  Rows 3, 4 and 6 also give the CPU the
+tunnel's own processes spent per request (from /proc), steadier than requests/s on a busy machine.
 """
 
 from __future__ import annotations
@@ -249,6 +255,23 @@ class Bench:
         path.pids = self.ssh.pids()
         self.paths.append(path)
 
+    def start_bare(self) -> None:
+        """Two bare forwarders per target with TLS between them (bench/forwarder.py)."""
+        from shared.tls import ensure_self_signed
+
+        cert, key = ensure_self_signed(self.tmp / "bare")
+        path = Path_("bare")
+        fwd = [sys.executable, "-m", "bench.forwarder"]
+        for name, port in self.targets.items():
+            inner, outer = free_port(), free_port()
+            a = self.spawn([*fwd, str(inner), str(port), "--tls-in", str(cert), str(key)], f"bare-{name}-in.log")
+            wait_port(inner)
+            b = self.spawn([*fwd, str(outer), str(inner), "--tls-out"], f"bare-{name}-out.log")
+            wait_port(outer)
+            path.ports[name] = outer
+            path.pids += [a.pid, b.pid]
+        self.paths.append(path)
+
     def start_relay(self) -> None:
         control = free_port()
         self.vhost_port = free_port()
@@ -310,6 +333,7 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=5000, help="connections held open for the memory row")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run): 1 s, 200 connections")
+    ap.add_argument("--no-bare", action="store_true", help="leave out the 'bare' column")
     args = ap.parse_args()
     if args.quick:
         args.duration, args.conns = 1.0, 200
@@ -319,6 +343,8 @@ def main() -> int:
     try:
         b.start_targets()
         b.start_ssh()
+        if not args.no_bare:
+            b.start_bare()
         b.start_relay()
         time.sleep(1.0)
         idle = {"relayd": rss_kib(b.relay.pids[0]) / 1024, "relayc": rss_kib(b.relay.pids[1]) / 1024}
@@ -378,7 +404,7 @@ def measure(b: Bench) -> list[dict[str, Any]]:
     mem: dict[str, Any] = {"row": f"5. memory per held conn ({n} conns)", "unit": "KiB", "higher_is_better": False}
     fails: dict[str, Any] = {"row": f"5. failed of {n} held conns", "unit": "count", "higher_is_better": False}
     for path in b.paths:
-        if path.name == "direct":
+        if path.name in ("direct", "bare"):  # bare holds a TLS connection per visitor: not comparable
             continue
         fails[path.name], mem[path.name] = hold_connections(path.ports["echo"], n, path.pids)
         time.sleep(0.5)
@@ -418,23 +444,25 @@ def describe_machine() -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'row':<42}{'unit':>8}{'direct':>11}{'ssh -R':>11}{'relay':>11}{'relay/ssh':>11}{'relay/direct':>14}"
+    cols = ["direct", "ssh -R", "bare", "relay"]
+    head = f"{'row':<44}{'unit':>7}" + "".join(f"{c:>10}" for c in cols)
+    head += f"{'relay/ssh':>11}{'relay/bare':>13}{'relay/direct':>14}"
     print(head)
     print("-" * len(head))
+
+    def ratio(a: float | None, b: float | None) -> str:
+        if a is None or b is None or b == 0 or a != a or b != b:
+            return "-"
+        return f"{a / b:.2f}x"
+
     for r in rows:
-        if "skipped" in r:
-            print(f"{r['row']:<42}{r['unit']:>8}   skipped: {r['skipped']}")
-            continue
         unit = r["unit"]
-        relay, ssh, direct = r.get("relay"), r.get("ssh -R"), r.get("direct")
-
-        def ratio(a: float | None, b: float | None) -> str:
-            if a is None or b is None or b == 0 or a != a or b != b:
-                return "-"
-            return f"{a / b:.2f}x"
-
-        print(f"{r['row']:<42}{unit:>8}{fmt(direct, unit):>11}{fmt(ssh, unit):>11}{fmt(relay, unit):>11}"
-              f"{ratio(relay, ssh):>11}{ratio(relay, direct):>14}")  # fmt: skip
+        line = f"{r['row']:<44}{unit:>7}" + "".join(f"{fmt(r.get(c), unit):>10}" for c in cols)
+        relay = r.get("relay")
+        line += (
+            f"{ratio(relay, r.get('ssh -R')):>11}{ratio(relay, r.get('bare')):>13}{ratio(relay, r.get('direct')):>14}"
+        )
+        print(line)
 
 
 if __name__ == "__main__":
