@@ -25,7 +25,7 @@ conflicting lengths; 431 when a head exceeds ``max_head`` bytes (64 KiB by defau
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Union
 
 MAX_HEAD: Final = 64 * 1024
@@ -46,17 +46,15 @@ class RequestHead:
     target: str
     version: str
     headers: list[tuple[str, str]]
+    # values by lowercased name, built once by the parser (every request is routed by its headers)
+    index: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
 
     def get(self, name: str) -> str | None:
-        name = name.lower()
-        for k, v in self.headers:
-            if k.lower() == name:
-                return v
-        return None
+        values = self.index.get(name.lower())
+        return values[0] if values else None
 
     def get_all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [v for k, v in self.headers if k.lower() == name]
+        return self.index.get(name.lower(), [])
 
     @property
     def path(self) -> str:
@@ -70,15 +68,17 @@ class RequestHead:
 
     @property
     def is_upgrade(self) -> bool:
-        connection = ",".join(self.get_all("connection")).lower()
-        return self.method == "CONNECT" or (
-            "upgrade" in [t.strip() for t in connection.split(",")] and self.get("upgrade") is not None
-        )
+        if self.method == "CONNECT":
+            return True
+        connection = self.index.get("connection")
+        if not connection or "upgrade" not in self.index:
+            return False
+        return "upgrade" in [t.strip() for t in ",".join(connection).lower().split(",")]
 
-    def encode(self) -> bytes:
-        lines = [f"{self.method} {self.target} {self.version}"]
-        lines += [f"{k}: {v}" for k, v in self.headers]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    def encode(self, headers: list[tuple[str, str]] | None = None) -> bytes:
+        """The head as bytes; with ``headers``, those instead of the parsed ones."""
+        fields = "".join([f"{k}: {v}\r\n" for k, v in (self.headers if headers is None else headers)])
+        return f"{self.method} {self.target} {self.version}\r\n{fields}\r\n".encode("latin-1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,19 +180,28 @@ class RequestReader:
         parts = lines[0].split(b" ")
         if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1] or not _VERSION.match(parts[2]):
             raise HttpError(400, "malformed request line")
+        # a bare CR or LF, or a NUL, anywhere in the head (the lines were split on CRLF)
+        if b"\0" in raw or raw.count(b"\r") != len(lines) - 1 or raw.count(b"\n") != len(lines) - 1:
+            raise HttpError(400, "invalid character in a header value")
         headers: list[tuple[str, str]] = []
+        index: dict[str, list[str]] = {}
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
             if not sep or not _TOKEN.match(name):
                 raise HttpError(400, "malformed header line")
-            if b"\r" in value or b"\n" in value or b"\0" in value:
-                raise HttpError(400, "invalid character in a header value")
-            headers.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
+            key = name.decode("ascii")
+            text = value.strip(b" \t").decode("latin-1")
+            headers.append((key, text))
+            lower = key.lower()
+            if lower in index:
+                index[lower].append(text)
+            else:
+                index[lower] = [text]
         try:
             target = parts[1].decode("ascii")
         except UnicodeDecodeError:
             raise HttpError(400, "request target is not ASCII") from None
-        return RequestHead(parts[0].decode("ascii"), target, parts[2].decode("ascii"), headers)
+        return RequestHead(parts[0].decode("ascii"), target, parts[2].decode("ascii"), headers, index)
 
     def _read_chunked(self, events: list[Event]) -> bool:
         buf = self._buf

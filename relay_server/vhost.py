@@ -306,7 +306,7 @@ def _rewrite(head: RequestHead, headers: list[tuple[str, str]], host: str, visit
     out.append(("X-Forwarded-For", f"{forwarded_for}, {visitor_ip}" if forwarded_for else visitor_ip))
     out.append(("X-Forwarded-Proto", "http"))
     out.append(("X-Forwarded-Host", host))
-    return RequestHead(head.method, head.target, head.version, out).encode()
+    return head.encode(out)
 
 
 def _basic_auth_ok(value: str | None, user: str, password: str) -> bool:
