@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -278,6 +279,8 @@ class Bench:
         (self.tmp / "relayd.toml").write_text(
             f'bind_addr = "127.0.0.1"\nbind_port = {control}\nstate_dir = "state"\n'
             f'vhost_http_port = {self.vhost_port}\nsubdomain_host = "bench.test"\n[auth]\ntoken = "{TOKEN}"\n'
+            # the dashboard on, as a user would run it: idle RSS is measured with it
+            f'[dashboard]\naddr = "127.0.0.1"\nport = {free_port()}\npassword = "{secrets.token_urlsafe(16)}"\n'
         )
         tunnels = ""
         for name, port in self.targets.items():
@@ -356,7 +359,7 @@ def main() -> int:
     for what, why in b.missing.items():
         print(f"  skipped/substituted: {what}: {why}")
     print_table(rows)
-    print(f"\nidle RSS: relayd {idle['relayd']:.1f} MiB, relayc {idle['relayc']:.1f} MiB")
+    print(f"\nidle RSS: relayd {idle['relayd']:.1f} MiB (dashboard on), relayc {idle['relayc']:.1f} MiB")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
