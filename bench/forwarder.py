@@ -7,7 +7,8 @@ multiplexer, no authentication, no flow control, no limits, no counters), do the
 any two-process Python relay with TLS must do per byte and per request: the benchmark's "floor"
 column.  relay doing about as well shows where the remaining cost is (syscalls, TLS, the
 interpreter) and that it is not in relay's own layers.  A benchmark aid, not a product: it does
-not verify the certificate it is shown.
+not verify the certificate it is shown, and a half-close cannot cross its TLS hop (asyncio's TLS
+transports cannot half-close), so an EOF from the visitor closes the whole chain.
 """
 
 from __future__ import annotations
