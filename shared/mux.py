@@ -289,9 +289,10 @@ class Session:
             n = len(item)
             if n >= _BIG_PIECE:
                 if small:
-                    small.append(item[:_HEAD_GLUE])  # glue the header to the payload's first bytes
+                    view = memoryview(item)  # slicing bytes would copy the whole payload
+                    small.append(view[:_HEAD_GLUE])  # glue the header to the payload's first bytes
                     pieces.append(b"".join(small))
-                    item = item[_HEAD_GLUE:]
+                    item = view[_HEAD_GLUE:]
                     small = []
                     small_len = 0
                 pieces.append(item)
