@@ -38,6 +38,7 @@ class IncomingStream:
         self._decoder = MessageDecoder(max_size=4096)
         self._bridge: StreamBridge | None = None
         self._ended = False
+        self._timed_out = False
 
     def on_data(self, data: bytes | memoryview) -> None:
         try:
@@ -75,9 +76,13 @@ class IncomingStream:
         # visitor connection costs relayc less CPU this way (bench row 4).
         loop = self.mux.loop
         task = loop.create_task(loop.create_connection(lambda: bridge, spec.local_ip, spec.local_port))
-        timer = loop.call_later(DIAL_TIMEOUT, task.cancel)
+        timer = loop.call_later(DIAL_TIMEOUT, self._give_up, task)
         _dials.add(task)  # a task only weakly referenced by the loop could be collected mid-dial
         task.add_done_callback(lambda done: self._dialed(done, timer, bridge, spec, visitor))
+
+    def _give_up(self, task: asyncio.Task[Any]) -> None:
+        self._timed_out = True
+        task.cancel()
 
     def _dialed(
         self,
@@ -90,6 +95,8 @@ class IncomingStream:
         _dials.discard(task)
         timer.cancel()
         if task.cancelled():
+            if not self._timed_out:
+                return  # relayc is shutting down: not the target's fault
             reason = f"no answer within {DIAL_TIMEOUT:g} s"
         else:
             exc = task.exception()
