@@ -29,8 +29,12 @@ from dataclasses import dataclass, field
 from typing import Final, Union
 
 MAX_HEAD: Final = 64 * 1024
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_VERSION = re.compile(rb"^HTTP/1\.[01]$")
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+# A head is matched by two regular expressions, in C, rather than line by line in Python: the
+# request line, then every header field (name, optional whitespace, value, optional whitespace).
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^ \r\n]+) (HTTP/1\.[01])\r\n")
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):([^\r\n]*)\r\n")  # no lazy match: no backtracking
+_FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[^\r\n]*\r\n)*")
 
 
 class HttpError(Exception):
@@ -176,19 +180,19 @@ class RequestReader:
         return True
 
     def _parse_head(self, raw: bytes) -> RequestHead:
-        lines = raw.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1] or not _VERSION.match(parts[2]):
-            raise HttpError(400, "malformed request line")
-        # a bare CR or LF, or a NUL, anywhere in the head (the lines were split on CRLF)
-        if b"\0" in raw or raw.count(b"\r") != len(lines) - 1 or raw.count(b"\n") != len(lines) - 1:
+        """``raw`` is a head without its final empty line."""
+        if b"\0" in raw:
             raise HttpError(400, "invalid character in a header value")
+        block = raw + b"\r\n"
+        line = _REQUEST_LINE.match(block)
+        if line is None:
+            raise HttpError(400, "malformed request line")
+        start = line.end()
+        if _FIELDS.fullmatch(block, start) is None:
+            raise HttpError(400, "malformed header line")
         headers: list[tuple[str, str]] = []
         index: dict[str, list[str]] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN.match(name):
-                raise HttpError(400, "malformed header line")
+        for name, value in _FIELD.findall(block, start):
             key = name.decode("ascii")
             text = value.strip(b" \t").decode("latin-1")
             headers.append((key, text))
@@ -197,11 +201,12 @@ class RequestReader:
                 index[lower].append(text)
             else:
                 index[lower] = [text]
+        method, target, version = line.groups()
         try:
-            target = parts[1].decode("ascii")
+            target_text = target.decode("ascii")
         except UnicodeDecodeError:
             raise HttpError(400, "request target is not ASCII") from None
-        return RequestHead(parts[0].decode("ascii"), target, parts[2].decode("ascii"), headers, index)
+        return RequestHead(method.decode("ascii"), target_text, version.decode("ascii"), headers, index)
 
     def _read_chunked(self, events: list[Event]) -> bool:
         buf = self._buf

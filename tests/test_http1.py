@@ -59,6 +59,12 @@ def test_absolute_form_path() -> None:
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", 400),  # a bare CR inside a value
+        (b"GET / HTTP/1.1\r\nX: a\nb\r\n\r\n", 400),  # a bare LF
+        (b"GET / HTTP/1.1\r\nX: a\0b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),  # whitespace before the colon
+        (b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400),  # obsolete line folding
+        (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
@@ -71,6 +77,12 @@ def test_errors_carry_the_status(data: bytes, status: int) -> None:
     with pytest.raises(HttpError) as info:
         RequestReader().feed(data)
     assert info.value.status == status
+
+
+def test_values_lose_surrounding_whitespace_only() -> None:
+    (head,), _, _ = run(b"GET / HTTP/1.1\r\nHost: \t a.example \t\r\nX-Empty:\r\nX-Inner:  a  b  \r\n\r\n")
+    assert head.headers == [("Host", "a.example"), ("X-Empty", ""), ("X-Inner", "a  b")]
+    assert head.get("x-inner") == "a  b" and head.get_all("X-EMPTY") == [""]
 
 
 def test_head_in_progress_flag() -> None:
