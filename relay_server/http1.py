@@ -52,6 +52,8 @@ class RequestHead:
     headers: list[tuple[str, str]]
     # values by lowercased name, built once by the parser (every request is routed by its headers)
     index: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
+    # the head as received, without its final empty line (checked well-formed by the parser)
+    raw: bytes = field(default=b"", compare=False, repr=False)
 
     def get(self, name: str) -> str | None:
         values = self.index.get(name.lower())
@@ -165,8 +167,8 @@ class RequestReader:
                 events.append(Body(bytes(buf)))
                 buf.clear()
             return True
-        te = ",".join(head.get_all("transfer-encoding")).lower()
-        lengths = head.get_all("content-length")
+        te = ",".join(head.index.get("transfer-encoding", ())).lower()
+        lengths = head.index.get("content-length")
         if te:
             if [t.strip() for t in te.split(",")][-1] != "chunked":
                 raise HttpError(400, "Transfer-Encoding must end with chunked")
@@ -206,7 +208,7 @@ class RequestReader:
             target_text = target.decode("ascii")
         except UnicodeDecodeError:
             raise HttpError(400, "request target is not ASCII") from None
-        return RequestHead(method.decode("ascii"), target_text, version.decode("ascii"), headers, index)
+        return RequestHead(method.decode("ascii"), target_text, version.decode("ascii"), headers, index, raw)
 
     def _read_chunked(self, events: list[Event]) -> bool:
         buf = self._buf
