@@ -43,6 +43,13 @@ def start_relayc(procs: list[Proc], config: Path) -> Proc:
     return p
 
 
+def start_tunnel(procs: list[Proc], tmp: Path, port: int, name: str, local_port: int, public: int = 0) -> Proc:
+    """relayc with one tcp tunnel, started and waited for until relayd has opened its port."""
+    c = start_relayc(procs, relayc_config(tmp, port, [{"name": name, "local_port": local_port, "remote_port": public}]))
+    c.wait_for(rf"tunnel {name}: relayd port")
+    return c
+
+
 def test_50mb_random_bytes_cross_intact_both_ways(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
     port, public = free_port(), free_port()
     start_relayd(procs, tmp_path, port)
@@ -79,10 +86,7 @@ def test_half_close_visitor_still_gets_reply(tmp_path: Path, procs: list[Proc]) 
     target = TcpServer(reply_after_eof)
     port, public = free_port(), free_port()
     start_relayd(procs, tmp_path, port)
-    c = start_relayc(
-        procs, relayc_config(tmp_path, port, [{"name": "t", "local_port": target.port, "remote_port": public}])
-    )
-    c.wait_for(r"tunnel t: relayd port")
+    start_tunnel(procs, tmp_path, port, "t", target.port, public)
     with socket.create_connection(("127.0.0.1", public)) as s:
         s.sendall(b"x" * 100_000)
         s.shutdown(socket.SHUT_WR)
@@ -181,10 +185,7 @@ def test_tofu_remembers_and_refuses_a_changed_certificate(tmp_path: Path, echo: 
 def test_relayd_killed_and_restarted_relayc_back_within_15s(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
     port, public = free_port(), free_port()
     d = start_relayd(procs, tmp_path, port)
-    c = start_relayc(
-        procs, relayc_config(tmp_path, port, [{"name": "e", "local_port": echo.port, "remote_port": public}])
-    )
-    c.wait_for(r"tunnel e: relayd port")
+    start_tunnel(procs, tmp_path, port, "e", echo.port, public)
     wait_port_serves(public)
     # a visitor in flight when relayd dies is reset, not left hanging
     visitor = socket.create_connection(("127.0.0.1", public))
@@ -234,8 +235,7 @@ def test_remote_port_zero_picks_a_port_and_logs_it(tmp_path: Path, echo: TcpServ
 def test_target_down_closes_visitor_at_once_and_tunnel_stays(tmp_path: Path, procs: list[Proc]) -> None:
     port, public, dead = free_port(), free_port(), free_port()
     start_relayd(procs, tmp_path, port)
-    c = start_relayc(procs, relayc_config(tmp_path, port, [{"name": "j", "local_port": dead, "remote_port": public}]))
-    c.wait_for(r"tunnel j: relayd port")
+    c = start_tunnel(procs, tmp_path, port, "j", dead, public)
     for _ in range(5):
         with socket.create_connection(("127.0.0.1", public)) as s:
             s.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -292,10 +292,7 @@ def test_target_that_never_answers_is_given_up_after_the_dial_timeout(tmp_path: 
         port, public = free_port(), free_port()
         start_relayd(procs, tmp_path, port)
         target = jam.getsockname()[1]
-        c = start_relayc(
-            procs, relayc_config(tmp_path, port, [{"name": "j", "local_port": target, "remote_port": public}])
-        )
-        c.wait_for(r"tunnel j: relayd port")
+        c = start_tunnel(procs, tmp_path, port, "j", target, public)
         with socket.create_connection(("127.0.0.1", public)) as s:
             t0 = time.monotonic()
             assert closed_by_peer(s, timeout=20)
@@ -310,10 +307,7 @@ def test_target_that_never_answers_is_given_up_after_the_dial_timeout(tmp_path: 
 def test_sigterm_is_graceful_exit_0(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
     port, public = free_port(), free_port()
     d = start_relayd(procs, tmp_path, port)
-    c = start_relayc(
-        procs, relayc_config(tmp_path, port, [{"name": "e", "local_port": echo.port, "remote_port": public}])
-    )
-    c.wait_for(r"tunnel e: relayd port")
+    c = start_tunnel(procs, tmp_path, port, "e", echo.port, public)
     assert c.stop(signal.SIGTERM) == 0
     d.wait_for(r"client lab .* disconnected")
     assert port_refuses(public)
