@@ -126,6 +126,23 @@ def spawn(procs: list[Proc], module: str, config: Path) -> Proc:
     return p
 
 
+def start_relayd(procs: list[Proc], tmp: Path, port: int, **overrides: Any) -> Proc:
+    """relayd on ``port`` (config keys overridden by ``overrides``), waited for until it listens."""
+    p = spawn(procs, "relay_server.cli", relayd_config(tmp, port, **overrides))
+    p.wait_for(r"listening for relayc")
+    return p
+
+
+def start_tunnel(
+    procs: list[Proc], tmp: Path, port: int, name: str, local_port: int, public: int = 0, **overrides: Any
+) -> Proc:
+    """relayc with one tcp tunnel, waited for until relayd has opened its port."""
+    tunnel = {"name": name, "local_port": local_port, "remote_port": public}
+    c = spawn(procs, "relay_client.cli", relayc_config(tmp, port, [tunnel], **overrides))
+    c.wait_for(rf"tunnel {name}: relayd port")
+    return c
+
+
 def relayd_config(tmp: Path, port: int, **overrides: Any) -> Path:
     data: dict[str, Any] = {
         "bind_addr": "127.0.0.1",

@@ -29,6 +29,8 @@ from tests.e2e.harness import (
     relayc_config,
     relayd_config,
     spawn,
+    start_relayd,
+    start_tunnel,
     wait_port_serves,
 )
 
@@ -46,10 +48,8 @@ def rss_mib(pid: int) -> float:
 
 def test_relayd_killed_during_transfers(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
     port, public = free_port(), free_port()
-    spawn(procs, "relay_server.cli", relayd_config(tmp_path, port)).wait_for("listening for relayc")
-    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
-        {"name": "e", "local_port": echo.port, "remote_port": public}]))  # fmt: skip
-    c.wait_for(r"tunnel e: relayd port")
+    start_relayd(procs, tmp_path, port)
+    start_tunnel(procs, tmp_path, port, "e", echo.port, public)
     outcomes: list[str] = []
 
     def transfer() -> None:
@@ -103,11 +103,8 @@ def test_frozen_relayc_is_noticed_within_the_keepalive_timeout(
     tmp_path: Path, echo: TcpServer, procs: list[Proc]
 ) -> None:
     port, public = free_port(), free_port()
-    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port, keepalive_timeout=3))
-    d.wait_for("listening for relayc")
-    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
-        {"name": "e", "local_port": echo.port, "remote_port": public}], keepalive_timeout=3))  # fmt: skip
-    c.wait_for(r"tunnel e: relayd port")
+    d = start_relayd(procs, tmp_path, port, keepalive_timeout=3)
+    c = start_tunnel(procs, tmp_path, port, "e", echo.port, public, keepalive_timeout=3)
     c.popen.send_signal(signal.SIGSTOP)  # alive, socket open, silent
     try:
         t0 = time.monotonic()
@@ -168,12 +165,9 @@ class FreezableProxy:
 
 def test_silent_path_is_noticed_by_both_sides_and_recovers(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
     port, public = free_port(), free_port()
-    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port, keepalive_timeout=3))
-    d.wait_for("listening for relayc")
+    d = start_relayd(procs, tmp_path, port, keepalive_timeout=3)
     proxy = FreezableProxy(port)
-    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, proxy.port, [
-        {"name": "e", "local_port": echo.port, "remote_port": public}], keepalive_timeout=3))  # fmt: skip
-    c.wait_for(r"tunnel e: relayd port")
+    c = start_tunnel(procs, tmp_path, proxy.port, "e", echo.port, public, keepalive_timeout=3)
     mark_d, mark_c = d.mark(), c.mark()
     proxy.frozen.set()
     t0 = time.monotonic()
@@ -224,11 +218,8 @@ def test_sigterm_lets_transfers_finishing_within_5s_finish(tmp_path: Path, procs
 
     target = TcpServer(count_then_reply)
     port, public = free_port(), free_port()
-    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port))
-    d.wait_for("listening for relayc")
-    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
-        {"name": "t", "local_port": target.port, "remote_port": public}]))  # fmt: skip
-    c.wait_for(r"tunnel t: relayd port")
+    d = start_relayd(procs, tmp_path, port)
+    start_tunnel(procs, tmp_path, port, "t", target.port, public)
     payload = os.urandom(30 * 1024 * 1024)
     with socket.create_connection(("127.0.0.1", public), timeout=20) as s:
         for i in range(30):  # about 1.5 s of paced upload; SIGTERM arrives in the middle

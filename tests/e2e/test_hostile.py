@@ -23,6 +23,8 @@ from tests.e2e.harness import (
     relayc_config,
     relayd_config,
     spawn,
+    start_relayd,
+    start_tunnel,
     wait_port_serves,
 )
 from tests.e2e.rawclient import RawClient
@@ -49,11 +51,8 @@ def test_fuzzing_the_control_port_leaves_real_clients_served(
     tmp_path: Path, echo: TcpServer, procs: list[Proc]
 ) -> None:
     port, public = free_port(), free_port()
-    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port, handshake_timeout=2))
-    d.wait_for("listening for relayc")
-    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
-        {"name": "e", "local_port": echo.port, "remote_port": public}]))  # fmt: skip
-    c.wait_for(r"tunnel e: relayd port")
+    d = start_relayd(procs, tmp_path, port, handshake_timeout=2)
+    start_tunnel(procs, tmp_path, port, "e", echo.port, public)
     rng = random.Random(7)
     cases = [
         os.urandom(100),  # random bytes, before TLS

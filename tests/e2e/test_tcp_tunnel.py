@@ -25,36 +25,19 @@ from tests.e2e.harness import (
     port_refuses,
     recv_all,
     relayc_config,
-    relayd_config,
+    spawn,
+    start_relayd,
+    start_tunnel,
     wait_port_serves,
 )
-
-
-def start_relayd(procs: list[Proc], tmp: Path, port: int, **overrides: object) -> Proc:
-    p = Proc("relay_server.cli", relayd_config(tmp, port, **overrides))
-    procs.append(p)
-    p.wait_for(r"listening for relayc")
-    return p
-
-
-def start_relayc(procs: list[Proc], config: Path) -> Proc:
-    p = Proc("relay_client.cli", config)
-    procs.append(p)
-    return p
-
-
-def start_tunnel(procs: list[Proc], tmp: Path, port: int, name: str, local_port: int, public: int = 0) -> Proc:
-    """relayc with one tcp tunnel, started and waited for until relayd has opened its port."""
-    c = start_relayc(procs, relayc_config(tmp, port, [{"name": name, "local_port": local_port, "remote_port": public}]))
-    c.wait_for(rf"tunnel {name}: relayd port")
-    return c
 
 
 def test_50mb_random_bytes_cross_intact_both_ways(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
     port, public = free_port(), free_port()
     start_relayd(procs, tmp_path, port)
-    c = start_relayc(
+    c = spawn(
         procs,
+        "relay_client.cli",
         relayc_config(
             tmp_path,
             port,
@@ -97,8 +80,9 @@ def test_half_close_visitor_still_gets_reply(tmp_path: Path, procs: list[Proc]) 
 def test_wrong_token_gets_no_tunnel_and_relayd_stays_up(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
     port, public, public2 = free_port(), free_port(), free_port()
     d = start_relayd(procs, tmp_path, port)
-    bad = start_relayc(
+    bad = spawn(
         procs,
+        "relay_client.cli",
         relayc_config(
             tmp_path,
             port,
@@ -112,8 +96,9 @@ def test_wrong_token_gets_no_tunnel_and_relayd_stays_up(tmp_path: Path, echo: Tc
     assert port_refuses(public)
     assert bad.popen.poll() is None  # relayc keeps retrying; it does not exit
     bad.wait_for(r"reconnecting in")
-    good = start_relayc(
+    good = spawn(
         procs,
+        "relay_client.cli",
         relayc_config(
             tmp_path,
             port,
@@ -132,8 +117,9 @@ def test_pinned_fingerprint_mismatch_is_refused(tmp_path: Path, echo: TcpServer,
     d = start_relayd(procs, tmp_path, port)
     real = d.wait_for(r"fingerprint: (sha256:[0-9a-f]{64})").group(1)
     wrong = "sha256:" + ("0" * 64 if not real.endswith("0" * 64) else "1" * 64)
-    c = start_relayc(
+    c = spawn(
         procs,
+        "relay_client.cli",
         relayc_config(
             tmp_path,
             port,
@@ -150,8 +136,9 @@ def test_pinned_fingerprint_match_logs_in(tmp_path: Path, echo: TcpServer, procs
     port, public = free_port(), free_port()
     d = start_relayd(procs, tmp_path, port)
     real = d.wait_for(r"fingerprint: (sha256:[0-9a-f]{64})").group(1)
-    c = start_relayc(
+    c = spawn(
         procs,
+        "relay_client.cli",
         relayc_config(
             tmp_path,
             port,
@@ -168,7 +155,7 @@ def test_tofu_remembers_and_refuses_a_changed_certificate(tmp_path: Path, echo: 
     port, public = free_port(), free_port()
     d = start_relayd(procs, tmp_path, port)
     cfg = relayc_config(tmp_path, port, [{"name": "e", "local_port": echo.port, "remote_port": public}])
-    c = start_relayc(procs, cfg)
+    c = spawn(procs, "relay_client.cli", cfg)
     c.wait_for(r"trusting relayd at .* on first use")
     c.wait_for(r"tunnel e: relayd port")
     known = (tmp_path / "relayc_known_servers").read_text()
@@ -206,8 +193,9 @@ def test_port_outside_allow_ports_is_refused_other_tunnel_works(
 ) -> None:
     port, good_port = free_port(), free_port()
     d = start_relayd(procs, tmp_path, port, allow_ports=f"{good_port}")
-    c = start_relayc(
+    c = spawn(
         procs,
+        "relay_client.cli",
         relayc_config(
             tmp_path,
             port,
@@ -226,7 +214,7 @@ def test_port_outside_allow_ports_is_refused_other_tunnel_works(
 def test_remote_port_zero_picks_a_port_and_logs_it(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
     port = free_port()
     start_relayd(procs, tmp_path, port)
-    c = start_relayc(procs, relayc_config(tmp_path, port, [{"name": "auto", "local_port": echo.port}]))
+    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [{"name": "auto", "local_port": echo.port}]))
     chosen = int(c.wait_for(r"tunnel auto: relayd port (\d+)").group(1))
     assert chosen >= 1024
     wait_port_serves(chosen)
@@ -319,11 +307,11 @@ def test_same_name_relogin_replaces_stale_session(tmp_path: Path, echo: TcpServe
     port, public = free_port(), free_port()
     d = start_relayd(procs, tmp_path, port)
     tunnels = [{"name": "e", "local_port": echo.port, "remote_port": public}]
-    first = start_relayc(procs, relayc_config(tmp_path, port, tunnels, filename="a.toml"))
+    first = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, tunnels, filename="a.toml"))
     first.wait_for(r"tunnel e: relayd port")
     first.popen.send_signal(signal.SIGSTOP)  # frozen: its session is stale but not closed
     try:
-        second = start_relayc(procs, relayc_config(tmp_path, port, tunnels, filename="b.toml"))
+        second = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, tunnels, filename="b.toml"))
         second.wait_for(r"tunnel e: relayd port", timeout=15)
         d.wait_for(r"client lab: a new session .* replaces")
         wait_port_serves(public)
