@@ -136,17 +136,7 @@ def test_pinned_fingerprint_match_logs_in(tmp_path: Path, echo: TcpServer, procs
     port, public = free_port(), free_port()
     d = start_relayd(procs, tmp_path, port)
     real = d.wait_for(r"fingerprint: (sha256:[0-9a-f]{64})").group(1)
-    c = spawn(
-        procs,
-        "relay_client.cli",
-        relayc_config(
-            tmp_path,
-            port,
-            [{"name": "e", "local_port": echo.port, "remote_port": public}],
-            tls={"server_fingerprint": real.upper()},
-        ),
-    )
-    c.wait_for(r"tunnel e: relayd port")
+    start_tunnel(procs, tmp_path, port, "e", echo.port, public, tls={"server_fingerprint": real.upper()})
     wait_port_serves(public)
     assert not (tmp_path / "relayc_known_servers").exists()  # a pin needs no TOFU memory
 
