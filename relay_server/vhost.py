@@ -295,7 +295,7 @@ _FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
 def _rewrite(head: RequestHead, headers: list[tuple[str, str]], host: str, visitor: str, host_rewrite: str) -> bytes:
     visitor_ip = visitor.rsplit(":", 1)[0]
     index = head.index
-    if headers is head.headers and not host_rewrite and head.raw and not any(k in index for k in _FORWARDED):
+    if headers is head.headers and not host_rewrite and head.raw and index.keys().isdisjoint(_FORWARDED):
         # The usual request: nothing to drop or change, so the head goes on as received (the
         # parser checked every line) with relayd's X-Forwarded-* lines added.
         added = f"\r\nX-Forwarded-For: {visitor_ip}\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: {host}\r\n\r\n"

@@ -213,7 +213,7 @@ class TunnelAdd(_Message):
     """relayc -> relayd: please open a public listener for this tunnel."""
 
     type: ClassVar[str] = "tunnel_add"
-    tunnel: TunnelSpec = _spec(TunnelSpec)  # noqa: RUF009 - _spec returns a dataclasses.field
+    tunnel: TunnelSpec = _spec(TunnelSpec)
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ class TunnelPush(_Message):
     registers it with tunnel_add (or answers tunnel_push_refused)."""
 
     type: ClassVar[str] = "tunnel_push"
-    tunnel: TunnelSpec = _spec(TunnelSpec)  # noqa: RUF009 - _spec returns a dataclasses.field
+    tunnel: TunnelSpec = _spec(TunnelSpec)
 
 
 @dataclass(frozen=True)

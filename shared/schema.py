@@ -11,6 +11,11 @@ Why not pydantic, which did this job before: relayc's idle memory budget is 30 M
 pydantic and building the config schemas cost about 10 MiB of it (measured with
 ``/proc/self/status`` around the import; see docs/architecture.md).  What the configs need is small
 and is all here.  The dashboard's API bodies still use pydantic through FastAPI, in relayd only.
+
+The control messages (``shared.messages``) keep their own, smaller checker on purpose: a peer's
+message may carry fields a newer version added (ignored there, an error here), every string has a
+length limit against a hostile peer, and one ``stream_open`` is decoded per visitor connection, so
+that path is kept to a loop over cached field specs.
 """
 
 from __future__ import annotations
