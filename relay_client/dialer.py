@@ -11,11 +11,12 @@ from shared.aio import MuxConnection, StreamBridge
 from shared.burst import BurstLog
 from shared.errors import RemoteProtocolError
 from shared.frames import ResetCode
-from shared.messages import MessageDecoder, StreamOpen, TunnelSpec
+from shared.messages import MessageDecoder, StreamOpen, TunnelSpec, decode_message
 
 log = logging.getLogger("relayc")
 _dials: set[asyncio.Task[Any]] = set()
 DIAL_TIMEOUT = 10.0
+PREAMBLE_MAX = 4096  # bytes of a stream_open message; relayd's are about 80
 
 
 class IncomingStream:
@@ -35,12 +36,27 @@ class IncomingStream:
         self.stream_id = stream_id
         self._lookup = lookup
         self._burst_log = burst_log
-        self._decoder = MessageDecoder(max_size=4096)
+        self._decoder: MessageDecoder | None = None  # only when the preamble comes in pieces
         self._bridge: StreamBridge | None = None
         self._ended = False
         self._timed_out = False
 
     def on_data(self, data: bytes | memoryview) -> None:
+        if self._decoder is None and len(data) >= 4:
+            # The usual case: the whole preamble in the first chunk, decoded in place.
+            end = 4 + int.from_bytes(data[:4], "big")
+            if end - 4 <= PREAMBLE_MAX and len(data) >= end:
+                try:
+                    first = decode_message(data[4:end])
+                except RemoteProtocolError as exc:
+                    self.mux.consume(self.stream_id, len(data))
+                    self.mux.fail(exc)
+                    return
+                self.mux.consume(self.stream_id, end)
+                self._start(first, data[end:])
+                return
+        if self._decoder is None:
+            self._decoder = MessageDecoder(max_size=PREAMBLE_MAX)
         try:
             messages = self._decoder.feed(data, limit=1)
         except RemoteProtocolError as exc:
@@ -52,7 +68,10 @@ class IncomingStream:
             return
         rest = self._decoder.take_rest()
         self.mux.consume(self.stream_id, len(data) - len(rest))
-        first = messages[0]
+        self._start(messages[0], rest)
+
+    def _start(self, first: object, rest: bytes | memoryview) -> None:
+        """The preamble is in: find the tunnel, hand the stream to a bridge, dial."""
         if not isinstance(first, StreamOpen):
             self.mux.fail(RemoteProtocolError(f"stream {self.stream_id}: expected one stream_open message first"))
             return

@@ -11,7 +11,7 @@ from shared.aio import StreamBridge, TrafficCounters
 from shared.config import PortRanges
 from shared.errors import LocalProtocolError
 from shared.limits import SourceFilter, TokenBucket
-from shared.messages import StreamOpen, TunnelSpec, encode_message
+from shared.messages import TunnelSpec, encode_stream_open
 
 if TYPE_CHECKING:
     from relay_server.server import ClientSession
@@ -54,9 +54,7 @@ class PublicTunnel:
         if not mux.is_open:
             return False
         try:
-            bridge.stream_id = mux.open_stream(
-                bridge, encode_message(StreamOpen(tunnel=self.name, visitor=visitor)) + first
-            )
+            bridge.stream_id = mux.open_stream(bridge, encode_stream_open(self.spec.name, visitor) + first)
         except LocalProtocolError:
             return False
         bridge.mux = mux

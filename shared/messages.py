@@ -10,8 +10,10 @@ take whole messages out.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final
 
@@ -51,6 +53,9 @@ _SPECS: dict[type, tuple[tuple[str, str, _Field], ...]] = {}
 # One encoder for every message: json.dumps with non-default arguments builds a new one per call.
 _JSON = json.JSONEncoder(separators=(",", ":"))
 _JSON_DECODE = json.JSONDecoder().decode  # json.loads would sniff the encoding of bytes on every call
+# The C scanner under that decoder: parses one value with no whitespace handling around it, which
+# is what our encoder writes.  Anything else goes through the full decoder (for its exact errors).
+_JSON_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 class _Message:
@@ -288,10 +293,28 @@ def encode_message(message: _Message) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+def encode_stream_open(tunnel: str, visitor: str) -> bytes:
+    """``encode_message(StreamOpen(tunnel=tunnel, visitor=visitor))``, byte for byte, in a fraction
+    of the time: relayd writes one per visitor connection (bench row 4)."""
+    body = _stream_open_head(tunnel) + _JSON.encode(visitor).encode() + b"}"
+    return _LEN.pack(len(body)) + body
+
+
+@functools.lru_cache(maxsize=256)
+def _stream_open_head(tunnel: str) -> bytes:
+    return b'{"type":"stream_open","tunnel":' + _JSON.encode(tunnel).encode() + b',"visitor":'
+
+
 def decode_message(body: bytes | memoryview) -> Any:
     """Decode one message body (without its length prefix)."""
     try:
-        obj = _JSON_DECODE(str(body, "utf-8"))
+        text = str(body, "utf-8")
+        try:
+            obj, end = _JSON_SCAN(text, 0)
+        except StopIteration:
+            end = -1
+        if end != len(text):
+            obj = _JSON_DECODE(text)  # whitespace around the object, or not JSON: the full decoder
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RemoteProtocolError(f"control message is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):

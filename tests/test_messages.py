@@ -18,6 +18,7 @@ from shared.messages import (
     TunnelSpec,
     TunnelStatus,
     encode_message,
+    encode_stream_open,
 )
 
 SAMPLES = [
@@ -88,3 +89,25 @@ def test_random_bytes_parse_or_raise_protocol_error(data: bytes) -> None:
         dec.feed(data)
     except RemoteProtocolError:
         pass
+
+
+@pytest.mark.parametrize(
+    ("tunnel", "visitor"),
+    [("ssh", "198.51.100.7:51234"), ("web-1", "[2001:db8::1]:443"), ('odd"\\name', "caf\u00e9:1"), ("x", "")],
+)
+def test_stream_open_fast_encoding_is_the_generic_one(tunnel: str, visitor: str) -> None:
+    assert encode_stream_open(tunnel, visitor) == encode_message(StreamOpen(tunnel=tunnel, visitor=visitor))
+    assert MessageDecoder().feed(encode_stream_open(tunnel, visitor)) == [StreamOpen(tunnel=tunnel, visitor=visitor)]
+
+
+def test_whitespace_around_a_message_is_accepted_and_trailing_bytes_are_not() -> None:
+    (msg,) = MessageDecoder().feed(raw_body(b' \n{"type": "stream_open", "tunnel": "ssh"}\r\n '))
+    assert msg == StreamOpen(tunnel="ssh")
+    with pytest.raises(RemoteProtocolError, match="not valid JSON"):
+        MessageDecoder().feed(raw_body(b'{"type":"stream_open","tunnel":"ssh"}x'))
+    with pytest.raises(RemoteProtocolError, match="not valid JSON"):
+        MessageDecoder().feed(raw_body(b'{"type":"stream_open","tunnel":}'))
+
+
+def raw_body(body: bytes) -> bytes:
+    return struct.pack("!I", len(body)) + body
