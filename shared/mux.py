@@ -55,6 +55,7 @@ from typing import Final, Union
 
 from shared.errors import LocalProtocolError, PeerTimeoutError, RemoteProtocolError
 from shared.frames import (
+    HEADER,
     HEADER_LEN,
     MAX_FRAME_PAYLOAD,
     MAX_WINDOW,
@@ -83,6 +84,7 @@ SEND_BUFFER_HIGH: Final = 256 * 1024
 _DISCARD_MEMORY: Final = 4096
 
 _RST_CODE = struct.Struct("!I")
+_pack_header = HEADER.pack
 # data_to_send_list: payloads this big are passed through as they are; the first _HEAD_GLUE bytes
 # of each go with the preceding small pieces so a header never travels alone in a TLS record.
 _BIG_PIECE = 32 * 1024
@@ -90,16 +92,18 @@ _HEAD_GLUE = 4096
 
 
 # --- events -------------------------------------------------------------------------------------
+# Plain slotted dataclasses, not frozen ones: a frozen dataclass's __init__ costs three times as much
+# (object.__setattr__ per field), and one event is made per frame received.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamOpened:
     """The peer opened ``stream_id``; data for it follows in ``DataReceived`` events."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataReceived:
     """Bytes for ``stream_id``.  Call ``Session.consume(stream_id, len(data))`` once written out."""
 
@@ -107,14 +111,14 @@ class DataReceived:
     data: bytes | memoryview  # a view into the bytes given to receive_data: use it or copy it
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamEnded:
     """The peer half-closed ``stream_id`` (FIN): no more data will come from it."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamReset:
     """The peer reset ``stream_id``; ``code`` is a ``ResetCode``.  The stream is gone."""
 
@@ -122,21 +126,21 @@ class StreamReset:
     code: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamWritable:
     """The send buffer of ``stream_id`` drained below ``SEND_BUFFER_HIGH``: writing may resume."""
 
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PingAnswered:
     """Our keepalive PING came back after ``rtt`` seconds."""
 
     rtt: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GoAwayReceived:
     """The peer will accept no new streams; existing ones may finish.  ``code`` is a GoAwayCode."""
 
@@ -339,6 +343,21 @@ class Session:
             return 0
         if st.fin_pending:
             raise LocalProtocolError(f"stream {stream_id}: write after end_stream")
+        n = len(data)
+        if (
+            not st.send_buffered
+            and 0 < n <= st.send_credit
+            and n <= self._session_send_credit
+            and n <= MAX_FRAME_PAYLOAD
+        ):
+            # The usual case (nothing waiting, credit enough): one frame now, what _flush_stream
+            # would do, without the queue.
+            flags = self._opening_flags(st) if st.syn_pending or st.ack_pending else 0
+            st.send_credit -= n
+            self._session_send_credit -= n
+            self._out.append(_pack_header(PROTOCOL_VERSION, FrameType.DATA, flags, stream_id, n))
+            self._out.append(data)
+            return 0
         if data:
             self._enqueue(st, data)
             self._flush_stream(st)
@@ -479,6 +498,7 @@ class Session:
             self._check_preface(bytes(mv[:PREFACE_LEN]))
             pos = PREFACE_LEN
         events = self._events
+        streams = self._streams
         while pos < end:
             if self._frame_remaining:
                 take = min(self._frame_remaining, end - pos)
@@ -508,6 +528,23 @@ class Session:
                 self._handle_rst(stream_id, flags, code, length)
                 continue
             pos += HEADER_LEN
+            if frame_type == FrameType.DATA and not flags and 0 < length <= end - pos:
+                # The usual case: a whole DATA frame, no flags, for an open stream within its
+                # windows; what _start_data_frame and the payload branch above would do.
+                st = streams.get(stream_id)
+                if (
+                    st is not None
+                    and not st.fin_received
+                    and length <= st.recv_credit
+                    and length <= self._session_recv_credit
+                ):
+                    st.recv_credit -= length
+                    self._session_recv_credit -= length
+                    st.recv_unconsumed += length
+                    chunk = mv[pos : pos + length] if zero_copy else bytes(mv[pos : pos + length])
+                    pos += length
+                    events.append(DataReceived(stream_id, chunk))
+                    continue
             if frame_type == FrameType.DATA:
                 self._start_data_frame(stream_id, flags, length)
                 if length == 0:
