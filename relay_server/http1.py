@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from typing import Final, Union
 
 MAX_HEAD: Final = 64 * 1024
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # A head is matched by two regular expressions, in C, rather than line by line in Python: the
 # request line, then every header field (name, optional whitespace, value, optional whitespace).
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^ \r\n]+) (HTTP/1\.[01])\r\n")
-_FIELD = re.compile(rb"(" + _TOKEN + rb"):([^\r\n]*)\r\n")  # no lazy match: no backtracking
-_FIELDS = re.compile(rb"(?:" + _TOKEN + rb":[^\r\n]*\r\n)*")
+# They run on the head decoded once as latin-1 (one str per head rather than one per field); the
+# token and version patterns only match ASCII, and the target is checked to be ASCII.
+_REQUEST_LINE = re.compile(r"(" + _TOKEN + r") ([^ \r\n]+) (HTTP/1\.[01])\r\n")
+_FIELD = re.compile(r"(" + _TOKEN + r"):([^\r\n]*)\r\n")  # no lazy match: no backtracking
+_FIELDS = re.compile(r"(?:" + _TOKEN + r":[^\r\n]*\r\n)*")
 
 
 class HttpError(Exception):
@@ -44,7 +46,7 @@ class HttpError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x, and one is made per request
 class RequestHead:
     method: str
     target: str
@@ -52,7 +54,8 @@ class RequestHead:
     headers: list[tuple[str, str]]
     # values by lowercased name, built once by the parser (every request is routed by its headers)
     index: dict[str, list[str]] = field(default_factory=dict, compare=False, repr=False)
-    # the head as received, without its final empty line (checked well-formed by the parser)
+    # the head as received up to its last header line's CRLF, without the empty line that ends it
+    # (checked well-formed by the parser)
     raw: bytes = field(default=b"", compare=False, repr=False)
 
     def get(self, name: str) -> str | None:
@@ -87,7 +90,7 @@ class RequestHead:
         return f"{self.method} {self.target} {self.version}\r\n{fields}\r\n".encode("latin-1")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Body:
     data: bytes
 
@@ -124,7 +127,22 @@ class RequestReader:
             if data:
                 events.append(Body(bytes(data)))
             return events
+        if not self._buf and self._state == "head" and data[-4:] == b"\r\n\r\n":
+            # The usual keep-alive request: one whole head (no body) in one read, parsed from the
+            # bytes as they came; anything else goes through the buffer below.
+            end = data.find(b"\r\n\r\n")
+            if end + 4 == len(data) and not data.startswith(b"\r\n") and end + 4 <= self.max_head:
+                head = self._parse_head(data[: end + 2])
+                if not head.is_upgrade and "transfer-encoding" not in head.index and "content-length" not in head.index:
+                    events.append(head)
+                    self.head_in_progress = False
+                    return events
+                self._buf += data  # a body or an upgrade follows: parse it again the general way
+                return self._drain(events)
         self._buf += data
+        return self._drain(events)
+
+    def _drain(self, events: list[Event]) -> list[Event]:
         while self._buf:
             state = self._state
             if state == "head":
@@ -157,7 +175,7 @@ class RequestReader:
             return False
         if end + 4 > self.max_head:
             raise HttpError(431, f"request head larger than {self.max_head} bytes")
-        head = self._parse_head(bytes(buf[:end]))
+        head = self._parse_head(bytes(buf[: end + 2]))
         del buf[: end + 4]
         events.append(head)
         if head.is_upgrade:
@@ -182,33 +200,30 @@ class RequestReader:
         return True
 
     def _parse_head(self, raw: bytes) -> RequestHead:
-        """``raw`` is a head without its final empty line."""
-        if b"\0" in raw:
+        """``raw`` is a head up to its last line's CRLF (without the empty line)."""
+        text = raw.decode("latin-1")
+        if "\0" in text:
             raise HttpError(400, "invalid character in a header value")
-        block = raw + b"\r\n"
-        line = _REQUEST_LINE.match(block)
+        line = _REQUEST_LINE.match(text)
         if line is None:
             raise HttpError(400, "malformed request line")
         start = line.end()
-        if _FIELDS.fullmatch(block, start) is None:
+        if _FIELDS.fullmatch(text, start) is None:
             raise HttpError(400, "malformed header line")
         headers: list[tuple[str, str]] = []
         index: dict[str, list[str]] = {}
-        for name, value in _FIELD.findall(block, start):
-            key = name.decode("ascii")
-            text = value.strip(b" \t").decode("latin-1")
-            headers.append((key, text))
+        for key, value in _FIELD.findall(text, start):
+            value = value.strip(" \t")
+            headers.append((key, value))
             lower = key.lower()
             if lower in index:
-                index[lower].append(text)
+                index[lower].append(value)
             else:
-                index[lower] = [text]
+                index[lower] = [value]
         method, target, version = line.groups()
-        try:
-            target_text = target.decode("ascii")
-        except UnicodeDecodeError:
-            raise HttpError(400, "request target is not ASCII") from None
-        return RequestHead(method.decode("ascii"), target_text, version.decode("ascii"), headers, index, raw)
+        if not target.isascii():
+            raise HttpError(400, "request target is not ASCII")
+        return RequestHead(method, target, version, headers, index, raw)
 
     def _read_chunked(self, events: list[Event]) -> bool:
         buf = self._buf

@@ -298,7 +298,7 @@ def _rewrite(head: RequestHead, headers: list[tuple[str, str]], host: str, visit
     if headers is head.headers and not host_rewrite and head.raw and index.keys().isdisjoint(_FORWARDED):
         # The usual request: nothing to drop or change, so the head goes on as received (the
         # parser checked every line) with relayd's X-Forwarded-* lines added.
-        added = f"\r\nX-Forwarded-For: {visitor_ip}\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: {host}\r\n\r\n"
+        added = f"X-Forwarded-For: {visitor_ip}\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: {host}\r\n\r\n"
         return head.raw + added.encode("latin-1")
     out: list[tuple[str, str]] = []
     forwarded_for = ""

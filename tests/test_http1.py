@@ -100,3 +100,38 @@ def test_random_bytes_parse_or_raise_http_error(data: bytes) -> None:
         RequestReader(max_head=300).feed(data)
     except HttpError as exc:
         assert exc.status in (400, 431)
+
+
+_names = st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,11}", fullmatch=True)
+_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(_names, _values), max_size=6),
+    st.sampled_from(["GET", "POST", "OPTIONS"]),
+    st.binary(max_size=10),
+)
+def test_a_whole_request_parses_as_it_does_byte_at_a_time(
+    fields: list[tuple[str, str]], method: str, body: bytes
+) -> None:
+    # One request whole in one read takes the fast path; byte at a time, the general one.
+    fields = [(k, v) for k, v in fields if k.lower() not in ("content-length", "transfer-encoding", "upgrade")]
+    if body:
+        fields.append(("Content-Length", str(len(body))))
+    head = f"{method} /p?q=1 HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields) + "\r\n"
+    data = head.encode("latin-1") + body
+    whole = RequestReader().feed(data)
+    reader = RequestReader()
+    pieces = [ev for i in range(len(data)) for ev in reader.feed(data[i : i + 1])]
+    assert [type(e) for e in whole] == [RequestHead, *([Body] if body else [])]
+    assert whole[0] == pieces[0] and whole[0].raw == pieces[0].raw == head[:-2].encode("latin-1")
+    assert whole[0].headers == [(k, v.strip(" \t")) for k, v in fields]
+    assert b"".join(e.data for e in whole[1:]) == b"".join(e.data for e in pieces[1:]) == body
+
+
+def test_non_ascii_target_is_refused_whole_or_in_pieces() -> None:
+    data = "GET /caf\u00e9 HTTP/1.1\r\nHost: a\r\n\r\n".encode("latin-1")
+    for chunk in (None, 1):
+        with pytest.raises(HttpError, match="not ASCII"):
+            run(data, chunk)
