@@ -1,12 +1,13 @@
 """relay against the direct path and against OpenSSH's reverse tunnel, in one run on one machine.
 
-    python -m bench [--duration 5] [--conns 5000] [--json results.json] [--quick] [--no-bare]
+    python -m bench [--duration 5] [--rounds 3] [--conns 5000] [--json results.json] [--quick] [--no-bare]
 
 Starts everything itself on 127.0.0.1: iperf3 and a tiny HTTP server as targets, relayd and relayc
 (TLS on, the real commands), and for the baseline a private sshd with throwaway keys plus
 ``ssh -N -R``.  Prints one table; every relay figure is also given as a ratio to ssh -R and to the
-direct path measured in the same run.  A missing tool is reported with its Debian package and its
-row skipped, never faked.
+direct path measured in the same run.  Rows 1-4 and 6 are measured in interleaved rounds and the
+table gives medians (see ``interleaved``).  A missing tool is reported with its Debian package and
+its row skipped, never faked.
 
 The "bare" column is two bare uvloop forwarders with TLS between them (bench/forwarder.py): no
 multiplexer, no authentication, one TLS connection per visitor.  It is the least a two-process
@@ -28,11 +29,13 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,9 +340,12 @@ def main() -> int:
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run): 1 s, 200 connections")
     ap.add_argument("--no-bare", action="store_true", help="leave out the 'bare' column")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds per row; the table gives medians (default 3)")  # fmt: skip
     args = ap.parse_args()
     if args.quick:
-        args.duration, args.conns = 1.0, 200
+        args.duration, args.conns, args.rounds = 1.0, 200, 1
+    args.rounds = max(1, args.rounds)
     raise_fd_limit()
     b = Bench(args)
     rows: list[dict[str, Any]] = []
@@ -356,6 +362,7 @@ def main() -> int:
         b.stop()
     machine = describe_machine()
     print(f"\nrelay benchmark, {time.strftime('%Y-%m-%d')}, {machine}")
+    print(f"medians of {args.rounds} interleaved round(s) of {args.duration:g} s per path and row")
     for what, why in b.missing.items():
         print(f"  skipped/substituted: {what}: {why}")
     print_table(rows)
@@ -363,14 +370,53 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"machine": machine, "date": time.strftime("%Y-%m-%d"), "rows": rows, "idle_rss_mib": idle}, indent=2
+                {
+                    "machine": machine,
+                    "date": time.strftime("%Y-%m-%d"),
+                    "rounds": args.rounds,
+                    "duration": args.duration,
+                    "rows": rows,
+                    "idle_rss_mib": idle,
+                },
+                indent=2,
             )
         )
     return 0
 
 
+def interleaved(
+    paths: list[Path_], rounds: int, one: Callable[[Path_], dict[str, float]], pause: float = 0.5
+) -> dict[str, list[dict[str, float]]]:
+    """Measure every path ``rounds`` times, the paths interleaved (each round starts one path
+    later); return each path's measurements.
+
+    On a shared machine the neighbours come and go within seconds: measuring one path after the
+    other lets a busy spell land on one of them only; interleaved rounds spread it over all."""
+    samples: dict[str, list[dict[str, float]]] = {p.name: [] for p in paths}
+    for r in range(rounds):
+        k = r % len(paths)
+        for path in paths[k:] + paths[:k]:
+            samples[path.name].append(one(path))
+            time.sleep(pause)
+    return samples
+
+
+def figure_row(
+    label: str, unit: str, higher: bool, samples: dict[str, list[dict[str, float]]], key: str
+) -> dict[str, Any]:
+    """One table row: the median of ``key`` per path; every sample is kept for the JSON file."""
+    row: dict[str, Any] = {"row": label, "unit": unit, "higher_is_better": higher, "samples": {}}
+    for name, runs in samples.items():
+        values = [run[key] for run in runs if run[key] == run[key]]  # NaN: no tunnel processes (direct)
+        if values:
+            row[name] = statistics.median(values)
+            row["samples"][name] = values
+    return row
+
+
 def measure(b: Bench) -> list[dict[str, Any]]:
     d = b.args.duration
+    rounds = b.args.rounds
     rows: list[dict[str, Any]] = []
     have_iperf = "iperf" in b.targets
     bulk = iperf if have_iperf else python_bulk
@@ -383,26 +429,16 @@ def measure(b: Bench) -> list[dict[str, Any]]:
     ):
         if not have_iperf and reverse:
             continue  # the echo fallback measures both directions at once
-        row: dict[str, Any] = {"row": label, "unit": "Gbit/s", "higher_is_better": True}
-        for path in b.paths:
-            if path.name == "bare" and not have_iperf:
-                continue  # the echo fallback half-closes, which bare's TLS hop cannot carry
-            row[path.name] = bulk(path.ports[bulk_target], d, reverse, parallel)
-            time.sleep(0.3)
-        rows.append(row)
+        # the echo fallback half-closes, which bare's TLS hop cannot carry
+        paths = [p for p in b.paths if have_iperf or p.name != "bare"]
+        got = interleaved(
+            paths, rounds, lambda p, r=reverse, n=parallel: {"gbps": bulk(p.ports[bulk_target], d, r, n)}, pause=0.3
+        )
+        rows.append(figure_row(label, "Gbit/s", True, got, "gbps"))
     if shutil.which("wrk"):
         for label, close in (("3. keep-alive requests, 10 conns", False), ("4. new connections", True)):
-            rps: dict[str, Any] = {"row": label + " (req/s)", "unit": "req/s", "higher_is_better": True}
-            p99: dict[str, Any] = {"row": label + " p99", "unit": "ms", "higher_is_better": False}
-            p50: dict[str, Any] = {"row": label + " p50", "unit": "ms", "higher_is_better": False}
-            cpu: dict[str, Any] = {"row": label + " CPU/req", "unit": "us", "higher_is_better": False}
-            for path in b.paths:
-                r = wrk_with_cpu(path, path.ports["http"], d, close)
-                rps[path.name], p50[path.name], p99[path.name] = r["rps"], r["p50_ms"], r["p99_ms"]
-                if path.pids:
-                    cpu[path.name] = r["cpu_us"]
-                time.sleep(0.5)
-            rows += [rps, p50, p99, cpu] if not close else [rps, cpu]
+            got = interleaved(b.paths, rounds, lambda p, c=close: wrk_with_cpu(p, p.ports["http"], d, c))
+            rows += _request_rows(label, got, p50=not close, p99=not close)
     else:
         b.missing["wrk"] = "wrk not installed (apt-get install wrk): rows 3 and 4 skipped"
     n = b.args.conns
@@ -415,22 +451,25 @@ def measure(b: Bench) -> list[dict[str, Any]]:
         time.sleep(0.5)
     rows += [mem, fails]
     if shutil.which("wrk"):
-        vhost: dict[str, Any] = {"row": "6. keep-alive requests, http vhost (req/s)", "unit": "req/s",
-                                 "higher_is_better": True}  # fmt: skip
-        vp99: dict[str, Any] = {"row": "6. keep-alive requests, http vhost p99", "unit": "ms",
-                                "higher_is_better": False}  # fmt: skip
-        vcpu: dict[str, Any] = {"row": "6. keep-alive requests, http vhost CPU/req", "unit": "us",
-                                "higher_is_better": False}  # fmt: skip
-        for path in b.paths:
+
+        def through_vhost(path: Path_) -> dict[str, float]:
             if path.name == "relay":
-                r = wrk_with_cpu(path, b.vhost_port, d, False, host="web.bench.test")
-            else:
-                r = wrk_with_cpu(path, path.ports["http"], d, False)  # no vhost there: the same as row 3
-            vhost[path.name], vp99[path.name] = r["rps"], r["p99_ms"]
-            if path.pids:
-                vcpu[path.name] = r["cpu_us"]
-            time.sleep(0.5)
-        rows += [vhost, vp99, vcpu]
+                return wrk_with_cpu(path, b.vhost_port, d, False, host="web.bench.test")
+            return wrk_with_cpu(path, path.ports["http"], d, False)  # no vhost there: the same as row 3
+
+        got = interleaved(b.paths, rounds, through_vhost)
+        rows += _request_rows("6. keep-alive requests, http vhost", got, p50=False, p99=True)
+    return rows
+
+
+def _request_rows(label: str, got: dict[str, list[dict[str, float]]], p50: bool, p99: bool) -> list[dict[str, Any]]:
+    """The table rows of one wrk measurement: req/s, then the latencies asked for, then CPU."""
+    rows = [figure_row(label + " (req/s)", "req/s", True, got, "rps")]
+    if p50:
+        rows.append(figure_row(label + " p50", "ms", False, got, "p50_ms"))
+    if p99:
+        rows.append(figure_row(label + " p99", "ms", False, got, "p99_ms"))
+    rows.append(figure_row(label + " CPU/req", "us", False, got, "cpu_us"))
     return rows
 
 
