@@ -132,13 +132,9 @@ class RequestReader:
             # bytes as they came; anything else goes through the buffer below.
             end = data.find(b"\r\n\r\n")
             if end + 4 == len(data) and not data.startswith(b"\r\n") and end + 4 <= self.max_head:
-                head = self._parse_head(data[: end + 2])
-                if not head.is_upgrade and "transfer-encoding" not in head.index and "content-length" not in head.index:
-                    events.append(head)
-                    self.head_in_progress = False
-                    return events
-                self._buf += data  # a body or an upgrade follows: parse it again the general way
-                return self._drain(events)
+                self._start_request(self._parse_head(data[: end + 2]), events)
+                self.head_in_progress = False
+                return events
         self._buf += data
         return self._drain(events)
 
@@ -177,14 +173,19 @@ class RequestReader:
             raise HttpError(431, f"request head larger than {self.max_head} bytes")
         head = self._parse_head(bytes(buf[: end + 2]))
         del buf[: end + 4]
+        self._start_request(head, events)
+        return True
+
+    def _start_request(self, head: RequestHead, events: list[Event]) -> None:
+        """A head was read (and removed from the buffer): emit it and frame what follows."""
         events.append(head)
         if head.is_upgrade:
             self._state = "tunnel"
             events.append(Tunnel())
-            if buf:
-                events.append(Body(bytes(buf)))
-                buf.clear()
-            return True
+            if self._buf:
+                events.append(Body(bytes(self._buf)))
+                self._buf.clear()
+            return
         te = ",".join(head.index.get("transfer-encoding", ())).lower()
         lengths = head.index.get("content-length")
         if te:
@@ -197,7 +198,6 @@ class RequestReader:
                 raise HttpError(400, "invalid or conflicting Content-Length")
             self._remaining = int(next(iter(values)))
             self._state = "length" if self._remaining else "head"
-        return True
 
     def _parse_head(self, raw: bytes) -> RequestHead:
         """``raw`` is a head up to its last line's CRLF (without the empty line)."""

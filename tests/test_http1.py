@@ -124,10 +124,14 @@ def test_a_whole_request_parses_as_it_does_byte_at_a_time(
     whole = RequestReader().feed(data)
     reader = RequestReader()
     pieces = [ev for i in range(len(data)) for ev in reader.feed(data[i : i + 1])]
+    reader = RequestReader()  # the head in one read (the fast path), its body in the next
+    two = reader.feed(head.encode("latin-1")) + reader.feed(body)
     assert [type(e) for e in whole] == [RequestHead, *([Body] if body else [])]
-    assert whole[0] == pieces[0] and whole[0].raw == pieces[0].raw == head[:-2].encode("latin-1")
+    assert whole[0] == pieces[0] == two[0]
+    assert whole[0].raw == pieces[0].raw == two[0].raw == head[:-2].encode("latin-1")
     assert whole[0].headers == [(k, v.strip(" \t")) for k, v in fields]
     assert b"".join(e.data for e in whole[1:]) == b"".join(e.data for e in pieces[1:]) == body
+    assert b"".join(e.data for e in two[1:] if isinstance(e, Body)) == body and reader.between_requests
 
 
 def test_non_ascii_target_is_refused_whole_or_in_pieces() -> None:
