@@ -1,6 +1,7 @@
 """relay against the direct path and against OpenSSH's reverse tunnel, in one run on one machine.
 
-    python -m bench [--duration 5] [--rounds 3] [--conns 5000] [--json results.json] [--quick] [--no-bare]
+    python -m bench [--duration 5] [--rounds 3] [--conns 5000] [--wrk-conns 10] [--json results.json]
+                    [--quick] [--no-bare]
 
 Starts everything itself on 127.0.0.1: iperf3 and a tiny HTTP server as targets, relayd and relayc
 (TLS on, the real commands), and for the baseline a private sshd with throwaway keys plus
@@ -74,13 +75,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def wrk_with_cpu(path: Path_, port: int, seconds: float, close: bool, host: str = "") -> dict[str, float]:
+def wrk_with_cpu(
+    path: Path_, port: int, seconds: float, close: bool, host: str = "", conns: int = 10
+) -> dict[str, float]:
     """``wrk`` through ``path``, plus the CPU its tunnel processes spent per request (microseconds).
 
     On a shared machine requests/s swing with the neighbours; CPU per request is much steadier, so
     it is the figure to compare across commits."""
     before = cpu_seconds(path.pids)
-    r = wrk(port, seconds, close, host)
+    r = wrk(port, seconds, close, host, conns)
     spent = cpu_seconds(path.pids) - before
     r["cpu_us"] = spent / (r["rps"] * max(1, int(seconds))) * 1e6 if path.pids and r["rps"] else float("nan")
     return r
@@ -149,8 +152,8 @@ def python_bulk(port: int, seconds: float, reverse: bool, parallel: int = 1) -> 
     return total[0] * 8 / (time.monotonic() - t0) / 1e9
 
 
-def wrk(port: int, seconds: float, close: bool, host: str = "") -> dict[str, float]:
-    cmd = ["wrk", "-t2", "-c10", f"-d{max(1, int(seconds))}s", "--latency", f"http://127.0.0.1:{port}/"]
+def wrk(port: int, seconds: float, close: bool, host: str = "", conns: int = 10) -> dict[str, float]:
+    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{max(1, int(seconds))}s", "--latency", f"http://127.0.0.1:{port}/"]
     if close:
         cmd[1:1] = ["-H", "Connection: close"]
     if host:
@@ -340,6 +343,8 @@ def main() -> int:
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run): 1 s, 200 connections")
     ap.add_argument("--no-bare", action="store_true", help="leave out the 'bare' column")
+    ap.add_argument("--wrk-conns", type=int, default=10,
+                    help="connections wrk keeps in flight in rows 3, 4 and 6 (default 10)")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved rounds per row; the table gives medians (default 3)")  # fmt: skip
     args = ap.parse_args()
@@ -362,7 +367,9 @@ def main() -> int:
         b.stop()
     machine = describe_machine()
     print(f"\nrelay benchmark, {time.strftime('%Y-%m-%d')}, {machine}")
-    print(f"medians of {args.rounds} interleaved round(s) of {args.duration:g} s per path and row")
+    print(
+        f"medians of {args.rounds} interleaved round(s) of {args.duration:g} s per path and row; wrk -c{args.wrk_conns}"
+    )
     for what, why in b.missing.items():
         print(f"  skipped/substituted: {what}: {why}")
     print_table(rows)
@@ -374,6 +381,7 @@ def main() -> int:
                     "machine": machine,
                     "date": time.strftime("%Y-%m-%d"),
                     "rounds": args.rounds,
+                    "wrk_conns": args.wrk_conns,
                     "duration": args.duration,
                     "rows": rows,
                     "idle_rss_mib": idle,
@@ -417,6 +425,7 @@ def figure_row(
 def measure(b: Bench) -> list[dict[str, Any]]:
     d = b.args.duration
     rounds = b.args.rounds
+    wc = b.args.wrk_conns
     rows: list[dict[str, Any]] = []
     have_iperf = "iperf" in b.targets
     bulk = iperf if have_iperf else python_bulk
@@ -436,8 +445,8 @@ def measure(b: Bench) -> list[dict[str, Any]]:
         )
         rows.append(figure_row(label, "Gbit/s", True, got, "gbps"))
     if shutil.which("wrk"):
-        for label, close in (("3. keep-alive requests, 10 conns", False), ("4. new connections", True)):
-            got = interleaved(b.paths, rounds, lambda p, c=close: wrk_with_cpu(p, p.ports["http"], d, c))
+        for label, close in ((f"3. keep-alive requests, {wc} conns", False), ("4. new connections", True)):
+            got = interleaved(b.paths, rounds, lambda p, c=close: wrk_with_cpu(p, p.ports["http"], d, c, conns=wc))
             rows += _request_rows(label, got, p50=not close, p99=not close)
     else:
         b.missing["wrk"] = "wrk not installed (apt-get install wrk): rows 3 and 4 skipped"
@@ -454,8 +463,8 @@ def measure(b: Bench) -> list[dict[str, Any]]:
 
         def through_vhost(path: Path_) -> dict[str, float]:
             if path.name == "relay":
-                return wrk_with_cpu(path, b.vhost_port, d, False, host="web.bench.test")
-            return wrk_with_cpu(path, path.ports["http"], d, False)  # no vhost there: the same as row 3
+                return wrk_with_cpu(path, b.vhost_port, d, False, host="web.bench.test", conns=wc)
+            return wrk_with_cpu(path, path.ports["http"], d, False, conns=wc)  # no vhost there: as row 3
 
         got = interleaved(b.paths, rounds, through_vhost)
         rows += _request_rows("6. keep-alive requests, http vhost", got, p50=False, p99=True)
