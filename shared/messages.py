@@ -317,6 +317,8 @@ def decode_message(body: bytes | memoryview) -> Any:
             obj = _JSON_DECODE(text)  # whitespace around the object, or not JSON: the full decoder
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RemoteProtocolError(f"control message is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RemoteProtocolError("control message is nested too deeply") from None
     if not isinstance(obj, dict):
         raise RemoteProtocolError(f"control message must be a JSON object, got {type(obj).__name__}")
     kind = obj.get("type")

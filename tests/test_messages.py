@@ -111,3 +111,8 @@ def test_whitespace_around_a_message_is_accepted_and_trailing_bytes_are_not() ->
 
 def raw_body(body: bytes) -> bytes:
     return struct.pack("!I", len(body)) + body
+
+
+def test_deeply_nested_json_is_a_protocol_error_not_a_crash() -> None:
+    with pytest.raises(RemoteProtocolError, match="nested too deeply"):
+        MessageDecoder().feed(raw_body(b"[" * 60_000))
