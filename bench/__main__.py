@@ -111,10 +111,16 @@ def iperf(port: int, seconds: float, reverse: bool, parallel: int = 1) -> float:
     cmd = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J", "-P", str(parallel)]
     if reverse:
         cmd.append("-R")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    data = json.loads(out.stdout)
+    for _attempt in range(10):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        data = json.loads(out.stdout)
+        # iperf3 serves one test at a time: the previous path's test may not have ended on the
+        # server yet (its control connection is closed through that path's tunnel).  Wait for it.
+        if "busy" not in data.get("error", ""):
+            break
+        time.sleep(1.0)
     if "error" in data:
-        raise RuntimeError(data["error"])
+        raise RuntimeError(f"iperf3 through port {port}: {data['error']}")
     return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 

@@ -84,7 +84,7 @@ SEND_BUFFER_HIGH: Final = 256 * 1024
 _DISCARD_MEMORY: Final = 4096
 
 _RST_CODE = struct.Struct("!I")
-_pack_header = HEADER.pack
+_pack_header = HEADER.pack  # frame_header() minus a call, for the send fast path
 # data_to_send_list: payloads this big are passed through as they are; the first _HEAD_GLUE bytes
 # of each go with the preceding small pieces so a header never travels alone in a TLS record.
 _BIG_PIECE = 32 * 1024
