@@ -231,6 +231,7 @@ class Bench:
         self.paths: list[Path_] = []
         self.relay = Path_("relay")
         self.vhost_port = 0
+        self.rss_after_bulk: dict[str, float] = {}
 
     def spawn(self, cmd: list[str], log: str) -> subprocess.Popen[bytes]:
         f = open(self.tmp / log, "wb")  # noqa: SIM115 - kept open for the child's lifetime
@@ -380,6 +381,9 @@ def main() -> int:
         print(f"  skipped/substituted: {what}: {why}")
     print_table(rows)
     print(f"\nidle RSS: relayd {idle['relayd']:.1f} MiB (dashboard on), relayc {idle['relayc']:.1f} MiB")
+    after = b.rss_after_bulk
+    if after:
+        print(f"RSS 12 s after the bulk rows: relayd {after['relayd']:.1f} MiB, relayc {after['relayc']:.1f} MiB")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -391,6 +395,7 @@ def main() -> int:
                     "duration": args.duration,
                     "rows": rows,
                     "idle_rss_mib": idle,
+                    "rss_after_bulk_mib": b.rss_after_bulk,
                 },
                 indent=2,
             )
@@ -450,6 +455,10 @@ def measure(b: Bench) -> list[dict[str, Any]]:
             paths, rounds, lambda p, r=reverse, n=parallel: {"gbps": bulk(p.ports[bulk_target], d, r, n)}, pause=0.3
         )
         rows.append(figure_row(label, "Gbit/s", True, got, "gbps"))
+    # relayd and relayc hand freed buffers back to the OS on the first keepalive tick (every 10 s)
+    # after the last visitor stream closed: measure what they hold once that has happened.
+    time.sleep(12)
+    b.rss_after_bulk = {"relayd": rss_kib(b.relay.pids[0]) / 1024, "relayc": rss_kib(b.relay.pids[1]) / 1024}
     if shutil.which("wrk"):
         for label, close in ((f"3. keep-alive requests, {wc} conns", False), ("4. new connections", True)):
             got = interleaved(b.paths, rounds, lambda p, c=close: wrk_with_cpu(p, p.ports["http"], d, c, conns=wc))

@@ -245,6 +245,11 @@ class Session:
     def stream_count(self) -> int:
         return len(self._streams)
 
+    @property
+    def streams_opened(self) -> int:
+        """How many streams either side has opened so far."""
+        return (self._next_local_id - (1 if self.client else 2)) // 2 + (self._last_peer_id + 1) // 2
+
     def stream_ids(self) -> list[int]:
         return list(self._streams)
 

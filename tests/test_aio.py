@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import platform
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
@@ -19,7 +20,8 @@ from typing import Any
 import pytest
 import uvloop
 
-from shared.aio import MuxConnection, StreamBridge, StreamHandler
+import shared.aio as shared_aio
+from shared.aio import ControlChannel, MuxConnection, StreamBridge, StreamHandler, release_free_memory
 from shared.tls import client_context, ensure_self_signed, server_context
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -283,3 +285,58 @@ def test_silent_peer_is_detected_and_streams_reset(loop_name: str) -> None:
         srv.close()
 
     run_on(loop_name, main())
+
+
+def test_heap_is_trimmed_when_streams_came_and_went(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once every stream but the control stream is gone, the next keepalive tick hands the freed
+    heap back to the OS, once; not while a visitor is connected, not again while nothing happens."""
+    trims: list[float] = []
+    monkeypatch.setattr(shared_aio, "release_free_memory", lambda: trims.append(0.0) or True)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        echo = await loop.create_server(Echo, "127.0.0.1", 0)
+        echo_port = echo.sockets[0].getsockname()[1]
+
+        def server_stream(mux: MuxConnection, sid: int) -> StreamHandler:
+            if sid == 1:
+                return ControlChannel(mux, lambda m: None, lambda: None)
+            bridge = StreamBridge(mux)
+            bridge.stream_id = sid
+            dials.add(loop.create_task(loop.create_connection(lambda: bridge, "127.0.0.1", echo_port)))
+            return bridge
+
+        dials: set[asyncio.Task[Any]] = set()
+        server = await loop.create_server(
+            lambda: MuxConnection(client=False, keepalive_timeout=0.6, on_stream_opened=server_stream), "127.0.0.1", 0
+        )
+        client = MuxConnection(client=True, keepalive_timeout=0.6)
+        await loop.create_connection(lambda: client, "127.0.0.1", server.sockets[0].getsockname()[1])
+        control = ControlChannel(client, lambda m: None, lambda: None)
+        control.stream_id = client.open_stream(control)
+        await asyncio.sleep(1.0)
+        after_login = len(trims)
+        assert after_login == 2  # the control stream counts as opened: each side trims once
+
+        visitors = await loop.create_server(lambda: _OpeningBridge(client), "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", visitors.sockets[0].getsockname()[1])
+        writer.write(b"x" * 100_000)
+        await reader.readexactly(100_000)
+        await asyncio.sleep(1.0)
+        assert len(trims) == after_login  # a visitor is still connected
+        writer.close()
+        await asyncio.sleep(1.0)
+        assert len(trims) == after_login + 2  # it left: one trim per side
+        await asyncio.sleep(1.0)
+        assert len(trims) == after_login + 2  # nothing new happened: no more
+        client.close()
+        for s in (echo, server, visitors):
+            s.close()
+
+    run_on("uvloop", main())
+
+
+def test_release_free_memory_calls_glibc() -> None:
+    assert release_free_memory() in (True, False)
+    if platform.libc_ver()[0] == "glibc":
+        assert shared_aio._malloc_trim is not None and shared_aio._malloc_trim.__name__ == "malloc_trim"
