@@ -11,7 +11,7 @@ from shared.aio import MuxConnection, StreamBridge
 from shared.burst import BurstLog
 from shared.errors import RemoteProtocolError
 from shared.frames import ResetCode
-from shared.messages import MessageDecoder, StreamOpen, TunnelSpec, decode_message
+from shared.messages import MessageDecoder, StreamOpen, TunnelSpec, decode_first
 
 log = logging.getLogger("relayc")
 _dials: set[asyncio.Task[Any]] = set()
@@ -42,33 +42,28 @@ class IncomingStream:
         self._timed_out = False
 
     def on_data(self, data: bytes | memoryview) -> None:
-        if self._decoder is None and len(data) >= 4:
-            # The usual case: the whole preamble in the first chunk, decoded in place.
-            end = 4 + int.from_bytes(data[:4], "big")
-            if end - 4 <= PREAMBLE_MAX and len(data) >= end:
-                try:
-                    first = decode_message(data[4:end])
-                except RemoteProtocolError as exc:
-                    self.mux.consume(self.stream_id, len(data))
-                    self.mux.fail(exc)
-                    return
-                self.mux.consume(self.stream_id, end)
-                self._start(first, data[end:])
-                return
-        if self._decoder is None:
-            self._decoder = MessageDecoder(max_size=PREAMBLE_MAX)
         try:
-            messages = self._decoder.feed(data, limit=1)
+            found = self._read_preamble(data)
         except RemoteProtocolError as exc:
             self.mux.consume(self.stream_id, len(data))
             self.mux.fail(exc)
             return
-        if not messages:
+        if found is None:
             self.mux.consume(self.stream_id, len(data))
             return
-        rest = self._decoder.take_rest()
+        first, rest = found
         self.mux.consume(self.stream_id, len(data) - len(rest))
-        self._start(messages[0], rest)
+        self._start(first, rest)
+
+    def _read_preamble(self, data: bytes | memoryview) -> tuple[Any, bytes | memoryview] | None:
+        """The preamble message and the bytes after it, or None until it is all there."""
+        if self._decoder is None:
+            found = decode_first(data, PREAMBLE_MAX)  # the usual case: whole, decoded in place
+            if found is not None:
+                return found[0], data[found[1] :]
+            self._decoder = MessageDecoder(max_size=PREAMBLE_MAX)  # it comes in pieces
+        messages = self._decoder.feed(data, limit=1)
+        return (messages[0], self._decoder.take_rest()) if messages else None
 
     def _start(self, first: object, rest: bytes | memoryview) -> None:
         """The preamble is in: find the tunnel, hand the stream to a bridge, dial."""

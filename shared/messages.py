@@ -331,6 +331,21 @@ def decode_message(body: bytes | memoryview) -> Any:
         raise RemoteProtocolError(f"bad {kind} message: field {exc.path}: {exc.reason}") from None
 
 
+def decode_first(data: bytes | memoryview, max_size: int = MAX_MESSAGE_SIZE) -> tuple[Any, int] | None:
+    """The first message in ``data`` and where it ends, or None if it is not all there yet.
+
+    For a reader that wants one message and then raw bytes (a stream's preamble) and usually gets
+    it whole: no ``MessageDecoder`` and no buffer.  Raises like ``MessageDecoder.feed``."""
+    if len(data) < 4:
+        return None
+    (size,) = _LEN.unpack_from(data)
+    if size > max_size:
+        raise RemoteProtocolError(f"control message of {size} bytes exceeds the maximum {max_size}")
+    if len(data) < 4 + size:
+        return None
+    return decode_message(data[4 : 4 + size]), 4 + size
+
+
 class MessageDecoder:
     """Splits a byte stream into control messages.  Holds at most one partial message."""
 
