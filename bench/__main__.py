@@ -1,7 +1,7 @@
 """relay against the direct path and against OpenSSH's reverse tunnel, in one run on one machine.
 
     python -m bench [--duration 5] [--rounds 3] [--conns 5000] [--wrk-conns 10] [--json results.json]
-                    [--quick] [--no-bare]
+                    [--quick] [--no-bare] [--no-haproxy]
 
 Starts everything itself on 127.0.0.1: iperf3 and a tiny HTTP server as targets, relayd and relayc
 (TLS on, the real commands), and for the baseline a private sshd with throwaway keys plus
@@ -15,6 +15,12 @@ multiplexer, no authentication, one TLS connection per visitor.  It is the least
 Python relay with TLS does per request, so relay/bare near 1 in rows 3 and 6 says the cost left is
 the interpreter, the syscalls and TLS, not relay's layers.  Rows 3, 4 and 6 also give the CPU the
 tunnel's own processes spent per request (from /proc), steadier than requests/s on a busy machine.
+
+The "haproxy" column is the same two-hop shape in C: two haproxy processes (one thread each, tcp
+mode) with verified TLS between them, one TLS connection per visitor.  It is what an event-driven
+C proxy with OpenSSL does on the same machine in the same run, so haproxy/ssh shows which ratios
+to ssh -R are within reach of any user-space TLS relay here.  Like bare, it pays a TLS handshake
+per new connection (row 4) and holds a TLS connection per visitor (row 5 leaves both out).
 """
 
 from __future__ import annotations
@@ -286,6 +292,37 @@ class Bench:
             path.pids += [a.pid, b.pid]
         self.paths.append(path)
 
+    def start_haproxy(self) -> None:
+        """Two haproxy processes per target with verified TLS between them: the C counterpart of bare."""
+        haproxy = shutil.which("haproxy")
+        if haproxy is None:
+            self.missing["haproxy"] = "haproxy not installed (apt-get install haproxy): its column is left out"
+            return
+        from shared.tls import ensure_self_signed
+
+        cert, key = ensure_self_signed(self.tmp / "haproxy")  # CN and SAN "relayd", also 127.0.0.1
+        pem = self.tmp / "haproxy" / "server.pem"
+        pem.write_text(Path(cert).read_text() + Path(key).read_text())
+        common = (
+            "global\n nbthread 1\ndefaults\n mode tcp\n timeout connect 5s\n timeout client 60s\n timeout server 60s\n"
+        )
+        path = Path_("haproxy")
+        for name, port in self.targets.items():
+            inner, outer = free_port(), free_port()
+            configs = {
+                "in": f"listen in\n bind 127.0.0.1:{inner} ssl crt {pem}\n server target 127.0.0.1:{port}\n",
+                "out": f"listen out\n bind 127.0.0.1:{outer}\n"
+                f" server inner 127.0.0.1:{inner} ssl verify required ca-file {cert} verifyhost relayd\n",
+            }
+            for side, text in configs.items():
+                cfg = self.tmp / "haproxy" / f"{name}-{side}.cfg"
+                cfg.write_text(common + text)
+                proc = self.spawn([haproxy, "-db", "-f", str(cfg)], f"haproxy-{name}-{side}.log")
+                path.pids.append(proc.pid)
+                wait_port(inner if side == "in" else outer)
+            path.ports[name] = outer
+        self.paths.append(path)
+
     def start_relay(self) -> None:
         control = free_port()
         self.vhost_port = free_port()
@@ -350,6 +387,7 @@ def main() -> int:
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run): 1 s, 200 connections")
     ap.add_argument("--no-bare", action="store_true", help="leave out the 'bare' column")
+    ap.add_argument("--no-haproxy", action="store_true", help="leave out the 'haproxy' column")
     ap.add_argument("--wrk-conns", type=int, default=10,
                     help="connections wrk keeps in flight in rows 3, 4 and 6 (default 10)")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3,
@@ -364,6 +402,8 @@ def main() -> int:
     try:
         b.start_targets()
         b.start_ssh()
+        if not args.no_haproxy:
+            b.start_haproxy()
         if not args.no_bare:
             b.start_bare()
         b.start_relay()
@@ -449,8 +489,8 @@ def measure(b: Bench) -> list[dict[str, Any]]:
     ):
         if not have_iperf and reverse:
             continue  # the echo fallback measures both directions at once
-        # the echo fallback half-closes, which bare's TLS hop cannot carry
-        paths = [p for p in b.paths if have_iperf or p.name != "bare"]
+        # the echo fallback half-closes, which bare's TLS hop cannot carry (nor, to be safe, haproxy's)
+        paths = [p for p in b.paths if have_iperf or p.name not in ("bare", "haproxy")]
         got = interleaved(
             paths, rounds, lambda p, r=reverse, n=parallel: {"gbps": bulk(p.ports[bulk_target], d, r, n)}, pause=0.3
         )
@@ -469,7 +509,7 @@ def measure(b: Bench) -> list[dict[str, Any]]:
     mem: dict[str, Any] = {"row": f"5. memory per held conn ({n} conns)", "unit": "KiB", "higher_is_better": False}
     fails: dict[str, Any] = {"row": f"5. failed of {n} held conns", "unit": "count", "higher_is_better": False}
     for path in b.paths:
-        if path.name in ("direct", "bare"):  # bare holds a TLS connection per visitor: not comparable
+        if path.name in ("direct", "bare", "haproxy"):  # a TLS connection per visitor: not comparable
             continue
         fails[path.name], mem[path.name] = hold_connections(path.ports["echo"], n, path.pids)
         time.sleep(0.5)
@@ -512,9 +552,9 @@ def describe_machine() -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ["direct", "ssh -R", "bare", "relay"]
+    cols = ["direct", "ssh -R", "haproxy", "bare", "relay"]
     head = f"{'row':<44}{'unit':>7}" + "".join(f"{c:>10}" for c in cols)
-    head += f"{'relay/ssh':>11}{'relay/bare':>13}{'relay/direct':>14}"
+    head += f"{'relay/ssh':>11}{'haproxy/ssh':>13}{'relay/bare':>12}{'relay/direct':>14}"
     print(head)
     print("-" * len(head))
 
@@ -526,10 +566,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         unit = r["unit"]
         line = f"{r['row']:<44}{unit:>7}" + "".join(f"{fmt(r.get(c), unit):>10}" for c in cols)
-        relay = r.get("relay")
-        line += (
-            f"{ratio(relay, r.get('ssh -R')):>11}{ratio(relay, r.get('bare')):>13}{ratio(relay, r.get('direct')):>14}"
-        )
+        relay, ssh = r.get("relay"), r.get("ssh -R")
+        line += f"{ratio(relay, ssh):>11}{ratio(r.get('haproxy'), ssh):>13}"
+        line += f"{ratio(relay, r.get('bare')):>12}{ratio(relay, r.get('direct')):>14}"
         print(line)
 
 
