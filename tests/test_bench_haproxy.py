@@ -5,6 +5,7 @@ inner one's certificate (a ceiling measured with unverified TLS would flatter th
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from shared.tls import ensure_self_signed
 from tests.e2e.harness import TcpServer
 
 NO_HAPROXY = "haproxy not installed (apt-get install haproxy)"
+if shutil.which("haproxy") is None and os.environ.get("CI"):
+    raise RuntimeError(f"CI must install haproxy for this test: {NO_HAPROXY}")
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason=NO_HAPROXY)
 
 
