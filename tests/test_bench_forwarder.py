@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from shared.tls import ensure_self_signed
-from tests.e2e.harness import ROOT, TcpServer, echo_handler, free_port, recv_all
+from tests.e2e.harness import ROOT, TcpServer, echo_handler, free_port, recv_all, round_trip
 
 
 @pytest.fixture
@@ -40,15 +40,7 @@ def _echoes(port: int, payload: bytes = b"ping") -> bool:
     """True when ``payload`` sent through ``port`` comes back whole (a TLS hop cannot carry a
     half-close, so the reply is read by length, not to EOF)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(payload)
-            got = b""
-            while len(got) < len(payload):
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    return False
-                got += chunk
-            return got == payload
+        return round_trip(port, payload, timeout=5) == payload
     except OSError:
         return False
 

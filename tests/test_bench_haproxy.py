@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from bench.__main__ import Bench
 from bench.ssh_reverse import wait_port
 from shared.tls import ensure_self_signed
-from tests.e2e.harness import TcpServer
+from tests.e2e.harness import TcpServer, round_trip
 
 NO_HAPROXY = "haproxy not installed (apt-get install haproxy)"
 if shutil.which("haproxy") is None and os.environ.get("CI"):
@@ -33,24 +32,12 @@ def bench(echo: TcpServer) -> Iterator[Bench]:
         b.stop()
 
 
-def _round_trip(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(payload)
-        got = b""
-        while len(got) < len(payload):
-            chunk = s.recv(1 << 16)
-            if not chunk:
-                break
-            got += chunk
-        return got
-
-
 def test_bytes_cross_the_two_haproxy_hops(bench: Bench) -> None:
     bench.start_haproxy()
     (path,) = bench.paths
     assert path.name == "haproxy" and len(path.pids) == 2
     payload = bytes(range(256)) * 4096  # 1 MiB there and back
-    assert _round_trip(path.ports["echo"], payload) == payload
+    assert round_trip(path.ports["echo"], payload) == payload
 
 
 def test_the_outer_haproxy_refuses_a_certificate_it_cannot_verify(bench: Bench) -> None:
@@ -68,4 +55,4 @@ def test_the_outer_haproxy_refuses_a_certificate_it_cannot_verify(bench: Bench) 
     port = path.ports["echo"]
     bench.spawn(["haproxy", "-db", "-f", str(out_cfg)], "haproxy-echo-out-2.log")  # stopped by bench.stop
     wait_port(port)
-    assert _round_trip(port, b"ping") == b""  # the connection is closed without a byte passing
+    assert round_trip(port, b"ping") == b""  # the connection is closed without a byte passing

@@ -256,6 +256,20 @@ def wait_port_serves(port: int, timeout: float = 15.0, probe: bytes = b"ping") -
     raise AssertionError(f"port {port} did not serve within {timeout} s (last error: {last})")
 
 
+def round_trip(port: int, payload: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``payload`` to 127.0.0.1:``port`` and read the answer up to its length or to EOF,
+    whichever comes first (for paths with a TLS hop, which cannot carry a half-close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        got = bytearray()
+        while len(got) < len(payload):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            got += chunk
+        return bytes(got)
+
+
 def recv_all(s: socket.socket, timeout: float = 30.0) -> bytes:
     s.settimeout(timeout)
     out = bytearray()
