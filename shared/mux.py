@@ -757,6 +757,7 @@ class Session:
             st.send_credit -= n
             self._session_send_credit -= n
         if not st.send_buffered:
+            st.send_chunks = None  # drained (or never used): no empty deque kept per stream
             if st.fin_pending and not st.fin_sent:
                 out.append(frame_header(FrameType.DATA, self._opening_flags(st) | Flag.FIN, st.stream_id, 0))
                 st.fin_sent = True
@@ -784,8 +785,6 @@ class Session:
         st.send_buffered -= n
         first = chunks[0]
         if len(first) == n:
-            if not st.send_buffered:
-                st.send_chunks = None  # drained: free the deque
             return chunks.popleft()
         if len(first) > n:
             mv = memoryview(first)
@@ -803,8 +802,6 @@ class Session:
                 parts.append(mv[:need])
                 chunks[0] = mv[need:]
                 need = 0
-        if not st.send_buffered:
-            st.send_chunks = None
         return b"".join(parts)
 
     def _send_rst(self, stream_id: int, code: int, syn: bool = False) -> None:
