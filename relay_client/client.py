@@ -38,6 +38,7 @@ from shared.messages import (
     Login,
     LoginFailed,
     LoginOk,
+    LoginRefusal,
     TunnelAdd,
     TunnelPush,
     TunnelPushRefused,
@@ -54,6 +55,38 @@ KNOWN_SERVERS_FILE = "relayc_known_servers"
 BACKOFF_START = 0.5
 BACKOFF_MAX = 10.0
 STEP_TIMEOUT = 10.0
+# After a refused login relayc waits longer: a wrong token will not fix itself in seconds, and a
+# name held by a live session means another relayc runs under this name (retrying fast would make
+# the two flap).  Each doubles per refusal in a row, up to its cap.
+WRONG_TOKEN_BACKOFF = (10.0, 300.0)
+NAME_IN_USE_BACKOFF = (60.0, 600.0)
+RETRY_AFTER_MAX = 600.0
+
+
+class ReconnectDelay:
+    """How long to wait before the next attempt, from how the last one ended.  No clock, no I/O;
+    jitter is applied by the caller."""
+
+    def __init__(self) -> None:
+        self.failures = 0  # attempts in a row that did not log in
+        self.refusals = 0  # of those, refused logins of the same kind in a row
+        self._last_code = ""
+
+    def next(self, served: bool, error: BaseException | None) -> float:
+        if served:
+            self.failures = self.refusals = 0
+            self._last_code = ""
+            return BACKOFF_START
+        self.failures += 1
+        if not isinstance(error, AuthError) or not error.code:
+            self.refusals = 0
+            self._last_code = ""
+            return min(BACKOFF_MAX, BACKOFF_START * 2.0 ** (self.failures - 1))
+        self.refusals = self.refusals + 1 if error.code == self._last_code else 1
+        self._last_code = error.code
+        start, cap = NAME_IN_USE_BACKOFF if error.code == LoginRefusal.NAME_IN_USE.value else WRONG_TOKEN_BACKOFF
+        delay = min(cap, start * 2.0 ** (self.refusals - 1))
+        return max(delay, min(float(error.retry_after), RETRY_AFTER_MAX))
 
 
 def tunnel_spec(t: TunnelConfig) -> TunnelSpec:
@@ -156,12 +189,14 @@ class Relayc:
 
     async def run(self) -> None:
         """Connect and serve forever, reconnecting with backoff after any failure."""
-        attempt = 0
+        backoff = ReconnectDelay()
         while not self._stopping:
+            error: BaseException | None = None
             try:
                 served = await self.run_once()
             except (OSError, asyncio.TimeoutError, RelayError, ssl.SSLError) as exc:
                 served = False
+                error = exc
                 message = str(exc) or exc.__class__.__name__
                 if isinstance(exc, asyncio.TimeoutError):
                     message = "timed out"
@@ -174,9 +209,11 @@ class Relayc:
                 log.exception("unexpected error in the session with relayd; reconnecting")
             if self._stopping:
                 break
-            attempt = 0 if served else attempt + 1
-            delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** max(attempt - 1, 0)) * random.uniform(0.8, 1.2)
-            log.info("reconnecting in %.1f s", delay)
+            delay = backoff.next(served, error) * random.uniform(0.8, 1.2)
+            if isinstance(error, AuthError) and error.code:
+                log.warning("relayd refused the login (%s): reconnecting in %.0f s", error.code, delay)
+            else:
+                log.info("reconnecting in %.1f s", delay)
             try:
                 await asyncio.wait_for(self._stop_event.wait(), delay)
             except asyncio.TimeoutError:
@@ -276,8 +313,16 @@ class Relayc:
         control.send(Login(proof=auth.client_proof(cfg.auth.token, *args)))
         answer = await session.next_message()
         if isinstance(answer, LoginFailed):
+            if answer.code == LoginRefusal.NAME_IN_USE.value:
+                hint = f"another relayc runs as {cfg.name!r}; set a unique name in {self.config_path}"
+            elif answer.code == LoginRefusal.BAD_NAME.value:
+                hint = f"check name in {self.config_path}"
+            else:
+                hint = "check auth.token against relayd.toml"
             raise AuthError(
-                f"login to relayd at {self.server_key} failed: {answer.reason} (check auth.token against relayd.toml)"
+                f"login to relayd at {self.server_key} failed: {answer.reason} ({hint})",
+                code=answer.code,
+                retry_after=answer.retry_after,
             )
         if not isinstance(answer, LoginOk):
             raise RemoteProtocolError(f"expected login_ok from relayd, got {answer.type}")

@@ -24,24 +24,36 @@ close and the visitors still connected are reset.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import math
 import socket
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from relay_server.guard import BlockScope, LoginGuard
 from relay_server.store import Store
 from relay_server.tunnels import PortPolicy, PublicTunnel, TunnelRefused
 from relay_server.vhost import HttpVisitor, SniVisitor, VhostRouter
 from shared import __version__, auth
-from shared.aio import ControlChannel, MuxConnection, StreamHandler
+from shared.aio import ControlChannel, LoopLagMonitor, MuxConnection, StreamHandler
 from shared.burst import BurstLog
-from shared.config import ServerConfig, resolve_path
+from shared.config import (
+    ServerConfig,
+    check_domain,
+    check_host_rewrite,
+    check_label,
+    check_locations,
+    check_name,
+    check_sources,
+    resolve_path,
+    tunnel_kind_problem,
+)
 from shared.errors import RemoteProtocolError
-from shared.frames import GoAwayCode
+from shared.frames import GoAwayCode, go_away_name
 from shared.limits import TokenBucket
 from shared.messages import (
     Challenge,
@@ -49,6 +61,7 @@ from shared.messages import (
     Login,
     LoginFailed,
     LoginOk,
+    LoginRefusal,
     TunnelAdd,
     TunnelPush,
     TunnelPushRefused,
@@ -61,51 +74,27 @@ from shared.tls import ensure_self_signed, fingerprint_of_pem_file, server_conte
 log = logging.getLogger("relayd")
 
 CONTROL_STREAM_ID = 1
+# Before login a connection may owe its peer at most this much (answers it has not read).
+PRELOGIN_OUTPUT_LIMIT = 64 * 1024
+# Control messages waiting for credit a relayc withholds: over this it is disconnected.
+CONTROL_QUEUE_LIMIT = 256 * 1024
+# A login under the name of a live session: how long the old one has to answer a PING.
+LIVENESS_PROBE_TIMEOUT = 2.0
+NAME_IN_USE_RETRY = 60.0
+# Per session: refusals remembered for the dashboard, and logged one line each before bursts.
+REFUSALS_KEPT = 256
+REFUSALS_LOGGED_EACH = 32
 
 
-class LoginGuard:
-    """Slows down, then blocks for a while, an address whose logins keep failing."""
+class SessionState(enum.Enum):
+    """Where one relayc connection is, from accept to close."""
 
-    def __init__(self, window: float = 600.0, block_after: int = 10, block_for: float = 600.0) -> None:
-        self.window = window
-        self.block_after = block_after
-        self.block_for = block_for
-        self._failures: dict[str, deque[float]] = {}
-        self._blocked_until: dict[str, float] = {}
-        self._last_log: dict[str, float] = {}
-
-    def is_blocked(self, addr: str, now: float) -> bool:
-        until = self._blocked_until.get(addr)
-        if until is None:
-            return False
-        if now >= until:
-            del self._blocked_until[addr]
-            self._failures.pop(addr, None)
-            return False
-        return True
-
-    def record_failure(self, addr: str, now: float) -> float:
-        """Record a failure; return how long to wait before answering."""
-        q = self._failures.setdefault(addr, deque())
-        q.append(now)
-        while q and q[0] < now - self.window:
-            q.popleft()
-        if len(q) >= self.block_after:
-            self._blocked_until[addr] = now + self.block_for
-            log.warning("login: %s blocked for %.0f s after %d failed logins", addr, self.block_for, len(q))
-        if len(self._failures) > 10_000:  # forget the oldest addresses rather than grow forever
-            oldest = next(iter(self._failures))
-            del self._failures[oldest]
-        return float(min(0.25 * 2 ** (len(q) - 1), 8.0))
-
-    def record_success(self, addr: str) -> None:
-        self._failures.pop(addr, None)
-
-    def should_log(self, addr: str, now: float) -> bool:
-        if now - self._last_log.get(addr, -1e9) >= 10.0:
-            self._last_log[addr] = now
-            return True
-        return False
+    HELLO = "hello"  # waiting for hello
+    CHALLENGED = "challenged"  # challenge sent, waiting for login
+    CHECKING = "checking"  # proof good, but a session of that name exists: is it alive?
+    READY = "ready"  # logged in
+    FAILED = "failed"  # refused, closing
+    CLOSED = "closed"
 
 
 class ClientSession:
@@ -116,9 +105,13 @@ class ClientSession:
         self.remote_addr = ""
         self.name = ""
         self.version = ""
-        self.state = "hello"  # hello -> challenged -> ready -> closed
+        self.state = SessionState.HELLO
         self.tunnels: dict[str, PublicTunnel] = {}
+        self.refusals: dict[str, str] = {}  # tunnel name -> why it is not active (bounded)
+        self.visitors_open = 0
         self.connected_at = time.time()
+        self.logged_in_at = 0.0
+        self._refusals_logged = 0
         self._client_nonce = ""
         self._server_nonce = ""
         self.control: ControlChannel | None = None
@@ -128,12 +121,18 @@ class ClientSession:
             on_stream_opened=self._stream_opened,
             on_go_away=self._go_away,
             on_closed=self._closed,
+            pause_reading_when_backed_up=True,
         )
+        self.mux.output_limit = PRELOGIN_OUTPUT_LIMIT  # lifted at login
         rate = server.config.limits.bandwidth_per_client
         self.bucket = TokenBucket(rate, asyncio.get_running_loop().time()) if rate else None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tunnel_lock = asyncio.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self.state is SessionState.READY
 
     def accepted(self, conn: socket.socket, addr: str) -> None:
         """The TCP connection was admitted: start the deadline for TLS plus login."""
@@ -151,32 +150,28 @@ class ClientSession:
             for task in list(self._tasks):  # still in the TLS handshake: cancelling closes it
                 task.cancel()
 
-    def conns_open(self) -> int:
-        return sum(t.counters.conns_open for t in self.tunnels.values())
-
     # --- mux callbacks --------------------------------------------------------------------------
 
     def _stream_opened(self, mux: MuxConnection, stream_id: int) -> StreamHandler | None:
         if stream_id == CONTROL_STREAM_ID and self.control is None:
-            self.control = ControlChannel(mux, self._on_message, self._control_closed)
+            self.control = ControlChannel(mux, self._on_message, self._control_closed, max_queued=CONTROL_QUEUE_LIMIT)
             self.control.stream_id = stream_id
             return self.control
         # relayc may not open other streams: nothing on relayd is reachable through the tunnel.
         return None
 
     def _go_away(self, mux: MuxConnection, code: int) -> None:
-        log.info("client %s: going away (code %d)", self.name or self.remote_addr, code)
+        log.info("client %s: going away (%s)", self.name or self.remote_addr, go_away_name(code))
         self.release_tunnels()
 
     def _closed(self, mux: MuxConnection, exc: BaseException | None) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-        was_ready = self.state == "ready"
-        self.state = "closed"
+        self.cancel_handshake_timer()
+        was_ready = self.ready
+        self.state = SessionState.CLOSED
         for task in self._tasks:
             task.cancel()
         self.release_tunnels()
+        self.refusals.clear()
         self.server.session_closed(self)
         if was_ready:
             why = f": {exc}" if exc else ""
@@ -187,7 +182,7 @@ class ClientSession:
 
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
-        if self.state != "ready":
+        if not self.ready:
             log.warning(
                 "client from %s: no login within %.0f s; closing",
                 self.remote_addr,
@@ -198,64 +193,122 @@ class ClientSession:
     # --- control messages -----------------------------------------------------------------------
 
     def _on_message(self, message: Any) -> None:
+        state = self.state
         try:
-            if isinstance(message, Hello) and self.state == "hello":
+            if isinstance(message, Hello) and state is SessionState.HELLO:
                 self._on_hello(message)
-            elif isinstance(message, Login) and self.state == "challenged":
+            elif isinstance(message, Login) and state is SessionState.CHALLENGED:
                 self._on_login(message)
-            elif isinstance(message, TunnelAdd) and self.state == "ready":
+            elif isinstance(message, TunnelAdd) and state is SessionState.READY:
                 self._spawn(self._add_tunnel(message))
-            elif isinstance(message, TunnelPushRefused) and self.state == "ready":
-                log.warning("client %s refused pushed tunnel %s: %s", self.name, message.name, message.error)
-                self.server.refusals[(self.name, message.name)] = message.error
+            elif isinstance(message, TunnelPushRefused) and state is SessionState.READY:
+                self._on_push_refused(message)
             else:
-                raise RemoteProtocolError(f"unexpected {message.type} message in state {self.state}")
+                raise RemoteProtocolError(f"unexpected {message.type} message in state {state.value}")
         except RemoteProtocolError as exc:
             self.mux.fail(exc)
 
     def send(self, message: Any) -> None:
-        self._send(message)
-
-    def _send(self, message: Any) -> None:
         if self.control is not None and self.mux.is_open:
             self.control.send(message)
 
     def _on_hello(self, hello: Hello) -> None:
-        self.name = hello.name
         self.version = hello.version
+        try:
+            self.name = check_name(hello.name)
+        except ValueError as exc:
+            log.warning("login refused: client from %s sent the name %r: %s", self.remote_addr, hello.name, exc)
+            self._refuse(LoginFailed(reason=f"client name {hello.name!r} {exc}", code=LoginRefusal.BAD_NAME.value))
+            return
         self._client_nonce = hello.client_nonce
         self._server_nonce = auth.new_nonce()
-        self.state = "challenged"
-        self._send(Challenge(server_nonce=self._server_nonce))
+        self.state = SessionState.CHALLENGED
+        self.send(Challenge(server_nonce=self._server_nonce))
 
     def _on_login(self, login: Login) -> None:
         server = self.server
+        now = time.monotonic()
+        until = server.guard.pair_blocked_until(self.remote_addr, self.name, now)
+        if until is not None:  # not even checked: blocked means no more guesses
+            self._refuse(_blocked(until, now))
+            return
         token = server.token_for(self.name)
         args = (self.name, self._client_nonce, self._server_nonce, server.fingerprint)
-        ok = token is not None and auth.proofs_equal(login.proof, auth.client_proof(token, *args))
-        if not ok or token is None:
-            self.state = "failed"
-            self._spawn(self._refuse_login())
+        if token is None or not auth.proofs_equal(login.proof, auth.client_proof(token, *args)):
+            self.state = SessionState.FAILED
+            self._spawn(self._refuse_wrong_token(now))
             return
-        server.guard.record_success(self.remote_addr)
+        server.guard.record_success(self.remote_addr, self.name)
+        old = server.sessions.get(self.name)
+        if old is not None and old is not self and old.ready:
+            self.state = SessionState.CHECKING
+            self._spawn(self._settle_name_clash(old, auth.server_proof(token, *args)))
+            return
+        self._complete_login(auth.server_proof(token, *args))
+
+    async def _settle_name_clash(self, old: ClientSession, proof: str) -> None:
+        """A session of this name exists: take over only if it is dead (so a restart after the lab
+        machine crashed takes over in seconds), else refuse (two live relayc never flap)."""
+        alive = await old.mux.probe(LIVENESS_PROBE_TIMEOUT)
+        if self.state is not SessionState.CHECKING:
+            return  # this connection closed meanwhile
+        holder = self.server.sessions.get(self.name)
+        if holder is None or holder is self or not holder.ready or (holder is old and not alive):
+            self._complete_login(proof)
+            return
+        since = _iso(holder.logged_in_at)
+        self.server.burst_log.warning(
+            f"name-in-use:{self.name}",
+            "login refused: client %r from %s: the name is in use by a live session from %s (logged in at %s)",
+            self.name, self.remote_addr, holder.remote_addr, since,
+        )  # fmt: skip
+        self._refuse(
+            LoginFailed(
+                reason=f"client name {self.name!r} is in use by a live session from {holder.remote_addr}, logged "
+                f"in at {since}: stop that relayc, or give this one another name",
+                code=LoginRefusal.NAME_IN_USE.value,
+                retry_after=int(NAME_IN_USE_RETRY),
+            )
+        )
+
+    def _complete_login(self, proof: str) -> None:
+        server = self.server
         server.left_preauth(self)
-        self.state = "ready"
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
+        self.state = SessionState.READY
+        self.logged_in_at = time.time()
+        self.mux.output_limit = 0  # from now on a backed-up connection pauses its reading instead
+        self.mux.label = f"client {self.name} ({self.remote_addr})"
+        self.cancel_handshake_timer()
         server.register(self)
-        self._send(LoginOk(proof=auth.server_proof(token, *args), version=__version__))
+        server.vhosts.owner_returned(self.name, time.monotonic())
+        self.send(LoginOk(proof=proof, version=__version__))
         log.info("client %s logged in from %s (relayc %s)", self.name, self.remote_addr, self.version or "?")
         server.client_ready(self)
 
-    async def _refuse_login(self) -> None:
+    async def _refuse_wrong_token(self, now: float) -> None:
+        guard, addr, name = self.server.guard, self.remote_addr, self.name
+        failure = guard.record_failure(addr, name, now)
+        burst = self.server.burst_log
+        burst.warning(f"login:{addr}:{name}", "login failed: client %r from %s: wrong token", name, addr)
+        if failure.pair_blocked:
+            log.warning("login: client %r from %s blocked for %.0f s after %d failed logins", name, addr,
+                        guard.block_seconds, failure.failures)  # fmt: skip
+        if failure.address_blocked:
+            log.warning("login: address %s blocked for %.0f s: its failed logins name several clients (a scanner)",
+                        addr, guard.block_seconds)  # fmt: skip
+        await asyncio.sleep(failure.delay)
         now = time.monotonic()
-        delay = self.server.guard.record_failure(self.remote_addr, now)
-        if self.server.guard.should_log(self.remote_addr, now):
-            log.warning("login failed: client %r from %s: wrong token", self.name, self.remote_addr)
-        await asyncio.sleep(delay)
-        self._send(LoginFailed(reason="wrong token"))
+        until = guard.pair_blocked_until(addr, name, now)
+        self._refuse(_blocked(until, now) if until is not None else LoginFailed(
+            reason="wrong token", code=LoginRefusal.WRONG_TOKEN.value))  # fmt: skip
+
+    def _refuse(self, answer: LoginFailed) -> None:
+        """Answer a refused login and close the connection."""
+        self.state = SessionState.FAILED
+        self.send(answer)
         self.mux.close(GoAwayCode.AUTH_FAILED)
+
+    # --- tunnels --------------------------------------------------------------------------------
 
     async def _add_tunnel(self, message: TunnelAdd) -> None:
         # One at a time per session: the port policy checks (max_ports_per_client, who holds a
@@ -266,6 +319,13 @@ class ClientSession:
     async def _add_tunnel_locked(self, message: TunnelAdd) -> None:
         spec = message.tunnel
         server = self.server
+        problem = tunnel_problem(spec)
+        cap = server.config.max_tunnels_per_client
+        if problem is None and cap and spec.name not in self.tunnels and len(self.tunnels) >= cap:
+            problem = f"client {self.name!r} already has max_tunnels_per_client={cap} tunnels"
+        if problem is not None:
+            self.refuse_tunnel(spec.name, problem)
+            return
         old = self.tunnels.pop(spec.name, None)
         if old is not None:
             server.release_tunnel(old, client_gone=False)
@@ -277,19 +337,50 @@ class ClientSession:
             else:
                 url = server.add_vhost(tunnel)
         except TunnelRefused as exc:
-            log.warning("client %s tunnel %s refused: %s", self.name, spec.name, exc)
-            server.refusals[(self.name, spec.name)] = str(exc)
-            self._send(TunnelStatus(name=spec.name, ok=False, error=str(exc)))
+            self.refuse_tunnel(spec.name, str(exc))
             return
-        server.refusals.pop((self.name, spec.name), None)
-        if self.state != "ready":  # the session ended while we were binding
+        self.refusals.pop(spec.name, None)
+        if not self.ready:  # the session ended while we were binding
             server.release_tunnel(tunnel, client_gone=True)
             return
         self.tunnels[spec.name] = tunnel
         where = f"{server.config.public_bind_addr}:{tunnel.port}" if spec.kind == "tcp" else url
         log.info("client %s tunnel %s (%s): %s -> %s:%d", self.name, spec.name, spec.kind, where,
                  spec.local_ip, spec.local_port)  # fmt: skip
-        self._send(TunnelStatus(name=spec.name, ok=True, remote_port=tunnel.port, url=url))
+        self.send(TunnelStatus(name=spec.name, ok=True, remote_port=tunnel.port, url=url))
+
+    def refuse_tunnel(self, name: str, reason: str) -> None:
+        """Tell relayc why a tunnel is refused, remember it for the dashboard, log it (the first few
+        per session one by one, then one line per burst: a client cannot flood the log)."""
+        self._remember_refusal(name, reason)
+        self._refusals_logged += 1
+        if self._refusals_logged <= REFUSALS_LOGGED_EACH:
+            log.warning("client %s tunnel %s refused: %s", self.name, name, reason)
+        else:
+            self.server.burst_log.warning(f"tunnel-refused:{self.name}", "client %s tunnel %s refused: %s",
+                                          self.name, name, reason)  # fmt: skip
+        self.send(TunnelStatus(name=name, ok=False, error=reason[:4096]))
+
+    def _remember_refusal(self, name: str, reason: str) -> None:
+        refusals = self.refusals
+        refusals.pop(name, None)
+        refusals[name] = reason
+        if len(refusals) > REFUSALS_KEPT:
+            del refusals[next(iter(refusals))]
+
+    def _on_push_refused(self, message: TunnelPushRefused) -> None:
+        if not self.server.is_pushed(self.name, message.name):
+            return  # not a tunnel relayd pushed to this client: nothing to remember
+        log.warning("client %s refused pushed tunnel %s: %s", self.name, message.name, message.error)
+        self._remember_refusal(message.name, message.error)
+
+    def unpush(self, name: str) -> None:
+        """A dashboard tunnel was deleted or disabled: close it here and tell relayc."""
+        self.refusals.pop(name, None)
+        tunnel = self.tunnels.pop(name, None)
+        if tunnel is not None:
+            self.server.release_tunnel(tunnel, client_gone=False)
+        self.send(TunnelRemove(name=name))
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -312,6 +403,39 @@ class ClientSession:
         self.tunnels.clear()
 
 
+def _iso(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
+
+
+def _blocked(until: float, now: float) -> LoginFailed:
+    """The answer to a login from a blocked (address, name): "blocked until T", with T as UTC."""
+    left = max(0.0, until - now)
+    return LoginFailed(reason=f"wrong token, blocked until {_iso(time.time() + left)}",
+                       code=LoginRefusal.BLOCKED.value, retry_after=math.ceil(left))  # fmt: skip
+
+
+def tunnel_problem(spec: TunnelSpec) -> str | None:
+    """What is wrong with a tunnel a relayc asked for, by the same rules as relayc.toml (a peer's
+    names end up in logs, routes and request heads), or None."""
+    try:
+        check_name(spec.name)
+        if check_label(spec.subdomain) != spec.subdomain:
+            raise ValueError(f"subdomain {spec.subdomain!r} must be written in lowercase")
+        for domain in spec.custom_domains:
+            if check_domain(domain) != domain:
+                raise ValueError(f"custom domain {domain!r} must be written in lowercase, without a trailing dot")
+        check_locations(list(spec.locations))
+        check_sources(list(spec.allow_sources))
+        check_host_rewrite(spec.host_header_rewrite)
+        for field_name in ("http_user", "http_password"):
+            if not getattr(spec, field_name).isprintable():
+                raise ValueError(f"{field_name} holds control characters")
+    except ValueError as exc:
+        return f"tunnel {spec.name!r}: {exc}"
+    problem = tunnel_kind_problem(spec.kind, spec)
+    return f"tunnel {spec.name!r}: {problem}" if problem else None
+
+
 class Relayd:
     """The relay server: owns the control listener, the sessions and the port policy."""
 
@@ -323,7 +447,13 @@ class Relayd:
         self.vhosts = VhostRouter(config.subdomain_host)
         self._vhost_servers: list[asyncio.AbstractServer] = []
         auth_cfg = config.auth
-        self.guard = LoginGuard(auth_cfg.failure_window, auth_cfg.block_after_failures, auth_cfg.block_seconds)
+        self.guard = LoginGuard(
+            BlockScope.RELAYC,
+            window=auth_cfg.failure_window,
+            block_after=auth_cfg.block_after_failures,
+            block_seconds=auth_cfg.block_seconds,
+        )
+        self.loop_lag = LoopLagMonitor()
         self.burst_log = BurstLog(log)
         self._preauth: dict[str, dict[ClientSession, None]] = {}
         self._preauth_all: dict[ClientSession, None] = {}
@@ -332,7 +462,6 @@ class Relayd:
         self.fingerprint = ""
         self.tls_context: ssl.SSLContext | None = None
         self.store: Store | None = Store(self.state_dir / "relayd.db") if config.dashboard is not None else None
-        self.refusals: dict[tuple[str, str], str] = {}  # (client, tunnel) -> why it is not active
         self._traffic_seen: dict[tuple[str, str], tuple[int, int]] = {}
         self.dashboard: Any = None
         self._listener: socket.socket | None = None
@@ -351,6 +480,11 @@ class Relayd:
                 return str(row["token"]) if row["enabled"] else None
         return self.config.auth.token or None
 
+    @property
+    def refusals(self) -> dict[tuple[str, str], str]:
+        """Why each refused tunnel of a connected client is not active: (client, tunnel) -> reason."""
+        return {(name, t): why for name, s in self.sessions.items() for t, why in s.refusals.items()}
+
     # --- dashboard support ----------------------------------------------------------------------
 
     def client_ready(self, session: ClientSession) -> None:
@@ -365,18 +499,17 @@ class Relayd:
 
     def push_tunnel(self, row: dict[str, Any]) -> None:
         session = self.sessions.get(row["client"])
-        if session is not None and session.state == "ready":
+        if session is not None and session.ready:
             session.send(TunnelPush(tunnel=spec_of(row)))
 
     def unpush_tunnel(self, client: str, name: str) -> None:
-        self.refusals.pop((client, name), None)
         session = self.sessions.get(client)
-        if session is None:
-            return
-        tunnel = session.tunnels.pop(name, None)
-        if tunnel is not None:
-            self.release_tunnel(tunnel, client_gone=False)
-        session.send(TunnelRemove(name=name))
+        if session is not None:
+            session.unpush(name)
+
+    def is_pushed(self, client: str, name: str) -> bool:
+        """Whether ``name`` is a dashboard tunnel of ``client`` (one relayd pushes to it)."""
+        return self.store is not None and self.store.tunnel(client, name) is not None
 
     def kick(self, client: str) -> bool:
         session = self.sessions.get(client)
@@ -472,6 +605,7 @@ class Relayd:
             self.dashboard = Dashboard(self, cfg.dashboard)
             await self.dashboard.start()
             self._traffic_task = loop.create_task(self._record_traffic_loop())
+        self.loop_lag.start()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         """Accept control connections ourselves: the address is known before a byte is read, so
@@ -518,7 +652,7 @@ class Relayd:
         so a flood of idle connections cannot lock a real client out (it logs in within its
         handshake time while the flood keeps evicting itself).
         """
-        if self.guard.is_blocked(addr, time.monotonic()):
+        if self.guard.address_blocked_until(addr, time.monotonic()) is not None:
             return None
         limits = self.config.limits
         session = ClientSession(self)
@@ -561,6 +695,7 @@ class Relayd:
         if self._traffic_task is not None:
             self._traffic_task.cancel()
             self.flush_traffic()
+        self.loop_lag.stop()
         sessions = list(self.connections)
         for s in sessions:
             for tunnel in list(s.tunnels.values()):
@@ -584,7 +719,7 @@ class Relayd:
         if not port:
             key = "vhost_http_port" if kind == "http" else "vhost_https_port"
             raise TunnelRefused(f"{kind} tunnels are off on this relayd ({key} is not set)")
-        domains = self.vhosts.add(tunnel)
+        domains = self.vhosts.add(tunnel, time.monotonic())
         tunnel.port = port
         default = 80 if kind == "http" else 443
         suffix = "" if port == default else f":{port}"
@@ -594,8 +729,9 @@ class Relayd:
         if tunnel.spec.kind == "tcp":
             self.ports.release(tunnel)
         else:
-            self.vhosts.remove(tunnel, client_gone)
+            self.vhosts.remove(tunnel, client_gone, time.monotonic())
             tunnel.close()
+        self.burst_log.forget(f"refuse:{tunnel.client.name}:{tunnel.name}")
 
     # --- registry -------------------------------------------------------------------------------
 
@@ -617,6 +753,7 @@ class Relayd:
         self.connections.discard(session)
         if self.sessions.get(session.name) is session:
             del self.sessions[session.name]
+            self.burst_log.forget(f"tunnel-refused:{session.name}")
 
 
 def spec_of(row: dict[str, Any]) -> TunnelSpec:

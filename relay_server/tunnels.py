@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import enum
 import logging
 import random
 from typing import TYPE_CHECKING, cast
@@ -23,6 +25,19 @@ class TunnelRefused(Exception):
     """A tunnel registration that policy or the host refuses; the message is sent to relayc."""
 
 
+class Refusal(enum.Enum):
+    """Why a visitor may not use a tunnel now."""
+
+    SOURCE = "source"  # not in allow_sources
+    TUNNEL_FULL = "tunnel_full"  # max_connections of the tunnel
+    CLIENT_FULL = "client_full"  # max_connections_per_client
+    OFFLINE = "offline"  # the client's session cannot take a new stream
+
+    @property
+    def http_status(self) -> int:
+        return 403 if self is Refusal.SOURCE else 502 if self is Refusal.OFFLINE else 503
+
+
 def min_nonzero(*values: int) -> int:
     """The strictest of several limits where 0 means unlimited."""
     set_values = [v for v in values if v]
@@ -39,6 +54,7 @@ class PublicTunnel:
         self.server: asyncio.AbstractServer | None = None
         self.counters = TrafficCounters()
         self.visitors: set[StreamBridge] = set()
+        self.routes: list[tuple[str, tuple[str, ...]]] = []  # http/https: (domain, locations) claimed
         limits = client.server.config.limits
         self.max_connections = min_nonzero(limits.max_connections_per_tunnel, spec.max_connections)
         rate = min_nonzero(limits.bandwidth_per_tunnel, spec.bandwidth_limit)
@@ -54,28 +70,45 @@ class PublicTunnel:
         if not mux.is_open:
             return False
         try:
-            bridge.stream_id = mux.open_stream(bridge, encode_stream_open(self.spec.name, visitor) + first)
+            stream_id = mux.open_stream(bridge, encode_stream_open(self.spec.name, visitor) + first)
         except LocalProtocolError:
             return False
-        bridge.mux = mux
+        bridge.bind(mux, stream_id)  # paused at once if the session's connection is backed up
         bridge.counters = counters = self.counters
         bridge.buckets = self.buckets
         counters.conns_open += 1
         counters.conns_total += 1
         counters.bytes_in += len(first)
         self.visitors.add(bridge)
+        self.client.visitors_open += 1
         return True
 
-    def refusal(self, visitor_ip: str) -> str | None:
+    def detach(self, bridge: StreamBridge) -> None:
+        """A visitor attached by ``attach`` went away."""
+        if bridge in self.visitors:
+            self.visitors.discard(bridge)
+            self.client.visitors_open -= 1
+
+    def refusal(self, visitor_ip: str) -> Refusal | None:
         """Why a new visitor from ``visitor_ip`` may not use this tunnel now, or None."""
         if not self.sources.allows(visitor_ip):
-            return f"source {visitor_ip} is not in allow_sources"
+            return Refusal.SOURCE
         if self.max_connections and self.counters.conns_open >= self.max_connections:
-            return f"max_connections={self.max_connections} reached"
+            return Refusal.TUNNEL_FULL
         client_max = self.client.server.config.limits.max_connections_per_client
-        if client_max and self.client.conns_open() >= client_max:
-            return f"client {self.client.name} reached max_connections_per_client={client_max}"
+        if client_max and self.client.visitors_open >= client_max:
+            return Refusal.CLIENT_FULL
         return None
+
+    def refusal_text(self, refusal: Refusal, visitor_ip: str) -> str:
+        if refusal is Refusal.SOURCE:
+            return f"source {visitor_ip} is not in allow_sources"
+        if refusal is Refusal.TUNNEL_FULL:
+            return f"max_connections={self.max_connections} reached"
+        if refusal is Refusal.CLIENT_FULL:
+            limit = self.client.server.config.limits.max_connections_per_client
+            return f"client {self.client.name} reached max_connections_per_client={limit}"
+        return f"client {self.client.name} is not connected"
 
     @property
     def name(self) -> str:
@@ -98,8 +131,8 @@ class PublicTunnel:
         """Stop accepting and reset the visitors still connected."""
         self.stop_accepting()
         for visitor in list(self.visitors):
+            self.detach(visitor)
             visitor.abort()
-        self.visitors.clear()
 
 
 class VisitorBridge(StreamBridge):
@@ -116,11 +149,12 @@ class VisitorBridge(StreamBridge):
         tunnel = self.tunnel
         peer = transport.get_extra_info("peername")
         visitor = f"{peer[0]}:{peer[1]}" if peer else ""
-        refusal = tunnel.refusal(str(peer[0]) if peer else "")
+        visitor_ip = str(peer[0]) if peer else ""
+        refusal = tunnel.refusal(visitor_ip)
         if refusal is not None:
             tunnel.client.server.burst_log.warning(
                 f"refuse:{tunnel.client.name}:{tunnel.name}", "client %s tunnel %s: visitor %s refused: %s",
-                tunnel.client.name, tunnel.name, visitor, refusal,
+                tunnel.client.name, tunnel.name, visitor, tunnel.refusal_text(refusal, visitor_ip),
             )  # fmt: skip
             self.transport = transport
             self._done = True
@@ -134,20 +168,32 @@ class VisitorBridge(StreamBridge):
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.tunnel.visitors.discard(self)
+        self.tunnel.detach(self)
         super().connection_lost(exc)
 
 
 class PortPolicy:
-    """Which public ports a client may claim, and who holds each one now."""
+    """Which public ports a client may claim, and who holds each one now.
+
+    Every operation costs O(1) in the number of ports held (a client registering N tunnels costs
+    O(N) in total), and choosing a free port for ``remote_port = 0`` probes random allowed ports
+    instead of listing the whole range.
+    """
 
     def __init__(self, allowed: PortRanges, max_per_client: int) -> None:
         self.allowed = allowed
         self.max_per_client = max_per_client
         self.holders: dict[int, PublicTunnel] = {}
+        self._count: dict[str, int] = {}  # client name -> ports held
+        self._starts: list[int] = []  # index of each range's first port in the allowed set
+        total = 0
+        for lo, hi in allowed.ranges:
+            self._starts.append(total)
+            total += hi - lo + 1
+        self._size = total
 
     def count_for(self, client_name: str) -> int:
-        return sum(1 for t in self.holders.values() if t.client.name == client_name)
+        return self._count.get(client_name, 0)
 
     def check(self, client_name: str, port: int) -> None:
         if self.max_per_client and self.count_for(client_name) >= self.max_per_client:
@@ -172,25 +218,64 @@ class PortPolicy:
                 raise TunnelRefused(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         else:
             await self._bind_any(tunnel, host)
+        # the await above let other clients in: check again before taking the port
+        if tunnel.port in self.holders:
+            tunnel.close()
+            raise TunnelRefused(f"port {tunnel.port} was taken meanwhile; try again")
         self.holders[tunnel.port] = tunnel
+        name = tunnel.client.name
+        self._count[name] = self._count.get(name, 0) + 1
+
+    def _nth_allowed(self, index: int) -> int:
+        i = bisect.bisect_right(self._starts, index) - 1
+        return self.allowed.ranges[i][0] + index - self._starts[i]
 
     async def _bind_any(self, tunnel: PublicTunnel, host: str) -> None:
-        if self.allowed.size() >= 64511:  # the default 1024-65535: let the OS pick
+        if self._size >= 64511:  # the default 1024-65535: let the OS pick
             await tunnel.listen(host, 0)
             if tunnel.port in self.allowed and tunnel.port not in self.holders:
                 return
             tunnel.close()
-        candidates = [p for p in self.allowed.ports() if p not in self.holders]
-        random.shuffle(candidates)
-        for port in candidates[:200]:
+        tried: set[int] = set()
+        for _ in range(_BIND_ATTEMPTS * 4):
+            if len(tried) >= min(_BIND_ATTEMPTS, self._size):
+                break
+            port = self._nth_allowed(random.randrange(self._size))
+            if port in tried or port in self.holders:
+                tried.add(port)
+                continue
+            tried.add(port)
             try:
                 await tunnel.listen(host, port)
                 return
             except OSError:
                 continue
-        raise TunnelRefused(f"no free port left in allow_ports ({self.allowed.text})")
+        # Nearly full: walk the allowed ports once from a random start (O(range), only here).
+        start = random.randrange(self._size)
+        for i in range(self._size):
+            if len(tried) >= _BIND_ATTEMPTS * 2:
+                break
+            port = self._nth_allowed((start + i) % self._size)
+            if port in tried or port in self.holders:
+                continue
+            tried.add(port)
+            try:
+                await tunnel.listen(host, port)
+                return
+            except OSError:
+                continue
+        raise TunnelRefused(f"no free port found in allow_ports ({self.allowed.text}) after {len(tried)} tries")
 
     def release(self, tunnel: PublicTunnel) -> None:
         if self.holders.get(tunnel.port) is tunnel:
             del self.holders[tunnel.port]
+            name = tunnel.client.name
+            left = self._count.get(name, 0) - 1
+            if left > 0:
+                self._count[name] = left
+            else:
+                self._count.pop(name, None)
         tunnel.close()
+
+
+_BIND_ATTEMPTS = 200

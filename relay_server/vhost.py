@@ -1,11 +1,26 @@
-"""HTTP virtual hosts (routed by Host and path) and HTTPS passthrough (routed by SNI).
+"""HTTP virtual hosts (routed by Host header and path) and HTTPS passthrough (routed by SNI).
+
+Domains.  A domain (a tunnel's ``subdomain`` under ``subdomain_host``, or one of its
+``custom_domains``; the two spellings of one name are one domain) belongs to the client that
+claimed it first: no other client can register anything on it, no location on http and nothing on
+https.  The owner may split its domain between its own http tunnels by ``locations`` (the longest
+matching prefix wins; locations and request paths are compared normalized).  When the owner goes
+offline its domains stay reserved for it (``DOMAIN_HOLD`` seconds), and when it comes back they are
+released ``DOMAIN_RECLAIM`` seconds after its login unless it claimed them again: a hostile client
+cannot grab a lab's domain during a network blip.  Every claim and release costs time in the
+number of the tunnel's own routes, never in the number of routes relayd holds.
 
 Keep-alive rule: every request is routed by its own Host header and path.  A connection is bound
 to the tunnel of its first request; when a later request on it routes to another tunnel, relayd
 sends the first tunnel a FIN, lets its answer finish, then closes the connection, so the browser
 sends that request again on a new connection.  A request is therefore never delivered to the wrong
-tunnel.  Requests are parsed (``http1.RequestReader``); responses pass through untouched, so
-WebSockets, server-sent events and chunked streams flow as they are produced.
+tunnel.  Requests are parsed (``http1.RequestReader``); answers pass through untouched, so
+WebSockets, server-sent events and chunked streams flow as they are produced.  The one exception:
+after an Upgrade (or CONNECT) request, the status line of the app's answer is read
+(``http1.AnswerStatusReader``): 101 (2xx for CONNECT) makes the connection opaque, anything else
+and relayd goes on parsing requests, each routed, authenticated and given X-Forwarded-* like a
+first request.  So that the answer read is the answer to that request, an Upgrade is only honoured
+as the first request of a connection; a later one is treated like a request for another tunnel.
 """
 
 from __future__ import annotations
@@ -16,17 +31,32 @@ import binascii
 import hmac
 import html
 import logging
-from typing import TYPE_CHECKING, cast
+import time
+from typing import TYPE_CHECKING, Final, cast
 
-from relay_server.http1 import Body, HttpError, RequestHead, RequestReader
-from relay_server.sni import NEED_MORE, SniError, read_sni
-from relay_server.tunnels import PublicTunnel, TunnelRefused
+from relay_server.http1 import (
+    AnswerStatusReader,
+    Body,
+    HttpError,
+    RequestHead,
+    RequestReader,
+    Tunnel,
+    normalize_path,
+)
+from relay_server.sni import ClientHelloReader, SniError
+from relay_server.tunnels import PublicTunnel, Refusal, TunnelRefused
 from shared.aio import MuxConnection, StreamBridge
 
 if TYPE_CHECKING:
     from relay_server.server import Relayd
 
 log = logging.getLogger(__name__)
+
+# How long an offline client's domains stay reserved for it, and how long after it logs in again
+# the ones it does not claim back are released.
+DOMAIN_HOLD: Final = 3600.0
+DOMAIN_RECLAIM: Final = 60.0
+MAX_HELD_DOMAINS: Final = 10_000
 
 _STATUS_TEXT = {
     400: "Bad Request",
@@ -35,6 +65,7 @@ _STATUS_TEXT = {
     404: "Not Found",
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
+    501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",
 }
@@ -60,14 +91,42 @@ def host_of(value: str) -> str:
     return value.rsplit(":", 1)[0].rstrip(".") if ":" in value else value.rstrip(".")
 
 
+class DomainClaim:
+    """One domain: its owner, its http routes (location -> tunnel), its https tunnel."""
+
+    __slots__ = ("held_until", "http", "https", "lengths", "offline_since", "owner")
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.http: dict[str, PublicTunnel] = {}
+        self.lengths: dict[int, int] = {}  # location length -> how many locations have it
+        self.https: PublicTunnel | None = None
+        self.held_until = 0.0  # while no tunnel is on it: reserved for the owner until then
+        self.offline_since = 0.0  # wall time the owner went offline, for the 502 page
+
+    @property
+    def empty(self) -> bool:
+        return not self.http and self.https is None
+
+    def match(self, path: str) -> PublicTunnel | None:
+        """The tunnel whose location is the longest prefix of ``path`` (a normalized path)."""
+        http = self.http
+        if len(self.lengths) == 1 and "/" in http:  # the usual: one tunnel on the whole domain
+            return http["/"]
+        for n in sorted(self.lengths, reverse=True):
+            tunnel = http.get(path[:n]) if len(path) >= n else None
+            if tunnel is not None:
+                return tunnel
+        return None
+
+
 class VhostRouter:
-    """Which tunnel serves which domain (and path prefix, for http)."""
+    """Which client owns which domain, and which of its tunnels serves which path."""
 
     def __init__(self, subdomain_host: str) -> None:
         self.subdomain_host = subdomain_host
-        self.http: dict[str, list[tuple[str, PublicTunnel]]] = {}
-        self.https: dict[str, PublicTunnel] = {}
-        self.offline: dict[str, str] = {}  # domain -> client name, for routes whose client went away
+        self.domains: dict[str, DomainClaim] = {}
+        self._held: dict[str, None] = {}  # domains reserved for an offline owner, oldest first
 
     def domains_of(self, tunnel: PublicTunnel) -> list[str]:
         spec = tunnel.spec
@@ -75,71 +134,129 @@ class VhostRouter:
         if spec.subdomain:
             if not self.subdomain_host:
                 raise TunnelRefused("relayd has no subdomain_host configured; use custom_domains")
-            domains.append(f"{spec.subdomain}.{self.subdomain_host}")
-        domains += [d.lower() for d in spec.custom_domains]
-        return domains
+            domains.append(f"{spec.subdomain}.{self.subdomain_host}".lower())
+        domains += [d.lower().rstrip(".") for d in spec.custom_domains]
+        return list(dict.fromkeys(domains))  # a custom domain may spell the subdomain again
 
-    def add(self, tunnel: PublicTunnel) -> list[str]:
+    def add(self, tunnel: PublicTunnel, now: float) -> list[str]:
         """Claim the tunnel's routes; raise TunnelRefused naming the holder of any conflict."""
         domains = self.domains_of(tunnel)
-        if tunnel.spec.kind == "https":
-            for d in domains:
-                holder = self.https.get(d)
-                if holder is not None and holder is not tunnel:
-                    raise TunnelRefused(f"domain {d} is already used by client {holder.client.name!r} "
-                                        f"tunnel {holder.name!r}")  # fmt: skip
-            for d in domains:
-                self.https[d] = tunnel
-                self.offline.pop(d, None)
-            return domains
-        locations = list(tunnel.spec.locations) or ["/"]
+        https = tunnel.spec.kind == "https"
+        locations = [] if https else list(dict.fromkeys(normalize_location(loc) for loc in tunnel.spec.locations))
+        locations = locations or ["/"]
+        owner = tunnel.client.name
         for d in domains:
-            for loc, holder in self.http.get(d, []):
-                if loc in locations and holder is not tunnel:
-                    raise TunnelRefused(f"domain {d} location {loc} is already used by client "
-                                        f"{holder.client.name!r} tunnel {holder.name!r}")  # fmt: skip
+            claim = self.domains.get(d)
+            if claim is None:
+                continue
+            if claim.owner != owner and (not claim.empty or claim.held_until > now):
+                raise TunnelRefused(f"domain {d} belongs to client {claim.owner!r}"
+                                    + (" (offline; reserved for it)" if claim.empty else ""))  # fmt: skip
+            if claim.owner != owner:
+                continue  # an expired reservation: it is taken over below
+            if https:
+                if claim.https is not None and claim.https is not tunnel:
+                    raise TunnelRefused(f"domain {d} is already used by tunnel {claim.https.name!r}")
+            else:
+                for loc in locations:
+                    holder = claim.http.get(loc)
+                    if holder is not None and holder is not tunnel:
+                        raise TunnelRefused(f"domain {d} location {loc} is already used by tunnel {holder.name!r}")
         for d in domains:
-            routes = self.http.setdefault(d, [])
-            routes.extend((loc, tunnel) for loc in locations)
-            routes.sort(key=lambda r: len(r[0]), reverse=True)  # longest prefix first
-            self.offline.pop(d, None)
+            claim = self.domains.get(d)
+            if claim is None or claim.owner != owner:
+                claim = self.domains[d] = DomainClaim(owner)
+            self._held.pop(d, None)
+            claim.held_until = 0.0
+            if https:
+                claim.https = tunnel
+            else:
+                for loc in locations:
+                    claim.http[loc] = tunnel
+                    claim.lengths[len(loc)] = claim.lengths.get(len(loc), 0) + 1
+        tunnel.routes = [(d, tuple(locations)) for d in domains]
         return domains
 
-    def remove(self, tunnel: PublicTunnel, client_gone: bool) -> None:
-        for d, routes in list(self.http.items()):
-            kept = [r for r in routes if r[1] is not tunnel]
-            if len(kept) != len(routes):
-                if kept:
-                    self.http[d] = kept
-                else:
-                    del self.http[d]
-                    if client_gone:
-                        self.offline[d] = tunnel.client.name
-        for d, holder in list(self.https.items()):
-            if holder is tunnel:
-                del self.https[d]
-                if client_gone:
-                    self.offline[d] = tunnel.client.name
-        if len(self.offline) > 10_000:
-            del self.offline[next(iter(self.offline))]
+    def remove(self, tunnel: PublicTunnel, client_gone: bool, now: float) -> None:
+        """Release the tunnel's routes.  A domain left empty stays reserved for its owner when the
+        client went away; one released on purpose (tunnel removed or replaced) is free at once."""
+        https = tunnel.spec.kind == "https"
+        for d, locations in tunnel.routes:
+            claim = self.domains.get(d)
+            if claim is None:
+                continue
+            if https:
+                if claim.https is tunnel:
+                    claim.https = None
+            else:
+                for loc in locations:
+                    if claim.http.get(loc) is tunnel:
+                        del claim.http[loc]
+                        left = claim.lengths[len(loc)] - 1
+                        if left:
+                            claim.lengths[len(loc)] = left
+                        else:
+                            del claim.lengths[len(loc)]
+            if not claim.empty:
+                continue
+            if client_gone:
+                claim.held_until = now + DOMAIN_HOLD
+                claim.offline_since = time.time()
+                self._held[d] = None
+                if len(self._held) > MAX_HELD_DOMAINS:
+                    self._release_held(next(iter(self._held)))
+            else:
+                del self.domains[d]
+                self._held.pop(d, None)
+        tunnel.routes = []
+
+    def owner_returned(self, owner: str, now: float) -> None:
+        """``owner`` logged in again: what it does not claim back soon is released."""
+        for d in self._held:
+            claim = self.domains.get(d)
+            if claim is not None and claim.owner == owner:
+                claim.held_until = min(claim.held_until, now + DOMAIN_RECLAIM)
+
+    def _release_held(self, domain: str) -> None:
+        self._held.pop(domain, None)
+        claim = self.domains.get(domain)
+        if claim is not None and claim.empty:
+            del self.domains[domain]
 
     def match_http(self, host: str, path: str) -> PublicTunnel | None:
-        for loc, tunnel in self.http.get(host, ()):
-            if path.startswith(loc):
-                return tunnel
-        return None
+        claim = self.domains.get(host)
+        return claim.match(path) if claim is not None and claim.http else None
+
+    def match_https(self, host: str) -> PublicTunnel | None:
+        claim = self.domains.get(host)
+        return claim.https if claim is not None else None
+
+    def offline_owner(self, host: str) -> str | None:
+        """The client whose domain ``host`` is, when it has no tunnel on it right now."""
+        claim = self.domains.get(host)
+        return claim.owner if claim is not None and claim.empty else None
+
+
+def normalize_location(location: str) -> str:
+    """A location as request paths are compared: normalized the same way (a location that does
+    not normalize, say with ``%2F``, can never match and is refused at registration)."""
+    try:
+        return normalize_path(location)
+    except HttpError as exc:
+        raise TunnelRefused(f"location {location!r}: {exc.reason}") from None
 
 
 class _VhostVisitor(StreamBridge):
     """A visitor whose tunnel is only known after its first bytes were read."""
 
-    __slots__ = ("_replied", "_timer", "server", "tunnel", "visitor")
+    __slots__ = ("_replied", "_timer", "server", "tunnel", "visitor", "visitor_ip")
 
     def __init__(self, server: Relayd) -> None:
-        super().__init__(cast(MuxConnection, None))
+        super().__init__(cast(MuxConnection, None))  # bound to a session once routed
         self.server = server
         self.tunnel: PublicTunnel | None = None
         self.visitor = ""
+        self.visitor_ip = ""
         self._timer: asyncio.TimerHandle | None = None
         self._replied = False
 
@@ -147,6 +264,7 @@ class _VhostVisitor(StreamBridge):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.visitor = f"{peer[0]}:{peer[1]}" if peer else ""
+        self.visitor_ip = str(peer[0]) if peer else ""
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -178,10 +296,20 @@ class _VhostVisitor(StreamBridge):
             transport.write(error_response(status, message, extra_headers))
         transport.close()
 
+    def _attach(self, tunnel: PublicTunnel, first: bytes = b"") -> Refusal | None:
+        """Join this visitor to ``tunnel`` (a stream to its client), or say why not."""
+        refusal = tunnel.refusal(self.visitor_ip)
+        if refusal is not None:
+            return refusal
+        if not tunnel.attach(self, self.visitor, first):
+            return Refusal.OFFLINE
+        self.tunnel = tunnel
+        return None
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_timer()
         if self.tunnel is not None:
-            self.tunnel.visitors.discard(self)
+            self.tunnel.detach(self)
             super().connection_lost(exc)
         else:
             self._done = True
@@ -196,28 +324,18 @@ class _VhostVisitor(StreamBridge):
         self._replied = True  # the app has started answering
         super().on_data(data)
 
-    def on_reset(self, code: int) -> None:
-        transport = self.transport
-        if isinstance(self, HttpVisitor) and not self._replied and transport is not None and not transport.is_closing():
-            # relayc could not reach the app (or refused the target) before any answer: say so
-            self._done = True
-            self._replied = True
-            name = self.tunnel.name if self.tunnel else "?"
-            transport.write(error_response(502, f"Tunnel {name}: the service behind it is not reachable right now."))
-            transport.close()
-            return
-        super().on_reset(code)
-
 
 class HttpVisitor(_VhostVisitor):
     """One visitor connection on the HTTP vhost port."""
 
-    __slots__ = ("_switching", "reader")
+    __slots__ = ("_answer", "_requests", "_switching", "reader")
 
     def __init__(self, server: Relayd) -> None:
         super().__init__(server)
         self.reader = RequestReader()
         self._switching = False  # a request routed elsewhere: finish this tunnel's answer, then close
+        self._requests = 0  # requests forwarded on this connection
+        self._answer: AnswerStatusReader | None = None  # after an Upgrade: reads the app's answer
 
     def data_received(self, data: bytes) -> None:
         if self._done or self._switching:
@@ -227,9 +345,12 @@ class HttpVisitor(_VhostVisitor):
         except HttpError as exc:
             self._refuse(exc.status, exc.reason)
             return
+        self._handle(events)
+
+    def _handle(self, events: list[RequestHead | Body | Tunnel]) -> None:
         for ev in events:
             if type(ev) is Body:
-                super().data_received(ev.data)
+                StreamBridge.data_received(self, ev.data)
             elif type(ev) is RequestHead:
                 if not self._route(ev):
                     return
@@ -240,18 +361,50 @@ class HttpVisitor(_VhostVisitor):
         else:
             self._cancel_timer()
 
+    def on_data(self, data: bytes | memoryview) -> None:
+        answer = self._answer
+        if answer is None:
+            super().on_data(data)
+            return
+        try:
+            status = answer.feed(data)
+        except HttpError as exc:
+            self._refuse(exc.status, exc.reason)
+            return
+        super().on_data(data)  # the app's bytes go on untouched either way
+        if status is not None:
+            self._answer = None
+            try:
+                events = self.reader.answer(status)
+            except HttpError as exc:
+                self._refuse(exc.status, exc.reason)
+                return
+            self._handle(events)
+
+    def on_reset(self, code: int) -> None:
+        transport = self.transport
+        if not self._replied and transport is not None and not transport.is_closing():
+            # relayc could not reach the app (or refused the target) before any answer: say so
+            self._done = True
+            self._replied = True
+            name = self.tunnel.name if self.tunnel else "?"
+            transport.write(error_response(502, f"Tunnel {name}: the service behind it is not reachable right now."))
+            transport.close()
+            return
+        super().on_reset(code)
+
     def _route(self, head: RequestHead) -> bool:
         router = self.server.vhosts
         host_header = head.get("host")
-        if host_header is None and head.target.startswith(("http://", "https://")):
+        if head.target.startswith(("http://", "https://")):  # absolute form: its authority wins
             host_header = head.target.split("://", 1)[1].split("/", 1)[0]
         if not host_header:
             self._refuse(400, "the request has no Host header")
             return False
         host = host_of(host_header)
-        tunnel = router.match_http(host, head.path)
+        tunnel = router.match_http(host, head.route_path)
         if tunnel is None:
-            client = router.offline.get(host)
+            client = router.offline_owner(host)
             if client is not None:
                 self._refuse(502, f"The tunnel for {host} is offline: its client {client} is not connected.")
             else:
@@ -265,35 +418,43 @@ class HttpVisitor(_VhostVisitor):
                              (f'WWW-Authenticate: Basic realm="{spec.name}", charset="UTF-8"',))  # fmt: skip
                 return False
             headers = [(k, v) for k, v in headers if k.lower() != "authorization"]  # not for the app
+        if head.is_upgrade and self._requests:
+            # Only the first request's answer is known to be the next bytes from the app: an
+            # Upgrade later on goes to a new connection, like a request for another tunnel.
+            return self._switch()
         if self.tunnel is None:
-            refusal = tunnel.refusal(self.visitor.rsplit(":", 1)[0])
+            refusal = self._attach(tunnel)
             if refusal is not None:
-                status = 403 if refusal.startswith("source") else 503
-                self._refuse(status, f"Tunnel {tunnel.name}: {refusal}.")
+                if refusal is Refusal.OFFLINE:
+                    message = f"The tunnel for {host} is offline: its client {tunnel.client.name} is not connected."
+                else:
+                    message = f"Tunnel {tunnel.name}: {tunnel.refusal_text(refusal, self.visitor_ip)}."
+                self._refuse(refusal.http_status, message)
                 return False
-            if not tunnel.attach(self, self.visitor):
-                self._refuse(
-                    502, f"The tunnel for {host} is offline: its client {tunnel.client.name} is not connected."
-                )
-                return False
-            self.tunnel = tunnel
         elif tunnel is not self.tunnel:
-            # another tunnel: let this one's answer finish, then close; the browser retries elsewhere
-            self._switching = True
-            self._cancel_timer()
-            if self.transport is not None:
-                self.transport.pause_reading()
-            self.eof_received()
-            return False
-        super().data_received(_rewrite(head, headers, host_header, self.visitor, spec.host_header_rewrite))
+            return self._switch()
+        self._requests += 1
+        if head.is_upgrade:
+            self._answer = AnswerStatusReader()
+        forwarded = _rewrite(head, headers, host_header, self.visitor_ip, spec.host_header_rewrite)
+        StreamBridge.data_received(self, forwarded)
         return True
+
+    def _switch(self) -> bool:
+        """A request this connection cannot carry: let the current answer finish, then close; the
+        browser sends the request again on a new connection."""
+        self._switching = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self.eof_received()
+        return False
 
 
 _FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
 
 
-def _rewrite(head: RequestHead, headers: list[tuple[str, str]], host: str, visitor: str, host_rewrite: str) -> bytes:
-    visitor_ip = visitor.rsplit(":", 1)[0]
+def _rewrite(head: RequestHead, headers: list[tuple[str, str]], host: str, visitor_ip: str, host_rewrite: str) -> bytes:
     index = head.index
     if headers is head.headers and not host_rewrite and head.raw and index.keys().isdisjoint(_FORWARDED):
         # The usual request: nothing to drop or change, so the head goes on as received (the
@@ -338,32 +499,29 @@ class SniVisitor(_VhostVisitor):
 
     def __init__(self, server: Relayd) -> None:
         super().__init__(server)
-        self._hello = b""
+        self._hello: ClientHelloReader | None = ClientHelloReader()
 
     def data_received(self, data: bytes) -> None:
         if self._done:
             return
-        if self.tunnel is not None:
-            super().data_received(data)
+        hello = self._hello
+        if hello is None:  # routed: the rest is the visitor's TLS, passed on untouched
+            StreamBridge.data_received(self, data)
             return
-        self._hello += data
         try:
-            name = read_sni(self._hello)
+            name = hello.feed(data)
         except SniError as exc:
-            log.debug("https vhost: %s from %s: %s", "closing", self.visitor, exc)
+            log.debug("https vhost: closing the connection from %s: %s", self.visitor, exc)
             self._refuse(0, "")
             return
-        if name is NEED_MORE:
+        if name is None:
             return
-        assert isinstance(name, str)
-        tunnel = self.server.vhosts.https.get(name)
+        self._cancel_timer()
+        self._hello = None
+        tunnel = self.server.vhosts.match_https(name)
         if tunnel is None:
             log.debug("https vhost: no tunnel for %s (from %s)", name, self.visitor)
             self._refuse(0, "")
             return
-        self._cancel_timer()
-        first, self._hello = self._hello, b""
-        if tunnel.refusal(self.visitor.rsplit(":", 1)[0]) is not None or not tunnel.attach(self, self.visitor, first):
+        if self._attach(tunnel, hello.received()) is not None:
             self._refuse(0, "")
-            return
-        self.tunnel = tunnel

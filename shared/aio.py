@@ -114,9 +114,20 @@ class MuxConnection(asyncio.Protocol):
         on_closed: Callable[[MuxConnection, BaseException | None], None] | None = None,
         on_connected: Callable[[MuxConnection, asyncio.Transport], bool] | None = None,
         label: str = "",
+        pause_reading_when_backed_up: bool = False,
     ) -> None:
         self.client = client
         self.label = label
+        # relayd: stop reading a peer while what we owe it is backed up (a peer that does not read
+        # must not make us queue PING answers, resets and replies without bound).  Only one side
+        # may do this: if both stopped reading while their writes were blocked, a busy connection
+        # would deadlock; relayc always reads, so relayd's backlog always drains.
+        self._pause_reading_when_backed_up = pause_reading_when_backed_up
+        self._reading_paused = False
+        # When non-zero, the most the connection may owe the peer (queued in the session plus
+        # buffered in the transport) after a read; over it the peer is dropped (before login).
+        self.output_limit = 0
+        self._ping_waiters: list[asyncio.Future[bool]] = []
         self._keepalive_timeout = keepalive_timeout
         self._on_stream_opened = on_stream_opened
         self._on_go_away = on_go_away
@@ -185,23 +196,39 @@ class MuxConnection(asyncio.Protocol):
                     h.on_writable()
             elif type(ev) is PingAnswered:
                 self.rtt = ev.rtt
+                self._wake_ping_waiters(True)
             elif type(ev) is GoAwayReceived:
                 if self._on_go_away is not None:
                     self._on_go_away(self, ev.code)
             if session.closed:
                 break
         self._flush()
+        if self.output_limit and self.transport is not None:
+            owed = self.transport.get_write_buffer_size() + session.pending_output()
+            if owed > self.output_limit:
+                self.error = RemoteProtocolError(f"peer does not read: {owed} bytes owed, over {self.output_limit}")
+                log.warning("%s: dropping the connection: %s", self.label or "session", self.error)
+                session.close()
+                self.transport.abort()
 
     def pause_writing(self) -> None:
         # Frames stay queued in the session (as views of the bytes already read) instead of piling
         # up as ciphertext in the transport: no buffer churn, no bufferbloat.
         self._write_paused = True
+        if self._pause_reading_when_backed_up and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
         for h in list(self._handlers.values()):
             h.pause_input()
 
     def resume_writing(self) -> None:
         self._write_paused = False
         self._flush()
+        if self._write_paused:  # the flush filled the transport again
+            return
+        if self._reading_paused and self.transport is not None and not self.transport.is_closing():
+            self._reading_paused = False
+            self.transport.resume_reading()
         for h in list(self._handlers.values()):
             h.resume_input()
 
@@ -217,6 +244,7 @@ class MuxConnection(asyncio.Protocol):
             h.on_reset(ResetCode.SESSION_CLOSING)
         if self.error is None and exc is not None:
             self.error = exc
+        self._wake_ping_waiters(False)
         if not self.closed.done():
             self.closed.set_result(None)
         if self._on_closed is not None:
@@ -275,6 +303,31 @@ class MuxConnection(asyncio.Protocol):
         if self.session is not None and not self.session.closed:
             self.session.consume(stream_id, n)
             self._schedule_flush()
+
+    async def probe(self, timeout: float) -> bool:
+        """Whether the peer answers a PING within ``timeout`` seconds (an answer to a keepalive
+        PING already on its way counts).  False at once when the connection is closed."""
+        session, transport = self.session, self.transport
+        if session is None or session.closed or transport is None or transport.is_closing():
+            return False
+        waiter: asyncio.Future[bool] = self._loop.create_future()
+        self._ping_waiters.append(waiter)
+        if not session.ping_outstanding:
+            session.ping(self._loop.time())
+            self._flush(force=True)
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            if waiter in self._ping_waiters:
+                self._ping_waiters.remove(waiter)
+
+    def _wake_ping_waiters(self, answered: bool) -> None:
+        waiters, self._ping_waiters = self._ping_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(answered)
 
     def go_away(self, code: int = GoAwayCode.NORMAL) -> None:
         if self.session is not None and not self.session.closed:
@@ -496,6 +549,14 @@ class StreamBridge(asyncio.Protocol):
         self._paused_session = True
         self._update_reading()
 
+    def bind(self, mux: MuxConnection, stream_id: int) -> None:
+        """Join this bridge to ``stream_id`` of ``mux`` (a visitor routed after its first bytes):
+        it starts paused if that session's connection is backed up right now."""
+        self.mux = mux
+        self.stream_id = stream_id
+        self._paused_session = mux.write_paused
+        self._update_reading()
+
     def resume_input(self) -> None:
         self._paused_session = False
         self._update_reading()
@@ -582,15 +643,27 @@ class ControlChannel:
         mux: MuxConnection,
         on_message: Callable[[Any], None],
         on_closed: Callable[[], None],
+        max_queued: int = 0,
     ) -> None:
         self.mux = mux
         self.stream_id = 0
+        self.max_queued = max_queued  # 0: unbounded (relayc, whose peer is relayd)
         self._decoder = MessageDecoder()
         self._on_message = on_message
         self._on_closed = on_closed
 
     def send(self, message: Any) -> None:
-        self.mux.send(self.stream_id, encode_message(message))
+        """Queue a message.  With ``max_queued``, a peer that leaves more than that waiting (it
+        withholds credit on the control stream) is disconnected rather than fed."""
+        mux = self.mux
+        mux.send(self.stream_id, encode_message(message))
+        if self.max_queued and mux.session is not None and mux.session.send_buffered(self.stream_id) > self.max_queued:
+            mux.fail(
+                RemoteProtocolError(
+                    f"the control stream is backed up (over {self.max_queued} bytes waiting): "
+                    "the peer does not grant credit"
+                )
+            )
 
     def on_data(self, data: bytes | memoryview) -> None:
         self.mux.consume(self.stream_id, len(data))
@@ -616,3 +689,46 @@ class ControlChannel:
 
     def resume_input(self) -> None:
         """See pause_input."""
+
+
+class LoopLagMonitor:
+    """Measures how late the event loop runs a timer: the worst stall since the last reading.
+
+    A timer every ``interval`` seconds notes how much later than asked it ran; a callback that
+    blocks the loop (a slow parse, a synchronous call) shows up as that lateness.  ``take_worst()``
+    returns the worst lateness seen since the previous call and starts over (relayd's /metrics
+    exports it as ``relay_event_loop_lag_seconds``, so each scrape sees its own interval).
+    """
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self._worst = 0.0
+        self._due = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._due = loop.time() + self.interval
+        self._timer = loop.call_at(self._due, self._tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        lag = now - self._due
+        if lag > self._worst:
+            self._worst = lag
+        self._due = now + self.interval
+        self._timer = loop.call_at(self._due, self._tick)
+
+    def take_worst(self) -> float:
+        """The worst lag (seconds) since the previous call, including a stall still going on."""
+        worst = self._worst
+        if self._timer is not None:
+            worst = max(worst, asyncio.get_running_loop().time() - self._due)
+        self._worst = 0.0
+        return max(worst, 0.0)

@@ -71,13 +71,32 @@ def tune_malloc() -> None:
         pass  # not glibc
 
 
+# C0 controls, DEL and C1 controls: each becomes a visible escape.  Log lines carry names a peer
+# chose (client and tunnel names, hosts, reasons); a newline from the network must never start a
+# fake log line, and an escape sequence must never reach an operator's terminal.
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_CONTROL_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})  # line and paragraph separators
+_CONTROL_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"})
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``)."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
+class EscapingFormatter(logging.Formatter):
+    """Formats a record with control characters in its message escaped (a traceback appended
+    after the message keeps its own lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def load_or_exit(prog: str, model: type[ModelT], path: str) -> ModelT:

@@ -68,10 +68,38 @@ def check_sources(value: list[str]) -> list[str]:
     return value
 
 
+_LOCATION_RE = re.compile(r"^/[\x21-\x7e]*$")
+
+
 def check_locations(value: list[str]) -> list[str]:
+    """Path prefixes: each starts with '/', printable ASCII without spaces (they are matched
+    against request paths; relayd normalizes both sides)."""
     for loc in value:
         if not loc.startswith("/"):
             raise ValueError(f"{loc!r} must start with '/'")
+        if not _LOCATION_RE.match(loc):
+            raise ValueError(f"{loc!r} may hold only printable ASCII without spaces")
+    return value
+
+
+def check_host_rewrite(value: str) -> str:
+    """``host_header_rewrite``: empty, or a host name or address with an optional port."""
+    if not value:
+        return value
+    host, port = value, ""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{value!r} is not host, host:port or [v6]:port")
+        port = rest[1:]
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    if port and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
+        raise ValueError(f"{value!r}: the port must be 1-65535")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        check_domain(host)  # raises naming the value
     return value
 
 
@@ -177,6 +205,7 @@ class ServerConfig(Table):
     state_dir: str = key("relayd-state")
     allow_ports: str = key("1024-65535", check=check_port_ranges)
     max_ports_per_client: int = key(0, ge=0)
+    max_tunnels_per_client: int = key(64, ge=0)
     keepalive_timeout: float = key(30.0, ge=1.0, le=600.0)
     handshake_timeout: float = key(10.0, ge=1.0, le=120.0)
     vhost_http_port: int = key(0, ge=0, le=65535)
@@ -272,7 +301,7 @@ class TunnelConfig(Table):
     locations: list[str] = key([], check=check_locations)
     http_user: str = key("")
     http_password: str = key("")
-    host_header_rewrite: str = key("")
+    host_header_rewrite: str = key("", check=check_host_rewrite)
     # limits, enforced by relayd (its own [limits] can only make them stricter)
     max_connections: int = key(0, ge=0)
     bandwidth_limit: int = key(0, before=parse_rate)
@@ -388,26 +417,34 @@ def _check_dashboard(dash: DashboardConfig, path: str) -> None:
 
 
 def _check_tunnel_kind(t: TunnelConfig, key: str, path: str) -> None:
-    """Keys that belong to one tunnel type only are errors on the others (a typo'd type must not
-    silently publish a port)."""
+    problem = tunnel_kind_problem(t.type, t)
+    if problem is not None:
+        name, _, reason = problem.partition(": ")
+        raise ConfigError(path, f"{key}.{name}", reason)
+
+
+def tunnel_kind_problem(kind: str, t: Any) -> str | None:
+    """``"key: reason"`` for a key that does not fit the tunnel's kind, or None.  Keys that belong
+    to one kind only are errors on the others (a typo'd type must not silently publish a port).
+    ``t`` is a ``TunnelConfig`` or a wire ``TunnelSpec`` (same attribute names)."""
     http_only = {"locations": t.locations, "http_user": t.http_user, "http_password": t.http_password,
                  "host_header_rewrite": t.host_header_rewrite}  # fmt: skip
-    if t.type == "tcp":
+    if kind == "tcp":
         for name, value in {"subdomain": t.subdomain, "custom_domains": t.custom_domains, **http_only}.items():
             if value:
-                raise ConfigError(path, f"{key}.{name}", 'only for http/https tunnels (this one is type "tcp")')
-        return
+                return f'{name}: only for http/https tunnels (this one is type "tcp")'
+        return None
     if t.remote_port:
-        raise ConfigError(path, f"{key}.remote_port", f"only for tcp tunnels; a {t.type} tunnel is reached by "
-                          "its domain on relayd's vhost port")  # fmt: skip
+        return f"remote_port: only for tcp tunnels; a {kind} tunnel is reached by its domain on relayd's vhost port"
     if not t.subdomain and not t.custom_domains:
-        raise ConfigError(path, f"{key}.subdomain", f"a {t.type} tunnel needs subdomain or custom_domains")
-    if t.type == "https":
+        return f"subdomain: a {kind} tunnel needs subdomain or custom_domains"
+    if kind == "https":
         for name, value in http_only.items():
             if value:
-                raise ConfigError(path, f"{key}.{name}", "only for http tunnels (https is passed through untouched)")
+                return f"{name}: only for http tunnels (https is passed through untouched)"
     if bool(t.http_user) != bool(t.http_password):
-        raise ConfigError(path, f"{key}.http_password", "http_user and http_password must be given together")
+        return "http_password: http_user and http_password must be given together"
+    return None
 
 
 def resolve_path(config_path: str | Path, value: str) -> Path:

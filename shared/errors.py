@@ -37,7 +37,16 @@ class PeerTimeoutError(RelayError):
 
 
 class AuthError(RelayError):
-    """Login failed: wrong token, unknown client, or the server could not prove it knows the token."""
+    """Login failed: wrong token, unknown client, or the server could not prove it knows the token.
+
+    ``code`` is relayd's reason (a ``shared.messages.LoginRefusal`` value, "" when unknown) and
+    ``retry_after`` how many seconds relayd said trying again is pointless (0 when unknown).
+    """
+
+    def __init__(self, message: str, code: str = "", retry_after: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after = retry_after
 
 
 class TrustError(RelayError):

@@ -78,6 +78,24 @@ class ResetCode:
     UNKNOWN_TUNNEL: Final = 6
 
 
+def _names(codes: type) -> dict[int, str]:
+    return {v: k for k, v in vars(codes).items() if k.isupper() and isinstance(v, int)}
+
+
+# Codes stay plain ints (compared per frame on the hot path); these give their names for logs.
+_GO_AWAY_NAMES: Final = _names(GoAwayCode)
+_RESET_NAMES: Final = _names(ResetCode)
+
+
+def go_away_name(code: int) -> str:
+    """``5`` -> ``"REPLACED"``; a code this version does not know -> ``"code 42"``."""
+    return _GO_AWAY_NAMES.get(code, f"code {code}")
+
+
+def reset_name(code: int) -> str:
+    return _RESET_NAMES.get(code, f"code {code}")
+
+
 HEADER = struct.Struct("!BBHII")
 HEADER_LEN: Final = HEADER.size  # 12
 MAX_FRAME_PAYLOAD: Final = 256 * 1024

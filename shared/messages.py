@@ -10,6 +10,7 @@ take whole messages out.
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import struct
@@ -179,10 +180,24 @@ class LoginOk(_Message):
     version: str = _str(0, 64, default="")
 
 
+class LoginRefusal(str, enum.Enum):
+    """Why relayd refused a login (``LoginFailed.code``); relayc backs off according to it."""
+
+    WRONG_TOKEN = "wrong_token"
+    BLOCKED = "blocked"  # too many failures: not checked until ``retry_after`` seconds from now
+    NAME_IN_USE = "name_in_use"  # a live session holds the name
+    BAD_NAME = "bad_name"
+
+
 @dataclass(frozen=True)
 class LoginFailed(_Message):
+    """relayd -> relayc: login refused.  ``code`` is a ``LoginRefusal`` value ("" from relayd
+    before 0.2); ``retry_after`` says how many seconds trying again is pointless (0: unknown)."""
+
     type: ClassVar[str] = "login_failed"
     reason: str = _str(0, 1024)
+    code: str = _str(0, 32, default="")
+    retry_after: int = _int(0, 86400, default=0)
 
 
 @dataclass(frozen=True)

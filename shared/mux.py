@@ -259,6 +259,16 @@ class Session:
         st = self._streams.get(stream_id)
         return st.send_buffered if st is not None else 0
 
+    def pending_output(self) -> int:
+        """Bytes queued for the wire and not yet taken by ``data_to_send``.  O(pieces queued): for
+        checks on connections that queue little (before login), not for the hot path."""
+        return sum(map(len, self._out))
+
+    @property
+    def ping_outstanding(self) -> bool:
+        """A PING was sent and its answer has not come back yet."""
+        return self._ping_sent_at is not None
+
     def is_local_stream(self, stream_id: int) -> bool:
         return (stream_id & 1) == (1 if self.client else 0)
 

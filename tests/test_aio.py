@@ -8,9 +8,9 @@ visitor socket -> listener bridge -> MuxConnection (client) ==TCP/TLS== MuxConne
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import os
-import platform
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
@@ -23,6 +23,7 @@ import uvloop
 import shared.aio as shared_aio
 from shared.aio import ControlChannel, MuxConnection, StreamBridge, StreamHandler, release_free_memory
 from shared.tls import client_context, ensure_self_signed, server_context
+from tests.waiting import holds_for_async, wait_until_async
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -158,10 +159,17 @@ def test_bulk_and_half_close_over_real_sockets(loop_name: str, tls: bool, tmp_pa
                 assert bridge_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
             w.close()
             # everything finished: no stream is left behind on either side
-            await asyncio.sleep(0.1)
-            assert chain.client_mux is not None and chain.client_mux.stream_count == 0
-            assert chain.server_mux is not None and chain.server_mux.session is not None
-            assert chain.server_mux.session.stream_count == 0
+            client_mux, server_mux = chain.client_mux, chain.server_mux
+            assert client_mux is not None and server_mux is not None and server_mux.session is not None
+            server_session = server_mux.session
+            await wait_until_async(
+                lambda: client_mux.stream_count == 0 and server_session.stream_count == 0,
+                5,
+                lambda: (
+                    f"every stream to close (client {client_mux.stream_count}, "
+                    f"server {server_session.stream_count} left)"
+                ),
+            )
         finally:
             chain.close()
 
@@ -232,7 +240,7 @@ def test_protocol_error_closes_only_that_session() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(muxes[1].closed, 5)  # its connection_lost has run
         assert isinstance(muxes[1].error, Exception) and "not a relay peer" in str(muxes[1].error)
         assert good.is_open and muxes[0].is_open
         good.close()
@@ -314,21 +322,24 @@ def test_heap_is_trimmed_when_streams_came_and_went(monkeypatch: pytest.MonkeyPa
         await loop.create_connection(lambda: client, "127.0.0.1", server.sockets[0].getsockname()[1])
         control = ControlChannel(client, lambda m: None, lambda: None)
         control.stream_id = client.open_stream(control)
-        await asyncio.sleep(1.0)
+        # the control stream counts as opened: each side trims once, at its next tick (0.2 s)
+        await wait_until_async(lambda: len(trims) >= 2, 5, lambda: f"a trim on each side after login ({trims})")
         after_login = len(trims)
-        assert after_login == 2  # the control stream counts as opened: each side trims once
+        assert after_login == 2
 
         visitors = await loop.create_server(lambda: _OpeningBridge(client), "127.0.0.1", 0)
         reader, writer = await asyncio.open_connection("127.0.0.1", visitors.sockets[0].getsockname()[1])
         writer.write(b"x" * 100_000)
         await reader.readexactly(100_000)
-        await asyncio.sleep(1.0)
-        assert len(trims) == after_login  # a visitor is still connected
+        # Something that must not happen: watched for 1 s, about five keepalive ticks per side,
+        # failing at the first trim rather than looking once at the end.
+        await holds_for_async(lambda: len(trims) == after_login, 1.0, "no trim while a visitor is connected")
         writer.close()
-        await asyncio.sleep(1.0)
-        assert len(trims) == after_login + 2  # it left: one trim per side
-        await asyncio.sleep(1.0)
-        assert len(trims) == after_login + 2  # nothing new happened: no more
+        await wait_until_async(
+            lambda: len(trims) >= after_login + 2, 5, lambda: f"a trim on each side once the visitor left ({trims})"
+        )
+        assert len(trims) == after_login + 2  # one trim per side
+        await holds_for_async(lambda: len(trims) == after_login + 2, 1.0, "no more trims while nothing happens")
         client.close()
         for s in (echo, server, visitors):
             s.close()
@@ -336,7 +347,53 @@ def test_heap_is_trimmed_when_streams_came_and_went(monkeypatch: pytest.MonkeyPa
     run_on("uvloop", main())
 
 
-def test_release_free_memory_calls_glibc() -> None:
-    assert release_free_memory() in (True, False)
-    if platform.libc_ver()[0] == "glibc":
-        assert shared_aio._malloc_trim is not None and shared_aio._malloc_trim.__name__ == "malloc_trim"
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line in /proc/self/status")
+
+
+def _libc_has_malloc_trim() -> bool:
+    try:
+        return hasattr(ctypes.CDLL(None), "malloc_trim")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(
+    not _libc_has_malloc_trim() or not Path("/proc/self/status").exists(),
+    reason="needs a C library with malloc_trim (glibc) and /proc/self/status to see RSS",
+)
+def test_release_free_memory_hands_freed_heap_pages_back_to_the_os() -> None:
+    """Memory freed in the middle of the heap stays resident (free() can only shrink the heap at
+    its top) until malloc_trim releases its pages: RSS drops across the call, by most of it."""
+    blocks = [bytes([i & 0xFF]) * 4000 for i in range(8192)]  # 32 MiB of malloc'd, touched blocks
+    pins = blocks[::8]  # one block in eight stays: the freed ones are holes, not the heap's top
+    del blocks
+    freed_mib = 8192 * 7 / 8 * 4000 / 2**20  # 27 MiB
+    before = _rss_mib()
+    assert release_free_memory() is True  # malloc_trim returns 1: it released memory
+    after = _rss_mib()
+    assert before - after > freed_mib / 3, f"RSS {before:.1f} -> {after:.1f} MiB after freeing {freed_mib:.0f} MiB"
+    assert shared_aio._malloc_trim is not None and shared_aio._malloc_trim.__name__ == "malloc_trim"
+    del pins  # held until the measurement is done
+
+
+@pytest.mark.parametrize("failure", ["no library", "no malloc_trim"])
+def test_release_free_memory_is_false_without_malloc_trim(monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    """A C library without malloc_trim (musl, macOS): False, now and on every later call."""
+
+    loads: list[str | None] = []
+
+    def cdll(name: str | None) -> object:
+        loads.append(name)
+        if failure == "no library":
+            raise OSError("cannot load the C library")
+        return object()  # a library without the symbol: attribute lookup raises AttributeError
+
+    monkeypatch.setattr(shared_aio, "_malloc_trim", None)
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    assert release_free_memory() is False
+    assert release_free_memory() is False
+    assert loads == [None]  # the fallback is remembered, not looked up again

@@ -5,9 +5,9 @@ it (such a leftover connection once wedged the single-client iperf3 target of th
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import pytest
 
 from shared.tls import ensure_self_signed
 from tests.e2e.harness import ROOT, TcpServer, echo_handler, free_port, recv_all, round_trip
+from tests.waiting import holds_for, wait_until
 
 
 @pytest.fixture
@@ -25,10 +26,7 @@ def bare_pair(tmp_path: Path, echo: TcpServer) -> Iterator[tuple[int, int]]:
     started = [subprocess.Popen([*fwd, str(inner), str(echo.port), "--tls-in", str(cert), str(key)], cwd=ROOT)]
     try:
         started.append(subprocess.Popen([*fwd, str(outer), str(inner), "--tls-out"], cwd=ROOT))
-        deadline = time.monotonic() + 15
-        while not _echoes(outer):
-            assert time.monotonic() < deadline, "the forwarders did not start"
-            time.sleep(0.1)
+        wait_until(lambda: _echoes(outer), 15, "the forwarders to start and carry an echo", interval=0.1)
         yield inner, outer
     finally:
         for p in started:
@@ -55,6 +53,24 @@ def test_bytes_pass_both_ways_and_close_passes_through(bare_pair: tuple[int, int
         assert recv_all(s, timeout=10) == b""
 
 
+def _listens(port: int) -> bool:
+    """True when a plain TCP connect to ``port`` succeeds (no handshake)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _wait_closed_by_forwarder(s: socket.socket) -> None:
+    """Read until the forwarder closes ``s`` (whatever TLS alert comes first); a connection left
+    open raises TimeoutError, which fails the test."""
+    try:
+        recv_all(s, timeout=10)
+    except ConnectionResetError:
+        pass
+
+
 def test_failed_handshake_leaves_no_target_connection(tmp_path: Path) -> None:
     target = TcpServer(echo_handler)
     cert, key = ensure_self_signed(tmp_path)
@@ -64,19 +80,22 @@ def test_failed_handshake_leaves_no_target_connection(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     try:
-        deadline = time.monotonic() + 15
-        while True:  # plain TCP connects (no handshake) until the forwarder listens
-            try:
-                socket.create_connection(("127.0.0.1", inner), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the forwarder did not start"
-                time.sleep(0.05)
+        wait_until(lambda: _listens(inner), 15, "the forwarder to listen")
         for _ in range(5):
             with socket.create_connection(("127.0.0.1", inner)) as s:
                 s.sendall(b"not a TLS ClientHello\r\n\r\n")
-        time.sleep(0.5)
-        assert target.accepted == 0
+                _wait_closed_by_forwarder(s)  # the forwarder is done with this visitor
+        # What must not happen is a dial to the target, which would come at once: watched for
+        # a while after the last visitor was dropped, failing at the first connection.
+        holds_for(lambda: target.accepted == 0, 0.5, "no connection to the target after failed handshakes")
+        # the control: a visitor that completes the handshake is dialed through, and counted
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", inner), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
+            tls.sendall(b"ping")
+            assert tls.recv(4) == b"ping"
+        assert target.accepted == 1
     finally:
         p.kill()
         p.wait()

@@ -17,8 +17,9 @@ import pytest
 from relay_client.dialer import IncomingStream
 from shared.aio import MuxConnection, run
 from shared.burst import BurstLog
-from shared.frames import ResetCode
+from shared.frames import HEADER_LEN, ResetCode, preface
 from shared.messages import TunnelSpec, encode_stream_open
+from tests.waiting import wait_until_async
 
 
 class Echo(asyncio.Protocol):
@@ -27,6 +28,18 @@ class Echo(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.t.write(data.upper())
+
+
+class CountingMux(MuxConnection):
+    """A ``MuxConnection`` that counts the bytes it has read off its socket."""
+
+    def __init__(self, client: bool, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self.bytes_read = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_read += len(data)
+        super().data_received(data)
 
 
 class Visitor:
@@ -75,23 +88,36 @@ async def _exchange(pieces: list[bytes], expect: bytes, tunnel_known: bool = Tru
         return IncomingStream(mux, sid, lambda name: spec if tunnel_known and name == "ssh" else None, BurstLog(log))
 
     log = logging.getLogger("test_dialer")
-    relayc_side: list[MuxConnection] = []
+    relayc_side: list[CountingMux] = []
 
-    def relayc_factory() -> MuxConnection:
-        relayc_side.append(MuxConnection(client=True, on_stream_opened=stream_opened))
+    def relayc_factory() -> CountingMux:
+        relayc_side.append(CountingMux(client=True, on_stream_opened=stream_opened))
         return relayc_side[-1]
 
     relayc_listener = await loop.create_server(relayc_factory, "127.0.0.1", 0)
-    relayd = MuxConnection(client=False)
+    relayd = CountingMux(client=False)
     await loop.create_connection(lambda: relayd, "127.0.0.1", relayc_listener.sockets[0].getsockname()[1])
-    while relayd.session is None or not relayc_side or relayc_side[0].session is None:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)  # the prefaces and window updates cross first
+    # relayd speaks only once relayc's preface is in (its own preface goes first), and relayc has
+    # relayd's before the stream's first frame is sent
+    await wait_until_async(
+        lambda: relayd.bytes_read >= len(preface()) and relayc_side and relayc_side[0].bytes_read >= len(preface()),
+        5,
+        "the prefaces to cross",
+    )
+    relayc = relayc_side[0]
     visitor = Visitor(relayd, expect)
-    visitor.stream_id = relayd.open_stream(visitor, pieces[0])
-    for piece in pieces[1:]:
-        await asyncio.sleep(0.02)  # its own frame, in its own TCP segment
-        relayd.send(visitor.stream_id, piece)
+    for i, piece in enumerate(pieces):
+        # each piece in its own frame, read by relayc before the next is sent: its own TCP segment
+        read_before = relayc.bytes_read
+        if i == 0:
+            visitor.stream_id = relayd.open_stream(visitor, piece)
+        else:
+            relayd.send(visitor.stream_id, piece)
+        await wait_until_async(
+            lambda: relayc.bytes_read >= read_before + HEADER_LEN + len(piece),  # noqa: B023 - awaited here
+            5,
+            f"relayc to read piece {i} of the stream",
+        )
     await asyncio.wait_for(visitor.done, 10)
     relayd.close()
     relayc_listener.close()

@@ -5,39 +5,54 @@ through ``Relayd`` methods; the data plane never imports this module.
 
 Authentication, on every route but the login form and static files:
   * browsers: a session cookie from the login form (HttpOnly, SameSite=Strict, Secure over TLS);
-    state-changing requests must also carry the session's CSRF token in ``X-CSRF-Token``;
+    state-changing requests must also carry the session's CSRF token in ``X-CSRF-Token`` (the
+    Sign out form carries it as a hidden field);
   * scripts: HTTP Basic with the dashboard user and password, or ``Authorization: Bearer <token>``
-    with the API token relayd keeps in ``state_dir/dashboard_api_token``.
-Failed logins are answered more slowly, per address.
+    with the API token relayd keeps in ``state_dir/dashboard_api_token``.  A state-changing request
+    with Basic is refused (403) when a browser marks it as coming from another site (``Origin`` or
+    ``Sec-Fetch-Site``): a browser's cached Basic credentials cannot be used cross-site.
+
+Every attempt with a credential (the login form, Basic, Bearer) goes through one gate, per peer
+address: a blocked address is refused without its credential being checked; otherwise attempts
+from one address are checked one at a time, each after the delay the address owes for its earlier
+failures (so parallel guesses get no more tries than serial ones), and failures are counted by a
+``LoginGuard`` in the dashboard scope.  Password hashes are verified in worker threads, never on
+the event loop that carries the tunnels.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
+import datetime
 import hmac
 import logging
+import math
 import os
 import secrets
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, field_validator
 
+from relay_server.guard import BlockKind, BlockScope, LoginGuard
 from relay_server.passwords import verify_password
-from relay_server.server import LoginGuard
 from relay_server.store import Conflict
 from shared.config import check_domain, check_label, check_name, is_loopback, resolve_path
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
     from relay_server.server import Relayd
     from shared.config import DashboardConfig
 
@@ -45,6 +60,21 @@ log = logging.getLogger("relayd.dashboard")
 STATIC = Path(__file__).parent / "static"
 SESSION_COOKIE = "relay_session"
 SESSION_TTL = 12 * 3600
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+# Everything a peer sends is bounded.
+BODY_LIMIT = 64 * 1024  # any request body (the JSON API's are well under 1 KiB)
+FORM_LIMIT = 8 * 1024  # the sign-in and sign-out forms
+AUTH_HEADER_LIMIT = 4096  # an Authorization header
+NAME_MAX = 128  # client and tunnel names (64 in configs, 128 on the wire)
+VALUE_MAX = 256  # a block's value: an address or a client name
+MAX_SINCE = 2**40  # /api/v1/traffic?since=: Unix seconds, far beyond any real date
+
+# The sign-in gate.
+HASH_THREADS = 2  # password hashes verified at once (each ~0.1 s of CPU in a worker thread)
+GATE_IN_FLIGHT = 1024  # credential attempts held or waiting, all addresses together
+GATE_PER_ADDRESS = 64  # of which from one address
+OWED_ENTRIES = 10_000  # addresses whose next attempt must wait: the oldest are forgotten first
 
 
 class ClientIn(BaseModel):
@@ -65,7 +95,7 @@ class TunnelIn(BaseModel):
     local_port: int = Field(ge=1, le=65535)
     remote_port: int = Field(default=0, ge=0, le=65535)
     subdomain: str = ""
-    custom_domains: list[str] = []
+    custom_domains: list[str] = Field(default=[], max_length=32)
 
     _names = field_validator("client", "name")(lambda cls, v: check_name(v))
     _subdomain = field_validator("subdomain")(lambda cls, v: check_label(v))
@@ -80,6 +110,9 @@ class TunnelPatch(BaseModel):
     enabled: bool
 
 
+Name = Annotated[str, PathParam(min_length=1, max_length=NAME_MAX)]
+
+
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn without its own signal handling: relayd owns SIGTERM/SIGINT."""
 
@@ -88,13 +121,110 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+class _BodyLimit:
+    """ASGI middleware: reads a request's body (at most ``limit`` bytes, else 413) before the app
+    runs.  FastAPI parses JSON bodies before the auth dependency runs, so without this anyone could
+    make relayd buffer and parse a body of any size."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                await self._too_large(send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._too_large(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send) -> None:
+        body = b'{"detail":"request body too large (at most %d bytes)"}' % self.limit
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                                (b"connection", b"close")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+
+class _Slot:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0  # holding or waiting
+
+
+class AddressLocks:
+    """One ``asyncio.Lock`` per peer address, so that one address's attempts are checked one after
+    the other.  Keyed by something the peer chooses, so bounded: at most ``max_in_flight`` attempts
+    held or waiting in all, ``max_per_address`` from one address (over either: 503, nothing is
+    checked), and a lock leaves the table as soon as nobody holds or waits on it."""
+
+    def __init__(self, max_in_flight: int = GATE_IN_FLIGHT, max_per_address: int = GATE_PER_ADDRESS) -> None:
+        self.max_in_flight = max_in_flight
+        self.max_per_address = max_per_address
+        self._slots: dict[str, _Slot] = {}
+        self._in_flight = 0
+
+    @contextlib.asynccontextmanager
+    async def hold(self, addr: str) -> AsyncIterator[None]:
+        slot = self._slots.get(addr)
+        if self._in_flight >= self.max_in_flight or (slot is not None and slot.users >= self.max_per_address):
+            raise HTTPException(503, "too many sign-ins in progress; try again shortly", headers={"Retry-After": "1"})
+        if slot is None:
+            slot = self._slots[addr] = _Slot()
+        slot.users += 1
+        self._in_flight += 1
+        try:
+            async with slot.lock:
+                yield
+        finally:
+            slot.users -= 1
+            self._in_flight -= 1
+            if slot.users == 0 and self._slots.get(addr) is slot:
+                del self._slots[addr]
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+
 class Dashboard:
     def __init__(self, relayd: Relayd, config: DashboardConfig) -> None:
         self.relayd = relayd
         self.config = config
         self.store = relayd.store
         assert self.store is not None
-        self.guard = LoginGuard(window=600, block_after=30, block_for=300)
+        self.guard = LoginGuard(BlockScope.DASHBOARD, window=600, block_after=30, block_seconds=300,
+                                names_to_block_address=1)  # fmt: skip
+        self.locks = AddressLocks()
+        self._owed: dict[str, float] = {}  # address -> monotonic time before which its next attempt waits
+        self._hash_slots = asyncio.Semaphore(HASH_THREADS)
+        self._hash_pool = concurrent.futures.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="dashboard-scrypt")
         self.sessions: dict[str, tuple[float, str]] = {}  # cookie -> (expiry, csrf token)
         token_file = relayd.state_dir / "dashboard_api_token"
         if not token_file.exists():
@@ -115,8 +245,9 @@ class Dashboard:
         cert = str(resolve_path(self.relayd.config_path, cfg.tls_cert_file)) if cfg.tls_cert_file else None
         key = str(resolve_path(self.relayd.config_path, cfg.tls_key_file)) if cfg.tls_key_file else None
         uv_config = uvicorn.Config(
-            self.app, host=cfg.addr, port=cfg.port, log_level="warning", access_log=False, lifespan="off",
-            ssl_certfile=cert, ssl_keyfile=key, server_header=False, proxy_headers=False,
+            _BodyLimit(self.app, BODY_LIMIT), host=cfg.addr, port=cfg.port, log_level="warning", access_log=False,
+            lifespan="off", ssl_certfile=cert, ssl_keyfile=key, server_header=False, proxy_headers=False,
+            log_config=None,  # uvicorn's loggers propagate to relayd's root handler (and its formatter)
         )  # fmt: skip
         self.server = _EmbeddedServer(uv_config)
         self._task = asyncio.get_running_loop().create_task(self.server.serve())
@@ -137,49 +268,155 @@ class Dashboard:
             self.server.should_exit = True
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._task, 5)
+        self._hash_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- auth -----------------------------------------------------------------------------------
 
-    def _password_ok(self, user: str, password: str) -> bool:
+    @staticmethod
+    def _peer(request: Request) -> str:
+        return request.client.host if request.client else "?"
+
+    async def _password_ok(self, user: str, password: str) -> bool:
         cfg = self.config
         user_ok = hmac.compare_digest(user.encode(), cfg.user.encode())
         if cfg.password_hash:
-            pw_ok = verify_password(password, cfg.password_hash)
-        else:
+            pw_ok = await self._verify_hash(password, cfg.password_hash)
+        else:  # constant time and cheap: stays on the loop
             pw_ok = hmac.compare_digest(password.encode(), cfg.password.encode())
         return user_ok and pw_ok
 
-    async def _failed(self, request: Request) -> None:
-        addr = request.client.host if request.client else "?"
-        delay = self.guard.record_failure(addr, time.monotonic())
-        await asyncio.sleep(min(delay, 4.0))
+    async def _verify_hash(self, password: str, encoded: str) -> bool:
+        """scrypt in a worker thread, at most HASH_THREADS at once.  A slot is given back when the
+        thread is done, not when the caller stops waiting: a cancelled request cannot pile up work."""
+        loop = asyncio.get_running_loop()
+        await self._hash_slots.acquire()
+
+        def release(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(self._hash_slots.release)
+
+        try:
+            job = self._hash_pool.submit(verify_password, password, encoded)
+        except BaseException:
+            self._hash_slots.release()
+            raise
+        job.add_done_callback(release)
+        return await asyncio.wrap_future(job, loop=loop)
+
+    async def _token_ok(self, token: str) -> bool:
+        return hmac.compare_digest(token.encode(), self.api_token.encode())
+
+    def _refuse_if_blocked(self, addr: str) -> None:
+        now = time.monotonic()
+        until = self.guard.address_blocked_until(addr, now)
+        if until is None:
+            return
+        wall = datetime.datetime.fromtimestamp(time.time() + until - now, datetime.timezone.utc)
+        raise HTTPException(429, f"too many failed sign-ins from {addr}; blocked until "
+                                 f"{wall.isoformat(timespec='seconds')}",
+                            headers={"Retry-After": str(max(1, math.ceil(until - now)))})  # fmt: skip
+
+    def _owe(self, addr: str, until: float) -> None:
+        owed = self._owed
+        owed.pop(addr, None)
+        now = time.monotonic()
+        for _ in range(4):  # forget a few entries whose wait is over, oldest first
+            first = next(iter(owed), None)
+            if first is None or owed[first] > now:
+                break
+            del owed[first]
+        if len(owed) >= OWED_ENTRIES:
+            del owed[next(iter(owed))]
+        owed[addr] = until
+
+    async def _attempt(self, request: Request, way: str, check: Callable[[], Awaitable[bool]]) -> bool:
+        """The one gate for every credential (form, Basic, Bearer): True when ``check`` accepted it.
+
+        A blocked address gets 429 without its credential being checked.  Otherwise the address's
+        attempts are checked one at a time: each holds the address's lock while it waits out the
+        delay owed for earlier failures and while its credential is checked, so N parallel guesses
+        are checked one after the other, each after its delay.  A failure is counted, and answered
+        after its own delay (the next attempt in line waits for the same moment)."""
+        addr = self._peer(request)
+        self._refuse_if_blocked(addr)
+        async with self.locks.hold(addr):
+            wait = self._owed.get(addr, 0.0) - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._refuse_if_blocked(addr)  # the guesses ahead in line may have got it blocked
+            if await check():
+                self.guard.record_success(addr, "")
+                self._owed.pop(addr, None)
+                return True
+            now = time.monotonic()
+            failure = self.guard.record_failure(addr, "", now)
+            self._owe(addr, now + failure.delay)
+        if failure.address_blocked:
+            log.warning("dashboard: sign-ins from %r blocked for %.0f s after %d failed attempts", addr,
+                        self.guard.block_seconds, failure.failures)  # fmt: skip
+        elif failure.failures == 1:
+            log.info("dashboard: failed sign-in (%s) from %r", way, addr)
+        else:
+            log.debug("dashboard: failed sign-in (%s) from %r (%d in the window)", way, addr, failure.failures)
+        await asyncio.sleep(failure.delay)
+        return False
+
+    def _own_origin(self, request: Request) -> str:
+        scheme = "https" if self.config.tls_cert_file else "http"
+        return f"{scheme}://{request.headers.get('host', '')}".lower()
+
+    def _refuse_cross_site(self, request: Request) -> None:
+        """403 when a browser says this request comes from another site.  Without Sec-Fetch-Site
+        and Origin (curl, scripts) the request is accepted."""
+        site = request.headers.get("sec-fetch-site", "").strip().lower()
+        if site in ("cross-site", "same-site"):
+            raise HTTPException(403, f"refused: the Sec-Fetch-Site header says {site}; a browser's saved "
+                                     "credentials are not accepted from other sites")  # fmt: skip
+        origin = request.headers.get("origin")
+        if origin is not None and origin.strip().lower() != self._own_origin(request):
+            raise HTTPException(403, f"refused: the Origin header {origin[:200]!r} is not this dashboard's origin; "
+                                     "a browser's saved credentials are not accepted from other sites")  # fmt: skip
 
     async def require_auth(self, request: Request) -> str:
         """Dependency: returns how the caller authenticated ("cookie", "basic", "bearer")."""
-        header = request.headers.get("authorization", "")
-        if header[:7].lower() == "bearer ":
-            if hmac.compare_digest(header[7:].strip().encode(), self.api_token.encode()):
-                return "bearer"
-            await self._failed(request)
-            raise HTTPException(401, "invalid API token", headers={"WWW-Authenticate": "Bearer"})
-        if header[:6].lower() == "basic ":
-            try:
-                user, _, password = base64.b64decode(header[6:].strip()).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                user, password = "", ""
-            if self._password_ok(user, password):
-                return "basic"
-            await self._failed(request)
-            raise HTTPException(401, "wrong user or password", headers={"WWW-Authenticate": 'Basic realm="relayd"'})
+        header = request.headers.get("authorization")
+        if header is not None:
+            if len(header) > AUTH_HEADER_LIMIT:
+                raise HTTPException(400, f"Authorization header too long (at most {AUTH_HEADER_LIMIT} bytes)")
+            scheme, _, value = header.strip().partition(" ")
+            scheme = scheme.lower()
+            if scheme == "bearer":
+                token = value.strip()
+                if await self._attempt(request, "bearer", lambda: self._token_ok(token)):
+                    return "bearer"
+                raise HTTPException(401, "invalid API token", headers={"WWW-Authenticate": "Bearer"})
+            if scheme == "basic":
+                if request.method not in SAFE_METHODS:
+                    self._refuse_cross_site(request)
+                try:
+                    user, colon, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+                except ValueError:  # bad base64 (binascii.Error), non-ASCII, or not UTF-8 underneath
+                    user, colon, password = "", "", ""
+                if not colon:
+                    raise HTTPException(400, "malformed Basic credentials: expected base64 of user:password")
+                if await self._attempt(request, "basic", lambda: self._password_ok(user, password)):
+                    return "basic"
+                raise HTTPException(401, "wrong user or password", headers={"WWW-Authenticate": 'Basic realm="relayd"'})
         cookie = request.cookies.get(SESSION_COOKIE, "")
         entry = self.sessions.get(cookie)
         if entry is not None and entry[0] > time.time():
-            if request.method not in ("GET", "HEAD", "OPTIONS"):
+            if request.method not in SAFE_METHODS:
                 sent = request.headers.get("x-csrf-token", "")
                 if not hmac.compare_digest(sent.encode(), entry[1].encode()):
                     raise HTTPException(403, "missing or wrong X-CSRF-Token")
             return "cookie"
         raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": 'Basic realm="relayd"'})
+
+    @staticmethod
+    async def _form(request: Request) -> dict[str, list[str]]:
+        """A urlencoded form of a few fields, parsed here rather than with python-multipart."""
+        body = (await request.body())[:FORM_LIMIT]
+        return urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=16)
 
     # --- the app --------------------------------------------------------------------------------
 
@@ -208,29 +445,44 @@ class Dashboard:
 
         @app.post("/login", include_in_schema=False)
         async def login(request: Request) -> Response:
-            # a urlencoded form of two fields: parsed here rather than with python-multipart
-            form = urllib.parse.parse_qs((await request.body())[:8192].decode("utf-8", "replace"))
+            site = request.headers.get("sec-fetch-site", "").strip().lower()
+            if site in ("cross-site", "same-site"):  # another site's page cannot guess from the operator's address
+                raise HTTPException(403, f"refused: the Sec-Fetch-Site header says {site}")
+            form = await self._form(request)
             user, password = form.get("user", [""])[0], form.get("password", [""])[0]
-            addr = request.client.host if request.client else "?"
-            if self.guard.is_blocked(addr, time.monotonic()) or not self._password_ok(user, password):
-                await self._failed(request)
+            try:
+                ok = await self._attempt(request, "form", lambda: self._password_ok(user, password))
+            except HTTPException as exc:  # blocked (429) or too busy (503): nothing was checked
+                if exc.status_code not in (429, 503):
+                    raise
+                ok = False
+            if not ok:
                 return RedirectResponse("/login?failed=1", status_code=303)
-            self.guard.record_success(addr)
             now = time.time()
             for stale in [c for c, (expiry, _) in self.sessions.items() if expiry <= now]:
                 del self.sessions[stale]  # expired sessions go when a new one is made
             cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-            self.sessions[cookie] = (time.time() + SESSION_TTL, csrf)
+            self.sessions[cookie] = (now + SESSION_TTL, csrf)
             resp = RedirectResponse("/", status_code=303)
             resp.set_cookie(SESSION_COOKIE, cookie, httponly=True, samesite="strict",
                             secure=bool(self.config.tls_cert_file), max_age=SESSION_TTL)  # fmt: skip
             return resp
 
         @app.post("/logout", include_in_schema=False)
-        async def logout(request: Request, _: str = auth) -> Response:
-            self.sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
+        async def logout(request: Request) -> Response:
+            """Ends the cookie session on the server.  CSRF-protected like every state change: the
+            Sign out form sends the session's token as the ``csrf`` field (or ``X-CSRF-Token``)."""
+            cookie = request.cookies.get(SESSION_COOKIE, "")
+            entry = self.sessions.get(cookie)
+            if entry is not None:
+                sent = request.headers.get("x-csrf-token")
+                if sent is None:
+                    sent = (await self._form(request)).get("csrf", [""])[0]
+                if not hmac.compare_digest(sent.encode(), entry[1].encode()):
+                    raise HTTPException(403, "missing or wrong CSRF token")
+                del self.sessions[cookie]
             resp = RedirectResponse("/login", status_code=303)
-            resp.delete_cookie(SESSION_COOKIE)
+            resp.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict", secure=bool(self.config.tls_cert_file))
             return resp
 
         @app.get("/", include_in_schema=False)
@@ -279,7 +531,7 @@ class Dashboard:
                     "created": time.time()}  # fmt: skip
 
         @app.patch("/api/v1/clients/{name}")
-        async def patch_client(name: str, body: ClientPatch, _: str = auth) -> dict[str, Any]:
+        async def patch_client(name: Name, body: ClientPatch, _: str = auth) -> dict[str, Any]:
             self._client_or_404(name)
             store.set_client_enabled(name, body.enabled)
             if not body.enabled:
@@ -287,7 +539,7 @@ class Dashboard:
             return self._client_or_404(name)
 
         @app.post("/api/v1/clients/{name}/rotate")
-        async def rotate(name: str, request: Request, _: str = auth) -> dict[str, Any]:
+        async def rotate(name: Name, request: Request, _: str = auth) -> dict[str, Any]:
             if store.client(name) is None:
                 raise HTTPException(404, f"client {name!r} was not created in the dashboard")
             token = store.rotate_token(name)
@@ -295,13 +547,13 @@ class Dashboard:
             return {"name": name, "token": token, "relayc_toml": self.relayc_toml(name, token, request)}
 
         @app.post("/api/v1/clients/{name}/kick")
-        async def kick(name: str, _: str = auth) -> dict[str, Any]:
+        async def kick(name: Name, _: str = auth) -> dict[str, Any]:
             if not relayd.kick(name):
                 raise HTTPException(404, f"client {name!r} is not connected")
             return {"name": name, "kicked": True}
 
         @app.delete("/api/v1/clients/{name}", status_code=204)
-        async def delete_client(name: str, _: str = auth) -> Response:
+        async def delete_client(name: Name, _: str = auth) -> Response:
             if store.client(name) is None:
                 raise HTTPException(404, f"client {name!r} was not created in the dashboard")
             for t in store.tunnels(name):
@@ -321,6 +573,12 @@ class Dashboard:
             session = relayd.sessions.get(body.client)
             if session is not None and body.name in session.tunnels and store.tunnel(body.client, body.name) is None:
                 raise Conflict(f"client {body.client!r} already has a tunnel named {body.name!r} (from relayc.toml)")
+            cap = relayd.config.max_tunnels_per_client
+            if cap:  # every tunnel the client has: stored in the dashboard, and live from its relayc.toml
+                names = {t["name"] for t in store.tunnels(body.client)} | set(session.tunnels if session else ())
+                if body.name not in names and len(names) >= cap:
+                    raise Conflict(f"client {body.client!r} already has {len(names)} tunnels: "
+                                   f"max_tunnels_per_client is {cap}")  # fmt: skip
             if body.type == "tcp" and body.remote_port:
                 if body.remote_port not in relayd.ports.allowed:
                     raise HTTPException(422, [{"loc": ["body", "remote_port"], "type": "value_error",
@@ -341,7 +599,7 @@ class Dashboard:
             return self._tunnel_item(saved)
 
         @app.patch("/api/v1/tunnels/{client}/{name}")
-        async def patch_tunnel(client: str, name: str, body: TunnelPatch, _: str = auth) -> dict[str, Any]:
+        async def patch_tunnel(client: Name, name: Name, body: TunnelPatch, _: str = auth) -> dict[str, Any]:
             row = store.tunnel(client, name)
             if row is None:
                 raise HTTPException(404, f"no dashboard tunnel {client}/{name}")
@@ -355,7 +613,7 @@ class Dashboard:
             return self._tunnel_item(saved)
 
         @app.delete("/api/v1/tunnels/{client}/{name}", status_code=204)
-        async def delete_tunnel(client: str, name: str, _: str = auth) -> Response:
+        async def delete_tunnel(client: Name, name: Name, _: str = auth) -> Response:
             if store.tunnel(client, name) is None:
                 raise HTTPException(404, f"no dashboard tunnel {client}/{name}")
             store.delete_tunnel(client, name)
@@ -363,7 +621,12 @@ class Dashboard:
             return Response(status_code=204)
 
         @app.get("/api/v1/traffic")
-        async def traffic(client: str = "", tunnel: str = "", since: float = 0, _: str = auth) -> dict[str, Any]:
+        async def traffic(
+            client: Annotated[str, Query(max_length=NAME_MAX)] = "",
+            tunnel: Annotated[str, Query(max_length=NAME_MAX)] = "",
+            since: Annotated[float, Query(ge=0, le=MAX_SINCE, allow_inf_nan=False, description="Unix seconds")] = 0,
+            _: str = auth,
+        ) -> dict[str, Any]:
             series = store.traffic(client, tunnel, since)
             # the current minute is still in memory (recorded once a minute): add it, write nothing
             rows, _measured_at = relayd.pending_traffic()
@@ -380,6 +643,26 @@ class Dashboard:
                 else:
                     points.append({"ts": bucket, "bytes_in": b_in, "bytes_out": b_out})
             return series
+
+        @app.get("/api/v1/blocks")
+        async def blocks(_: str = auth) -> list[dict[str, Any]]:
+            """Addresses and client names refused for failed logins: relayc's (scope "relayc") and
+            the dashboard's own sign-ins (scope "dashboard"); ``until`` is Unix seconds."""
+            now, wall = time.monotonic(), time.time()
+            return [b.as_dict() for guard in (relayd.guard, self.guard) for b in guard.blocks(now, wall)]
+
+        @app.delete("/api/v1/blocks/{kind}/{value:path}", status_code=204)  # a name the peer sent may hold "/"
+        async def unblock(kind: BlockKind, value: Annotated[str, PathParam(min_length=1, max_length=VALUE_MAX)],
+                          _: str = auth) -> Response:  # fmt: skip
+            """Lift a block: an address in both scopes, a client name in relayc's."""
+            found = relayd.guard.unblock(kind, value)
+            if kind is BlockKind.ADDRESS:
+                found = self.guard.unblock(kind, value) or found
+                self._owed.pop(value, None)
+            if not found:
+                raise HTTPException(404, f"no {kind.value} {value!r} is blocked")
+            log.info("dashboard: %s %r unblocked by the operator", kind.value, value)
+            return Response(status_code=204)
 
         @app.get("/metrics", response_class=PlainTextResponse)
         async def metrics(request: Request) -> PlainTextResponse:
@@ -510,6 +793,9 @@ class Dashboard:
             "# HELP relay_connections_open Open visitor connections.",
             "# TYPE relay_connections_open gauge",
             f"relay_connections_open {sum(t['conns_open'] for t in tunnels)}",
+            "# HELP relay_event_loop_lag_seconds Worst event-loop lag since the previous scrape.",
+            "# TYPE relay_event_loop_lag_seconds gauge",
+            f"relay_event_loop_lag_seconds {self.relayd.loop_lag.take_worst():.6f}",
         ]
         for metric, field_name, help_text in (
             ("relay_tunnel_bytes_in_total", "bytes_in", "Bytes from visitors to the lab side."),

@@ -1,4 +1,5 @@
-"""A real browser (Playwright driving Debian's chromium) through the dashboard's main flow.
+"""A real browser (Playwright driving Debian's chromium) through the dashboard's main flow: sign in,
+add a client and a tunnel, watch bytes grow, lift a block, sign out.
 
 Screenshots of each page go to $RELAY_SCREENSHOTS when set (docs/screenshots for the README),
 else to the test's temporary directory.
@@ -6,16 +7,17 @@ else to the test's temporary directory.
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Proc, TcpServer, echo_handler, free_port, relayd_config, wait_port_serves
+from tests.e2e.harness import TOKEN, Proc, TcpServer, echo_handler, free_port, relayd_config, wait_port_serves
+from tests.e2e.rawclient import RawClient
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PASSWORD = "a-long-dashboard-password"
@@ -32,7 +34,9 @@ def test_login_add_client_add_tunnel_watch_bytes_grow(tmp_path: Path, procs: lis
     shots.mkdir(parents=True, exist_ok=True)
     echo = TcpServer(echo_handler)
     port, dash, public = free_port(), free_port(), free_port()
-    d = Proc("relay_server.cli", relayd_config(tmp_path, port, dashboard={"port": dash, "password": PASSWORD}))
+    cfg = relayd_config(tmp_path, port, dashboard={"port": dash, "password": PASSWORD},
+                        auth={"token": TOKEN, "block_after_failures": 3})  # fmt: skip
+    d = Proc("relay_server.cli", cfg)
     procs.append(d)
     d.wait_for("dashboard on")
     base = f"http://127.0.0.1:{dash}"
@@ -93,13 +97,49 @@ def test_login_add_client_add_tunnel_watch_bytes_grow(tmp_path: Path, procs: lis
             while got < 50_000:
                 got += len(s.recv(65536))
         expect(row.locator(".bytes-in")).to_have_text(re.compile(r"^5\d\.\d KB$"), timeout=10_000)
-        time.sleep(0.5)
+        expect(row.locator(".spark svg")).to_be_attached(timeout=10_000)
         page.screenshot(path=str(shots / "tunnels.png"))
         page.click("#nav-overview")
         expect(page.locator("#ov-clients")).to_have_text("1 / 1")
         expect(page.locator("#ov-tunnels")).to_have_text("1 / 1")
         page.screenshot(path=str(shots / "overview.png"))
+        # a relayc with a wrong token (from 127.0.0.2) gets blocked by relayd; the Clients page lists
+        # the block, and Unblock lifts it
+        page.click("#nav-clients")
+        expect(page.locator("#blocks-empty")).to_be_visible()
+        for _ in range(3):
+            raw = RawClient(port, source_ip="127.0.0.2")
+            assert not raw.login("not-the-token-0123456789", name="raw-lab")
+            raw.close()
+        block = page.locator('#blocks-table tr[data-kind="client"][data-value="raw-lab"]')
+        expect(block).to_contain_text("relayc", timeout=10_000)
+        expect(block).to_contain_text("127.0.0.2")
+        expect(page.locator("#blocks-empty")).to_be_hidden()
+        page.screenshot(path=str(tmp_path / "blocked.png"), full_page=True)
+        block.get_by_role("button", name="Unblock").click()
+        expect(block).to_have_count(0)
+        expect(page.locator("#blocks-empty")).to_be_visible()
+        expect(page.locator("#block-error")).to_have_text("")
+        raw = RawClient(port, source_ip="127.0.0.2")
+        assert raw.login(TOKEN, name="raw-lab")  # unblocked: its proof is checked again
+        raw.close()
+        # signing out ends the session on the server: the old cookie no longer authenticates
+        cookie = next(c["value"] for c in page.context.cookies() if c["name"] == "relay_session")
+        assert overview_status(dash, cookie) == 200
+        page.click("#sign-out")
+        expect(page).to_have_url(re.compile(r"/login$"))
+        assert overview_status(dash, cookie) == 401
+        page.goto(base + "/")
+        expect(page).to_have_url(re.compile(r"/login$"))
         browser.close()
     echo.close()
     for name in ("login", "clients", "tunnels", "overview"):
         assert (shots / f"{name}.png").stat().st_size > 5000
+
+
+def overview_status(dash: int, cookie: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", dash, timeout=10)
+    conn.request("GET", "/api/v1/overview", headers={"Cookie": f"relay_session={cookie}"})
+    status = conn.getresponse().status
+    conn.close()
+    return status

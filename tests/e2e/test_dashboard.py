@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,24 @@ from tests.e2e.harness import (
 PASSWORD = "a-long-dashboard-password"
 
 
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 5.0, interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something true (returned), or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout} s: {what} (last: {result!r})")
+        time.sleep(interval)
+
+
 class Api:
-    def __init__(self, port: int, auth: str | None = "basic", token: str = "") -> None:
+    def __init__(self, port: int, auth: str | None = "basic", token: str = "", source: str = "",
+                 timeout: float = 10) -> None:  # fmt: skip
         self.port = port
+        self.source = source  # a source address on the loopback (127.0.0.0/8): each is its own peer
+        self.timeout = timeout
         self.headers: dict[str, str] = {}
         if auth == "basic":
             self.headers["Authorization"] = "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
@@ -39,7 +55,8 @@ class Api:
 
     def call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
              ) -> tuple[int, Any, dict[str, str]]:  # fmt: skip
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        source = (self.source, 0) if self.source else None
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout, source_address=source)
         h = {**self.headers, **(headers or {})}
         data = None
         if body is not None:
@@ -177,14 +194,12 @@ def test_every_endpoint_with_a_real_client(tmp_path: Path, echo: TcpServer, proc
     assert overview["clients_online"] == 1 and overview["tunnels_active"] == 1
     # disable, enable, delete a tunnel: the port closes and opens
     assert api.call("PATCH", "/api/v1/tunnels/lab/echo", {"enabled": False})[0] == 200
-    time.sleep(0.3)
-    assert port_refuses(public)
+    wait_until(lambda: port_refuses(public), "the disabled tunnel's port closes")
     assert api.call("PATCH", "/api/v1/tunnels/lab/echo", {"enabled": "maybe"})[0] == 422
     assert api.call("PATCH", "/api/v1/tunnels/lab/echo", {"enabled": True})[0] == 200
     wait_port_serves(public, timeout=3)
     assert api.call("DELETE", "/api/v1/tunnels/lab/echo")[0] == 204
-    time.sleep(0.3)
-    assert port_refuses(public)
+    wait_until(lambda: port_refuses(public), "the deleted tunnel's port closes")
     assert api.call("DELETE", "/api/v1/tunnels/lab/echo")[0] == 404
     # kick, rotate, disable, delete a client
     mark = c.mark()
@@ -219,13 +234,13 @@ def test_pushed_tunnels_survive_restarts_and_allow_targets_refuses(
                                                       "local_port": 22, "remote_port": other})  # fmt: skip
     assert status == 201
     c.wait_for(r"tunnel lan pushed by relayd refused: target 10\.1\.2\.3:22 is not in allow_targets")
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        lan = next(t for t in api.call("GET", "/api/v1/tunnels")[1] if t["name"] == "lan")
-        if lan["status"].startswith("refused"):
-            break
-        time.sleep(0.1)
-    assert "not in allow_targets" in lan["status"]
+
+    def lan_refused() -> str:
+        status = str(next(t for t in api.call("GET", "/api/v1/tunnels")[1] if t["name"] == "lan")["status"])
+        return status if status.startswith("refused") else ""
+
+    status_text = wait_until(lan_refused, "the API shows the refusal")
+    assert "not in allow_targets" in status_text
     assert port_refuses(other)
     # relayd restarted: the dashboard tunnel comes back from SQLite
     d.stop(signal.SIGTERM)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from shared import auth
 from shared.frames import Flag, FrameType, ResetCode, frame_header, preface
+from shared.messages import Hello, Login, LoginOk, encode_message
 from tests.e2e.harness import (
     TOKEN,
     Proc,
@@ -137,16 +139,27 @@ def test_brute_force_is_slowed_then_blocked_and_others_unaffected(
         client.close()
     assert [ok for ok, _ in results] == [False] * 4
     assert results[-1][1] > results[0][1]  # answers get slower
-    # now blocked: dropped at accept, before TLS
-    with pytest.raises((ConnectionResetError, ssl.SSLError, OSError)):
-        RawClient(port, source_ip="127.0.0.2").login("wrong-token")
-    d.wait_for(r"127\.0\.0\.2 blocked for 30 s after 4 failed logins")
+    d.wait_for(r"login: client 'raw' from 127\.0\.0\.2 blocked for 30 s after 4 failed logins")
+    # now blocked: answered at once, and even the right token is not checked
+    client = RawClient(port, source_ip="127.0.0.2")
+    t0 = time.monotonic()
+    assert not client.login(TOKEN)
+    assert time.monotonic() - t0 < results[-1][1]
+    client.close()
     assert d.output.count("login failed: client 'raw' from 127.0.0.2") == 1  # once per burst
-    # a good client from another address is unaffected
+    # a guesser that tries many names is dropped before TLS
+    for name in ("root", "admin", "gpu", "x"):
+        client = RawClient(port, source_ip="127.0.0.4")
+        assert not client.login("guess", name=name)
+        client.close()
+    with pytest.raises((ConnectionResetError, ssl.SSLError, OSError)):
+        RawClient(port, source_ip="127.0.0.4").login("wrong-token")
+    # a good client from another address, or with another name from the same one, is unaffected
     c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
         {"name": "e", "local_port": echo.port, "remote_port": public}]))  # fmt: skip
     c.wait_for(r"tunnel e: relayd port")
     assert RawClient(port, source_ip="127.0.0.1").login(TOKEN, name="other")
+    assert RawClient(port, source_ip="127.0.0.2").login(TOKEN, name="other")
 
 
 def test_malicious_client_cannot_escape_its_limits(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
@@ -223,3 +236,27 @@ def test_tunnel_limits_sources_connections_bandwidth(tmp_path: Path, echo: TcpSe
         elapsed = time.monotonic() - t0
     assert got == payload
     assert elapsed >= 1.8  # a lower bound: a slow machine only makes it longer
+
+
+def test_names_a_peer_chooses_never_forge_log_lines(tmp_path: Path, procs: list[Proc]) -> None:
+    port = free_port()
+    d = start_relayd(procs, tmp_path, port)
+    evil = "1.0\nERROR   relayd: forged \x1b[31mred\x1b[0m"
+    client = RawClient(port)
+    nonce = auth.new_nonce()
+    client.session.open_stream(encode_message(Hello(name="lab", client_nonce=nonce, version=evil)))
+    client.flush()
+    challenge = client.control_message()
+    args = ("lab", nonce, challenge.server_nonce, client.fingerprint)
+    client.session.send_data(1, encode_message(Login(proof=auth.client_proof(TOKEN, *args))))
+    client.flush()
+    assert isinstance(client.control_message(), LoginOk)
+    d.wait_for(r"client lab logged in from 127\.0\.0\.1 \(relayc 1\.0\\nERROR   relayd: forged \\x1b\[31mred")
+    client.close()
+    # a client name with a newline is refused, and named escaped
+    bad = RawClient(port)
+    assert not bad.login(TOKEN, name="x\nINFO    relayd: client admin logged in")
+    bad.close()
+    d.wait_for(r"login refused: client from 127\.0\.0\.1 sent the name 'x\\nINFO")
+    assert not any(line.startswith(("ERROR   relayd: forged", "INFO    relayd: client admin")) for line in d.lines)
+    assert "\x1b" not in d.output

@@ -128,6 +128,9 @@ def test_pinned_fingerprint_mismatch_is_refused(tmp_path: Path, echo: TcpServer,
         ),
     )
     c.wait_for(rf"presented certificate {real}, which does not match tls.server_fingerprint {wrong}")
+    # that attempt is over (a relayc that went on to log in would not be waiting to retry): only
+    # now does relayd's log tell that no login happened
+    c.wait_for(r"reconnecting in")
     assert "logged in" not in d.output
     assert port_refuses(public)
 

@@ -80,6 +80,26 @@ async function refreshClients() {
   sel.innerHTML = clientsCache.map(c => `<option>${esc(c.name)}</option>`).join("");
   if (keep) sel.value = keep;
 }
+async function refreshBlocks() {
+  const list = await api("GET", "/api/v1/blocks");
+  const rows = list.map(b => {
+    // every value here came from a peer (its address, the client name it sent): escaped
+    const until = new Date(b.until * 1000).toLocaleString();
+    return `<tr data-kind="${esc(b.kind)}" data-value="${esc(b.value)}" data-scope="${esc(b.scope)}"><td>${esc(b.kind)}</td>` +
+      `<td>${esc(b.value)}</td><td>${esc(b.scope)}</td><td>${Number(b.failures)}</td><td>${esc(until)}</td>` +
+      `<td>${esc(b.address || "")}</td><td><button class="plain" data-kind="${esc(b.kind)}" data-value="${esc(b.value)}">Unblock</button></td></tr>`;
+  });
+  $("blocks-table").tBodies[0].innerHTML = rows.join("");
+  $("blocks-table").hidden = !rows.length; $("blocks-empty").hidden = !!rows.length;
+}
+$("blocks-table").addEventListener("click", async (e) => {
+  const b = e.target.closest("button[data-kind]"); if (!b) return;
+  try {
+    await api("DELETE", `/api/v1/blocks/${encodeURIComponent(b.dataset.kind)}/${encodeURIComponent(b.dataset.value)}`);
+    $("block-error").textContent = "";
+  } catch (err) { $("block-error").textContent = err.message; }
+  refresh();
+});
 $("clients-table").addEventListener("click", async (e) => {
   const b = e.target.closest("button[data-act]"); if (!b) return;
   const name = encodeURIComponent(b.dataset.name), act = b.dataset.act;
@@ -157,7 +177,7 @@ async function refresh() {
   try {
     const page = current();
     if (page === "overview") await refreshOverview();
-    if (page === "clients") await refreshClients();
+    if (page === "clients") { await refreshClients(); await refreshBlocks(); }
     if (page === "tunnels") await refreshTunnels();
   } catch (err) { console.warn(err); }
 }
