@@ -4,8 +4,10 @@ Theory of operation
 ===================
 
 ``Relayc.run()`` loops: connect, verify, log in, register tunnels, serve until the session ends,
-then wait (exponential backoff with jitter, capped near 10 s) and start again.  It never gives up,
-not even when the first login fails: a lab machine left alone must come back by itself.
+then wait (``ReconnectDelay``: exponential backoff with jitter, capped near 10 s; after a refused
+login longer, by relayd's ``code`` and ``retry_after``: a wrong token 10 s doubling to 5 min, a
+name held by a live session 60 s doubling to 10 min) and start again.  It never gives up, not
+even when the first login fails: a lab machine left alone must come back by itself.
 
 Verification happens right after the TLS handshake and before anything derived from the token
 is sent.  Three modes:

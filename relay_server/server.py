@@ -11,14 +11,30 @@ a message at 64 KiB, and the whole handshake must finish within ``handshake_time
   relayc -> login {proof}                   relayd -> login_ok {proof} | login_failed {reason}
 
 ``proof`` is an HMAC of the token over both nonces, the name and relayd's certificate fingerprint
-(``shared.auth``); the token itself never crosses the wire.  A failed login is answered after a
-delay that grows with the failures of that address, and an address that keeps failing is refused
-at accept time for a while.  After login the client registers tunnels (``tunnel_add`` ->
-``tunnel_status``); each tcp tunnel becomes a ``PublicTunnel`` listener, and every visitor it
-accepts becomes a stream that relayd opens (even id) starting with a ``stream_open`` message.
-A client that logs in again under the same name replaces its old session (which is closed with
-GO_AWAY REPLACED): a stale session never blocks a reconnect.  When a session ends, its listeners
-close and the visitors still connected are reset.
+(``shared.auth``); the token itself never crosses the wire.  Failed logins are counted per
+(address, name) by ``guard.LoginGuard``: each is answered after a growing delay, and a pair that
+keeps failing is answered "blocked until T" without its proof being checked; an address whose
+failures name several clients is dropped at accept time, before any TLS work.
+
+  HELLO -> CHALLENGED -> READY                      (proof good, name free)
+                      -> CHECKING -> READY | FAILED (proof good, a session holds the name)
+                      -> FAILED                     (wrong token, blocked, bad name)
+
+A login under the name of a session that exists PINGs that session (``LIVENESS_PROBE_TIMEOUT``):
+if it answers, the newcomer is refused with the live one's address and login time (two relayc
+with one name must not flap); if it does not, the newcomer replaces it at once (the old one is
+closed with GO_AWAY REPLACED), so a lab machine that crashed takes over again in seconds.
+
+After login the client registers tunnels (``tunnel_add`` -> ``tunnel_status``), each checked by
+the config's rules and counted against ``max_tunnels_per_client``; each tcp tunnel becomes a
+``PublicTunnel`` listener, and every visitor it accepts becomes a stream that relayd opens (even
+id) starting with a ``stream_open`` message.  When a session ends, its listeners close, the
+visitors still connected are reset, and everything relayd kept about it goes with it.
+
+Memory: before login a connection may owe its peer at most ``PRELOGIN_OUTPUT_LIMIT`` bytes or it
+is dropped; after login, a connection whose transport is backed up is not read until it drains
+(``MuxConnection(pause_reading_when_backed_up=True)``), and a control stream with more than
+``CONTROL_QUEUE_LIMIT`` bytes waiting for credit ends the session.
 """
 
 from __future__ import annotations

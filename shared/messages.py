@@ -191,8 +191,8 @@ class LoginRefusal(str, enum.Enum):
 
 @dataclass(frozen=True)
 class LoginFailed(_Message):
-    """relayd -> relayc: login refused.  ``code`` is a ``LoginRefusal`` value ("" from relayd
-    before 0.2); ``retry_after`` says how many seconds trying again is pointless (0: unknown)."""
+    """relayd -> relayc: login refused.  ``code`` is a ``LoginRefusal`` value ("" from older
+    relayd versions); ``retry_after`` says how many seconds trying again is pointless (0: unknown)."""
 
     type: ClassVar[str] = "login_failed"
     reason: str = _str(0, 1024)
