@@ -17,15 +17,19 @@ A ``LoginGuard`` counts failed logins in a sliding window (``window`` seconds) o
   that is a scanner or a brute-forcer, not one broken client.  The dashboard uses
   ``names_to_block_address = 1`` and no names, so there every block is an address block.
 
-Every table here is keyed by something the peer chooses (its address, the name it sent), so every
-table is bounded (``max_entries``; the oldest entries go first) and entries leave once their window
-or block is over.  Time is passed in (``now``, monotonic seconds); only ``blocks()`` also takes the
-wall-clock time, to report ``until`` as a Unix time.  No I/O, no clock, no logging here.
+Addresses are counted as they are for IPv4 and by their /64 for IPv6 (one host commonly has a
+whole /64 to pick from).  Every table here is keyed by something the peer chooses (its address,
+the name it sent), so every table is bounded (``max_entries``; the least recently touched entry
+that is not blocked goes first, so a flood of failures from elsewhere cannot lift a block) and
+entries leave once their window or block is over.  Time is passed in (``now``, monotonic
+seconds); only ``blocks()`` also takes the wall-clock time, to report ``until`` as a Unix time.
+No I/O, no clock, no logging here.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections import deque
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -34,6 +38,20 @@ MAX_DELAY: Final = 8.0
 # Distinct names remembered per address: only "at least names_to_block_address" matters.
 _NAMES_KEPT: Final = 16
 _K = TypeVar("_K", str, tuple[str, str])
+
+
+def address_key(addr: str) -> str:
+    """What failures are counted by: an IPv4 address, or the /64 of an IPv6 one (one host commonly
+    has a whole /64 to pick addresses from)."""
+    if ":" not in addr:
+        return addr
+    try:
+        ip = ipaddress.IPv6Address(addr.split("%", 1)[0])
+    except ValueError:
+        return addr
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
 
 
 class BlockKind(str, enum.Enum):
@@ -126,7 +144,7 @@ class LoginGuard:
 
     def address_blocked_until(self, addr: str, now: float) -> float | None:
         """Monotonic time until which ``addr`` is blocked, or None.  Checked before TLS."""
-        entry = self._addresses.get(addr)
+        entry = self._addresses.get(address_key(addr))
         if entry is None or entry.blocked_until <= now:
             return None
         return entry.blocked_until
@@ -134,7 +152,7 @@ class LoginGuard:
     def pair_blocked_until(self, addr: str, name: str, now: float) -> float | None:
         """Monotonic time until which ``name`` may not log in from ``addr`` (address blocks included)."""
         until = self.address_blocked_until(addr, now)
-        entry = self._pairs.get((addr, name)) if name else None
+        entry = self._pairs.get((address_key(addr), name)) if name else None
         if entry is not None and entry.blocked_until > now:
             until = max(until or 0.0, entry.blocked_until)
         return until
@@ -157,16 +175,17 @@ class LoginGuard:
     def record_failure(self, addr: str, name: str, now: float) -> Failure:
         """Count a failed login of ``name`` from ``addr``: how long to wait before answering, and
         whether this failure started a block."""
+        addr = address_key(addr)
         self._prune(now)
         count = 0
         pair_blocked = address_blocked = False
         if name:
-            pair = self._touch(self._pairs, (addr, name))
+            pair = self._touch(self._pairs, (addr, name), now)
             count = pair.add(now, self.window, self.block_after)
             if count >= self.block_after and pair.blocked_until <= now:
                 pair.blocked_until = now + self.block_seconds
                 pair_blocked = True
-        entry = self._touch(self._addresses, addr)
+        entry = self._touch(self._addresses, addr, now)
         total = entry.add(now, self.window, self.block_after)
         names = entry.names
         names.pop(name, None)
@@ -180,17 +199,19 @@ class LoginGuard:
         return Failure(min(0.25 * 2 ** (slow - 1), MAX_DELAY), count or total, pair_blocked, address_blocked)
 
     def record_success(self, addr: str, name: str) -> None:
-        """A login succeeded: its pair starts over (the address keeps its count: a scanner that
-        also holds one valid token does not wipe its record)."""
-        self._pairs.pop((addr, name), None)
-        if not name:
-            self._addresses.pop(addr, None)
+        """A login succeeded: its pair starts over.  The address keeps its count (failures age
+        out of the window): a scanner that also holds one valid token, or shares its address with
+        someone who signs in (a dashboard reached through ssh -L, a metrics scraper), does not get
+        its record wiped."""
+        if name:
+            self._pairs.pop((address_key(addr), name), None)
 
     def unblock(self, kind: BlockKind, value: str) -> bool:
         """Lift the blocks of an address, or of a client name from every address, and forget their
         failures.  False when no such block was in force."""
         found = False
         if kind is BlockKind.ADDRESS:
+            value = address_key(value)
             entry = self._addresses.pop(value, None)
             found = entry is not None and entry.blocked_until > 0
             for key in [k for k in self._pairs if k[0] == value]:
@@ -203,15 +224,29 @@ class LoginGuard:
 
     # --- internals ------------------------------------------------------------------------------
 
-    def _touch(self, table: dict[_K, _Failures], key: _K) -> _Failures:
+    def _touch(self, table: dict[_K, _Failures], key: _K, now: float) -> _Failures:
         """The entry for ``key``, made or moved to the end (tables are ordered oldest-touched first)."""
         entry = table.pop(key, None)
         if entry is None:
             if len(table) >= self.max_entries:
-                del table[next(iter(table))]  # the least recently touched goes: memory stays bounded
+                self._evict(table, now)
             entry = _Failures()
         table[key] = entry
         return entry
+
+    @staticmethod
+    def _evict(table: dict[_K, _Failures], now: float) -> None:
+        """Make room: the least recently touched entry that is not blocked goes (a flood of new
+        failures from elsewhere must not lift a block), or, if the first few are all blocked, the
+        oldest of them."""
+        victim = None
+        for i, (key, entry) in enumerate(table.items()):
+            if entry.blocked_until <= now:
+                victim = key
+                break
+            if i == 64:
+                break
+        del table[victim if victim is not None else next(iter(table))]
 
     def _prune(self, now: float) -> None:
         """Drop a few entries whose window and block are over, oldest first (amortized O(1))."""

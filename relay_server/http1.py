@@ -61,6 +61,10 @@ from dataclasses import dataclass, field
 from typing import Final, Union
 
 MAX_HEAD: Final = 64 * 1024
+# Parsing steps (a head, a chunk's size line, data or CRLF, a trailer line) per feed: what one
+# call may cost is bounded whatever a read holds (256 KiB of 1-byte chunks is 130,000 steps).
+MAX_STEPS: Final = 256
+MAX_BLANK_LINES: Final = 2
 _MAX_CHUNK_LINE: Final = 4096
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # field-value characters: HTAB, SP, VCHAR, obs-text (a latin-1 str or bytes pattern alike)
@@ -258,6 +262,24 @@ def _header_error(text: str, start: int) -> HttpError:
     return HttpError(400, "malformed header line")  # a bare CR or LF between lines
 
 
+def _joined(events: list[Event]) -> list[Event]:
+    """Adjacent Body events as one: the framing is forwarded as it came, so a run of chunk-size
+    lines, chunks and CRLFs goes on as one write instead of three per chunk."""
+    out: list[Event] = []
+    pieces: list[bytes] = []
+    for ev in events:
+        if type(ev) is Body:
+            pieces.append(ev.data)
+            continue
+        if pieces:
+            out.append(Body(b"".join(pieces)))
+            pieces = []
+        out.append(ev)
+    if pieces:
+        out.append(Body(b"".join(pieces)))
+    return out
+
+
 class RequestReader:
     """Splits a visitor's byte stream into request heads and body bytes."""
 
@@ -270,7 +292,11 @@ class RequestReader:
         self._scanned = 0  # bytes of _buf already searched for the end of a head
         self._awaiting = False  # an Upgrade/CONNECT request's head was returned, answer() not called
         self._connect = False  # ... and that request is a CONNECT
+        self._blank_lines = 0  # empty lines before the next request line
         self.head_in_progress = False  # bytes of a head arrived but the head is not complete
+        # Work per feed is bounded (``MAX_STEPS``): a read of tiny chunks or pipelined requests is
+        # parsed over several calls, ``feed(b"")`` going on where the last one stopped.
+        self.more = False
 
     @property
     def in_tunnel(self) -> bool:
@@ -330,7 +356,13 @@ class RequestReader:
         return self._drain([])
 
     def _drain(self, events: list[Event]) -> list[Event]:
+        steps = 0
+        self.more = False
         while self._buf:
+            if steps == MAX_STEPS:
+                self.more = True
+                break
+            steps += 1
             state = self._state
             if state == "head":
                 if not self._read_head(events):
@@ -356,13 +388,17 @@ class RequestReader:
             elif not self._read_chunked(events):
                 break
         self.head_in_progress = self._state == "head" and bool(self._buf)
-        return events
+        return _joined(events) if steps > 1 else events
 
     def _read_head(self, events: list[Event]) -> bool:
         buf = self._buf
-        # tolerate blank lines between requests (RFC 9112 section 2.2)
+        # tolerate a blank line or two between requests (RFC 9112 section 2.2), not an endless
+        # trickle of them (a visitor keeping a connection open without ever sending a request)
         while buf[:2] == b"\r\n":
             del buf[:2]
+            self._blank_lines += 1
+            if self._blank_lines > MAX_BLANK_LINES:
+                raise HttpError(400, "empty lines instead of a request")
         if not buf:
             return False
         if buf[0] not in _TCHARS and buf != b"\r":
@@ -377,6 +413,7 @@ class RequestReader:
                 raise HttpError(431, f"request head larger than {self.max_head} bytes")
             return False
         self._scanned = 0
+        self._blank_lines = 0
         if end + 4 > self.max_head:
             raise HttpError(431, f"request head larger than {self.max_head} bytes")
         head = self._parse_head(bytes(buf[: end + 2]))

@@ -32,8 +32,9 @@ id) starting with a ``stream_open`` message.  When a session ends, its listeners
 visitors still connected are reset, and everything relayd kept about it goes with it.
 
 Memory: before login a connection may owe its peer at most ``PRELOGIN_OUTPUT_LIMIT`` bytes or it
-is dropped; after login, a connection whose transport is backed up is not read until it drains
-(``MuxConnection(pause_reading_when_backed_up=True)``), and a control stream with more than
+is dropped.  After login, while relayd cannot write to a relayc, replies that relayc provokes past
+``REPLY_DEBT_LIMIT`` make relayd stop reading it until they drained; visitor bytes waiting for its
+credit past ``SEND_BACKLOG_LIMIT`` stop every visitor of it; and a control stream with more than
 ``CONTROL_QUEUE_LIMIT`` bytes waiting for credit ends the session.
 """
 
@@ -46,11 +47,12 @@ import math
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from relay_server.guard import BlockScope, LoginGuard
+from relay_server.guard import BlockScope, Failure, LoginGuard, address_key
 from relay_server.store import Store
 from relay_server.tunnels import PortPolicy, PublicTunnel, TunnelRefused
 from relay_server.vhost import HttpVisitor, SniVisitor, VhostRouter
@@ -94,12 +96,24 @@ CONTROL_STREAM_ID = 1
 PRELOGIN_OUTPUT_LIMIT = 64 * 1024
 # Control messages waiting for credit a relayc withholds: over this it is disconnected.
 CONTROL_QUEUE_LIMIT = 256 * 1024
+# While relayd cannot write to a relayc: replies it provoked (PING answers, refused streams)
+# queued past this, and it is not read until they drained.
+REPLY_DEBT_LIMIT = 64 * 1024
+# Visitor bytes waiting for a relayc's credit, all its streams together: over this every visitor
+# of that client stops being read until the backlog halves (a client that withholds credit or
+# reads slowly cannot make relayd hold more).
+SEND_BACKLOG_LIMIT = 16 * 1024 * 1024
 # A login under the name of a live session: how long the old one has to answer a PING.
 LIVENESS_PROBE_TIMEOUT = 2.0
 NAME_IN_USE_RETRY = 60.0
-# Per session: refusals remembered for the dashboard, and logged one line each before bursts.
+# Per session: refusals remembered for the dashboard; per client name: refusals logged one line
+# each before one line per burst.
 REFUSALS_KEPT = 256
 REFUSALS_LOGGED_EACH = 32
+# tunnel_add messages waiting: past HIGH the control stream's credit is held back (the client can
+# then send one window more); MAX would take a client that ignores flow control.
+PENDING_ADDS_HIGH = 64
+PENDING_ADDS_MAX = 8192
 
 
 class SessionState(enum.Enum):
@@ -127,7 +141,6 @@ class ClientSession:
         self.visitors_open = 0
         self.connected_at = time.time()
         self.logged_in_at = 0.0
-        self._refusals_logged = 0
         self._client_nonce = ""
         self._server_nonce = ""
         self.control: ControlChannel | None = None
@@ -137,14 +150,19 @@ class ClientSession:
             on_stream_opened=self._stream_opened,
             on_go_away=self._go_away,
             on_closed=self._closed,
-            pause_reading_when_backed_up=True,
+            reply_debt_limit=REPLY_DEBT_LIMIT,
+            send_backlog_limit=SEND_BACKLOG_LIMIT,
         )
         self.mux.output_limit = PRELOGIN_OUTPUT_LIMIT  # lifted at login
         rate = server.config.limits.bandwidth_per_client
         self.bucket = TokenBucket(rate, asyncio.get_running_loop().time()) if rate else None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._tunnel_lock = asyncio.Lock()
+        # tunnel_add messages waiting to be handled, one at a time by one task (the port policy
+        # must see each result before the next; binding awaits); bounded, see _on_tunnel_add
+        self._pending_adds: deque[TunnelAdd] = deque()
+        self._adding: asyncio.Task[None] | None = None
+        self.pushed: set[str] = set()  # names of the dashboard tunnels pushed to this session
 
     @property
     def ready(self) -> bool:
@@ -216,7 +234,7 @@ class ClientSession:
             elif isinstance(message, Login) and state is SessionState.CHALLENGED:
                 self._on_login(message)
             elif isinstance(message, TunnelAdd) and state is SessionState.READY:
-                self._spawn(self._add_tunnel(message))
+                self._on_tunnel_add(message)
             elif isinstance(message, TunnelPushRefused) and state is SessionState.READY:
                 self._on_push_refused(message)
             else:
@@ -233,7 +251,8 @@ class ClientSession:
         try:
             self.name = check_name(hello.name)
         except ValueError as exc:
-            log.warning("login refused: client from %s sent the name %r: %s", self.remote_addr, hello.name, exc)
+            self.server.burst_log.warning(f"bad-name:{self.remote_addr}", "login refused: client from %s sent the "
+                                          "name %r: %s", self.remote_addr, hello.name, exc)  # fmt: skip
             self._refuse(LoginFailed(reason=f"client name {hello.name!r} {exc}", code=LoginRefusal.BAD_NAME.value))
             return
         self._client_nonce = hello.client_nonce
@@ -252,7 +271,9 @@ class ClientSession:
         args = (self.name, self._client_nonce, self._server_nonce, server.fingerprint)
         if token is None or not auth.proofs_equal(login.proof, auth.client_proof(token, *args)):
             self.state = SessionState.FAILED
-            self._spawn(self._refuse_wrong_token(now))
+            # counted now, not after the delay: parallel guesses are counted as they come
+            failure = server.guard.record_failure(self.remote_addr, self.name, now)
+            self._spawn(self._refuse_wrong_token(failure))
             return
         server.guard.record_success(self.remote_addr, self.name)
         old = server.sessions.get(self.name)
@@ -296,14 +317,15 @@ class ClientSession:
         self.mux.label = f"client {self.name} ({self.remote_addr})"
         self.cancel_handshake_timer()
         server.register(self)
-        server.vhosts.owner_returned(self.name, time.monotonic())
+        now = time.monotonic()
+        server.vhosts.owner_returned(self.name, now)
+        server.ports.holds.owner_returned(self.name, now)
         self.send(LoginOk(proof=proof, version=__version__))
         log.info("client %s logged in from %s (relayc %s)", self.name, self.remote_addr, self.version or "?")
         server.client_ready(self)
 
-    async def _refuse_wrong_token(self, now: float) -> None:
+    async def _refuse_wrong_token(self, failure: Failure) -> None:
         guard, addr, name = self.server.guard, self.remote_addr, self.name
-        failure = guard.record_failure(addr, name, now)
         burst = self.server.burst_log
         burst.warning(f"login:{addr}:{name}", "login failed: client %r from %s: wrong token", name, addr)
         if failure.pair_blocked:
@@ -326,13 +348,32 @@ class ClientSession:
 
     # --- tunnels --------------------------------------------------------------------------------
 
-    async def _add_tunnel(self, message: TunnelAdd) -> None:
-        # One at a time per session: the port policy checks (max_ports_per_client, who holds a
-        # port) must see the previous registration's result, and there is an await in between.
-        async with self._tunnel_lock:
-            await self._add_tunnel_locked(message)
+    def _on_tunnel_add(self, message: TunnelAdd) -> None:
+        """Queue a registration.  Past ``PENDING_ADDS_HIGH`` waiting, the control stream's credit
+        is held back, so the client can send at most one more window of them; a client that still
+        piles up ``PENDING_ADDS_MAX`` is breaking the protocol."""
+        pending = self._pending_adds
+        if len(pending) >= PENDING_ADDS_MAX:
+            raise RemoteProtocolError(f"over {PENDING_ADDS_MAX} tunnel_add messages waiting")
+        pending.append(message)
+        if len(pending) > PENDING_ADDS_HIGH and self.control is not None:
+            self.control.hold_credit()
+        if self._adding is None:
+            self._adding = asyncio.get_running_loop().create_task(self._add_tunnels())
+            self.track(self._adding)
 
-    async def _add_tunnel_locked(self, message: TunnelAdd) -> None:
+    async def _add_tunnels(self) -> None:
+        pending = self._pending_adds
+        try:
+            while pending and self.ready:
+                message = pending.popleft()
+                if len(pending) <= PENDING_ADDS_HIGH // 2 and self.control is not None:
+                    self.control.release_credit()
+                await self._add_tunnel(message)
+        finally:
+            self._adding = None
+
+    async def _add_tunnel(self, message: TunnelAdd) -> None:
         spec = message.tunnel
         server = self.server
         problem = tunnel_problem(spec)
@@ -369,8 +410,7 @@ class ClientSession:
         """Tell relayc why a tunnel is refused, remember it for the dashboard, log it (the first few
         per session one by one, then one line per burst: a client cannot flood the log)."""
         self._remember_refusal(name, reason)
-        self._refusals_logged += 1
-        if self._refusals_logged <= REFUSALS_LOGGED_EACH:
+        if self.server.count_refusal_log(self.name) <= REFUSALS_LOGGED_EACH:
             log.warning("client %s tunnel %s refused: %s", self.name, name, reason)
         else:
             self.server.burst_log.warning(f"tunnel-refused:{self.name}", "client %s tunnel %s refused: %s",
@@ -385,13 +425,19 @@ class ClientSession:
             del refusals[next(iter(refusals))]
 
     def _on_push_refused(self, message: TunnelPushRefused) -> None:
-        if not self.server.is_pushed(self.name, message.name):
+        if message.name not in self.pushed:
             return  # not a tunnel relayd pushed to this client: nothing to remember
         log.warning("client %s refused pushed tunnel %s: %s", self.name, message.name, message.error)
         self._remember_refusal(message.name, message.error)
 
+    def push(self, spec: TunnelSpec) -> None:
+        """Offer relayc a dashboard tunnel (it answers with tunnel_add or tunnel_push_refused)."""
+        self.pushed.add(spec.name)
+        self.send(TunnelPush(tunnel=spec))
+
     def unpush(self, name: str) -> None:
         """A dashboard tunnel was deleted or disabled: close it here and tell relayc."""
+        self.pushed.discard(name)
         self.refusals.pop(name, None)
         tunnel = self.tunnels.pop(name, None)
         if tunnel is not None:
@@ -405,7 +451,26 @@ class ClientSession:
 
     def track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # a bug, not the peer's doing: say so, and drop this session rather than leave it half-done
+            log.error("client %s: internal error", self.name or self.remote_addr, exc_info=task.exception())
+            self.mux.close(GoAwayCode.INTERNAL_ERROR)
+
+    def end(self, code: int) -> None:
+        """Close this session now for relayd's own reasons (replaced, kicked): nothing it still
+        has in flight may land after this."""
+        if self.state is SessionState.CLOSED:
+            return
+        self.state = SessionState.FAILED
+        self._pending_adds.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        self.release_tunnels()
+        self.mux.close(code)
 
     def cancel_handshake_timer(self) -> None:
         if self._handshake_timer is not None:
@@ -449,7 +514,7 @@ def tunnel_problem(spec: TunnelSpec) -> str | None:
     except ValueError as exc:
         return f"tunnel {spec.name!r}: {exc}"
     problem = tunnel_kind_problem(spec.kind, spec)
-    return f"tunnel {spec.name!r}: {problem}" if problem else None
+    return f"tunnel {spec.name!r}: {problem[0]}: {problem[1]}" if problem else None
 
 
 class Relayd:
@@ -479,6 +544,7 @@ class Relayd:
         self.tls_context: ssl.SSLContext | None = None
         self.store: Store | None = Store(self.state_dir / "relayd.db") if config.dashboard is not None else None
         self._traffic_seen: dict[tuple[str, str], tuple[int, int]] = {}
+        self._refusal_logs: dict[str, int] = {}  # client name -> refusals logged one by one
         self.dashboard: Any = None
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -496,10 +562,19 @@ class Relayd:
                 return str(row["token"]) if row["enabled"] else None
         return self.config.auth.token or None
 
-    @property
     def refusals(self) -> dict[tuple[str, str], str]:
-        """Why each refused tunnel of a connected client is not active: (client, tunnel) -> reason."""
+        """Why each refused tunnel of a connected client is not active: (client, tunnel) -> reason.
+        Built on each call: call it once per view."""
         return {(name, t): why for name, s in self.sessions.items() for t, why in s.refusals.items()}
+
+    def count_refusal_log(self, client: str) -> int:
+        """How many tunnel refusals of ``client`` were logged one by one so far (this one included)."""
+        counts = self._refusal_logs
+        n = counts.pop(client, 0) + 1
+        counts[client] = n
+        if len(counts) > 1024:  # names come from peers: keep the most recent ones only
+            del counts[next(iter(counts))]
+        return n
 
     # --- dashboard support ----------------------------------------------------------------------
 
@@ -511,28 +586,24 @@ class Relayd:
             self.store.touch_client(session.name, session.remote_addr, session.version)
         for row in self.store.tunnels(session.name):
             if row["enabled"]:
-                session.send(TunnelPush(tunnel=spec_of(row)))
+                session.push(spec_of(row))
 
     def push_tunnel(self, row: dict[str, Any]) -> None:
         session = self.sessions.get(row["client"])
         if session is not None and session.ready:
-            session.send(TunnelPush(tunnel=spec_of(row)))
+            session.push(spec_of(row))
 
     def unpush_tunnel(self, client: str, name: str) -> None:
         session = self.sessions.get(client)
         if session is not None:
             session.unpush(name)
 
-    def is_pushed(self, client: str, name: str) -> bool:
-        """Whether ``name`` is a dashboard tunnel of ``client`` (one relayd pushes to it)."""
-        return self.store is not None and self.store.tunnel(client, name) is not None
-
     def kick(self, client: str) -> bool:
         session = self.sessions.get(client)
         if session is None:
             return False
         log.info("client %s: kicked by the operator", client)
-        session.mux.close(GoAwayCode.KICKED)
+        session.end(GoAwayCode.KICKED)
         return True
 
     def pending_traffic(self) -> tuple[list[tuple[str, str, int, int]], dict[tuple[str, str], tuple[int, int]]]:
@@ -672,7 +743,7 @@ class Relayd:
             return None
         limits = self.config.limits
         session = ClientSession(self)
-        per_ip = self._preauth.setdefault(addr, {})
+        per_ip = self._preauth.setdefault(address_key(addr), {})
         per_ip[session] = None
         self._preauth_all[session] = None
         if len(per_ip) > limits.max_preauth_per_ip:
@@ -692,11 +763,12 @@ class Relayd:
     def left_preauth(self, session: ClientSession) -> None:
         """The session logged in or closed: it no longer counts against the pre-login caps."""
         self._preauth_all.pop(session, None)
-        per_ip = self._preauth.get(session.remote_addr)
+        key = address_key(session.remote_addr)
+        per_ip = self._preauth.get(key)
         if per_ip is not None:
             per_ip.pop(session, None)
             if not per_ip:
-                del self._preauth[session.remote_addr]
+                del self._preauth[key]
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop accepting, tell every client GO_AWAY, let open streams finish for ``grace`` s."""
@@ -743,7 +815,7 @@ class Relayd:
 
     def release_tunnel(self, tunnel: PublicTunnel, client_gone: bool) -> None:
         if tunnel.spec.kind == "tcp":
-            self.ports.release(tunnel)
+            self.ports.release(tunnel, client_gone)
         else:
             self.vhosts.remove(tunnel, client_gone, time.monotonic())
             tunnel.close()
@@ -760,8 +832,7 @@ class Relayd:
                 session.remote_addr,
                 old.remote_addr,
             )
-            old.release_tunnels()
-            old.mux.close(GoAwayCode.REPLACED)
+            old.end(GoAwayCode.REPLACED)
         self.sessions[session.name] = session
 
     def session_closed(self, session: ClientSession) -> None:

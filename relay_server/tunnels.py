@@ -7,8 +7,10 @@ import bisect
 import enum
 import logging
 import random
+import time
 from typing import TYPE_CHECKING, cast
 
+from relay_server.holds import HOLD_SECONDS, RECLAIM_SECONDS, OfflineHolds
 from shared.aio import StreamBridge, TrafficCounters
 from shared.config import PortRanges
 from shared.errors import LocalProtocolError
@@ -177,7 +179,8 @@ class PortPolicy:
 
     Every operation costs O(1) in the number of ports held (a client registering N tunnels costs
     O(N) in total), and choosing a free port for ``remote_port = 0`` probes random allowed ports
-    instead of listing the whole range.
+    instead of listing the whole range.  The ports of a client that went offline stay reserved for
+    it (``holds``), so no other client takes them during a network blip of the lab.
     """
 
     def __init__(self, allowed: PortRanges, max_per_client: int) -> None:
@@ -185,6 +188,7 @@ class PortPolicy:
         self.max_per_client = max_per_client
         self.holders: dict[int, PublicTunnel] = {}
         self._count: dict[str, int] = {}  # client name -> ports held
+        self.holds: OfflineHolds[int] = OfflineHolds(HOLD_SECONDS, RECLAIM_SECONDS)
         self._starts: list[int] = []  # index of each range's first port in the allowed set
         total = 0
         for lo, hi in allowed.ranges:
@@ -195,7 +199,7 @@ class PortPolicy:
     def count_for(self, client_name: str) -> int:
         return self._count.get(client_name, 0)
 
-    def check(self, client_name: str, port: int) -> None:
+    def check(self, client_name: str, port: int, now: float) -> None:
         if self.max_per_client and self.count_for(client_name) >= self.max_per_client:
             raise TunnelRefused(
                 f"client {client_name!r} already holds max_ports_per_client={self.max_per_client} ports"
@@ -207,10 +211,18 @@ class PortPolicy:
         holder = self.holders.get(port)
         if holder is not None:
             raise TunnelRefused(f"port {port} is already used by client {holder.client.name!r} tunnel {holder.name!r}")
+        held_for = self.holds.holder(port, now)
+        if held_for is not None and held_for != client_name:
+            raise TunnelRefused(f"port {port} belongs to client {held_for!r} (offline; reserved for it)")
+
+    def _taken(self, port: int, client_name: str, now: float) -> bool:
+        """Held by a tunnel, or reserved for another (offline) client."""
+        return port in self.holders or self.holds.holder(port, now) not in (None, client_name)
 
     async def bind(self, tunnel: PublicTunnel, host: str, port: int) -> None:
         """Bind ``tunnel`` to ``port``, or to a free allowed port when ``port`` is 0."""
-        self.check(tunnel.client.name, port)
+        name = tunnel.client.name
+        self.check(name, port, time.monotonic())
         if port:
             try:
                 await tunnel.listen(host, port)
@@ -219,11 +231,11 @@ class PortPolicy:
         else:
             await self._bind_any(tunnel, host)
         # the await above let other clients in: check again before taking the port
-        if tunnel.port in self.holders:
+        if self._taken(tunnel.port, name, time.monotonic()):
             tunnel.close()
             raise TunnelRefused(f"port {tunnel.port} was taken meanwhile; try again")
         self.holders[tunnel.port] = tunnel
-        name = tunnel.client.name
+        self.holds.release(tunnel.port)
         self._count[name] = self._count.get(name, 0) + 1
 
     def _nth_allowed(self, index: int) -> int:
@@ -231,9 +243,13 @@ class PortPolicy:
         return self.allowed.ranges[i][0] + index - self._starts[i]
 
     async def _bind_any(self, tunnel: PublicTunnel, host: str) -> None:
+        name = tunnel.client.name
         if self._size >= 64511:  # the default 1024-65535: let the OS pick
-            await tunnel.listen(host, 0)
-            if tunnel.port in self.allowed and tunnel.port not in self.holders:
+            try:
+                await tunnel.listen(host, 0)
+            except OSError as exc:
+                raise TunnelRefused(f"cannot listen on {host}: {exc.strerror or exc}") from None
+            if tunnel.port in self.allowed and not self._taken(tunnel.port, name, time.monotonic()):
                 return
             tunnel.close()
         tried: set[int] = set()
@@ -241,7 +257,7 @@ class PortPolicy:
             if len(tried) >= min(_BIND_ATTEMPTS, self._size):
                 break
             port = self._nth_allowed(random.randrange(self._size))
-            if port in tried or port in self.holders:
+            if port in tried or self._taken(port, name, time.monotonic()):
                 tried.add(port)
                 continue
             tried.add(port)
@@ -256,7 +272,7 @@ class PortPolicy:
             if len(tried) >= _BIND_ATTEMPTS * 2:
                 break
             port = self._nth_allowed((start + i) % self._size)
-            if port in tried or port in self.holders:
+            if port in tried or self._taken(port, name, time.monotonic()):
                 continue
             tried.add(port)
             try:
@@ -266,10 +282,14 @@ class PortPolicy:
                 continue
         raise TunnelRefused(f"no free port found in allow_ports ({self.allowed.text}) after {len(tried)} tries")
 
-    def release(self, tunnel: PublicTunnel) -> None:
+    def release(self, tunnel: PublicTunnel, client_gone: bool) -> None:
+        """Close the tunnel's listener and free its port: at once when the tunnel was removed or
+        replaced, reserved for its client when the client went away."""
         if self.holders.get(tunnel.port) is tunnel:
             del self.holders[tunnel.port]
             name = tunnel.client.name
+            if client_gone:
+                self.holds.hold(tunnel.port, name, time.monotonic())
             left = self._count.get(name, 0) - 1
             if left > 0:
                 self._count[name] = left

@@ -5,8 +5,8 @@ Domains.  A domain (a tunnel's ``subdomain`` under ``subdomain_host``, or one of
 claimed it first: no other client can register anything on it, no location on http and nothing on
 https.  The owner may split its domain between its own http tunnels by ``locations`` (the longest
 matching prefix wins; locations and request paths are compared normalized).  When the owner goes
-offline its domains stay reserved for it (``DOMAIN_HOLD`` seconds), and when it comes back they are
-released ``DOMAIN_RECLAIM`` seconds after its login unless it claimed them again: a hostile client
+offline its domains stay reserved for it (``holds.HOLD_SECONDS``), and when it comes back they are
+released ``holds.RECLAIM_SECONDS`` after its login unless it claimed them again: a hostile client
 cannot grab a lab's domain during a network blip.  Every claim and release costs time in the
 number of the tunnel's own routes, never in the number of routes relayd holds.
 
@@ -28,12 +28,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import bisect
 import hmac
 import html
 import logging
 import time
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, cast
 
+from relay_server.holds import HOLD_SECONDS, RECLAIM_SECONDS, OfflineHolds
 from relay_server.http1 import (
     AnswerStatusReader,
     Body,
@@ -52,11 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# How long an offline client's domains stay reserved for it, and how long after it logs in again
-# the ones it does not claim back are released.
-DOMAIN_HOLD: Final = 3600.0
-DOMAIN_RECLAIM: Final = 60.0
-MAX_HELD_DOMAINS: Final = 10_000
 
 _STATUS_TEXT = {
     400: "Bad Request",
@@ -92,17 +89,17 @@ def host_of(value: str) -> str:
 
 
 class DomainClaim:
-    """One domain: its owner, its http routes (location -> tunnel), its https tunnel."""
+    """One domain with at least one tunnel on it: its owner, its http routes (location ->
+    tunnel), its https tunnel."""
 
-    __slots__ = ("held_until", "http", "https", "lengths", "offline_since", "owner")
+    __slots__ = ("http", "https", "length_count", "lengths", "owner")
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
         self.http: dict[str, PublicTunnel] = {}
-        self.lengths: dict[int, int] = {}  # location length -> how many locations have it
+        self.lengths: list[int] = []  # distinct location lengths negated, so longest first (<= 1024)
+        self.length_count: dict[int, int] = {}  # location length -> how many locations have it
         self.https: PublicTunnel | None = None
-        self.held_until = 0.0  # while no tunnel is on it: reserved for the owner until then
-        self.offline_since = 0.0  # wall time the owner went offline, for the 502 page
 
     @property
     def empty(self) -> bool:
@@ -111,13 +108,31 @@ class DomainClaim:
     def match(self, path: str) -> PublicTunnel | None:
         """The tunnel whose location is the longest prefix of ``path`` (a normalized path)."""
         http = self.http
-        if len(self.lengths) == 1 and "/" in http:  # the usual: one tunnel on the whole domain
-            return http["/"]
-        for n in sorted(self.lengths, reverse=True):
+        for negated in self.lengths:
+            n = -negated
             tunnel = http.get(path[:n]) if len(path) >= n else None
             if tunnel is not None:
                 return tunnel
         return None
+
+    def add_location(self, location: str, tunnel: PublicTunnel) -> None:
+        if location not in self.http:
+            n = len(location)
+            count = self.length_count.get(n, 0)
+            self.length_count[n] = count + 1
+            if not count:
+                bisect.insort(self.lengths, -n)  # stored negated: longest first
+        self.http[location] = tunnel
+
+    def remove_location(self, location: str) -> None:
+        del self.http[location]
+        n = len(location)
+        count = self.length_count[n] - 1
+        if count:
+            self.length_count[n] = count
+        else:
+            del self.length_count[n]
+            self.lengths.remove(-n)
 
 
 class VhostRouter:
@@ -126,7 +141,7 @@ class VhostRouter:
     def __init__(self, subdomain_host: str) -> None:
         self.subdomain_host = subdomain_host
         self.domains: dict[str, DomainClaim] = {}
-        self._held: dict[str, None] = {}  # domains reserved for an offline owner, oldest first
+        self.holds: OfflineHolds[str] = OfflineHolds(HOLD_SECONDS, RECLAIM_SECONDS)
 
     def domains_of(self, tunnel: PublicTunnel) -> list[str]:
         spec = tunnel.spec
@@ -148,12 +163,12 @@ class VhostRouter:
         for d in domains:
             claim = self.domains.get(d)
             if claim is None:
+                held_for = self.holds.holder(d, now)
+                if held_for is not None and held_for != owner:
+                    raise TunnelRefused(f"domain {d} belongs to client {held_for!r} (offline; reserved for it)")
                 continue
-            if claim.owner != owner and (not claim.empty or claim.held_until > now):
-                raise TunnelRefused(f"domain {d} belongs to client {claim.owner!r}"
-                                    + (" (offline; reserved for it)" if claim.empty else ""))  # fmt: skip
             if claim.owner != owner:
-                continue  # an expired reservation: it is taken over below
+                raise TunnelRefused(f"domain {d} belongs to client {claim.owner!r}")
             if https:
                 if claim.https is not None and claim.https is not tunnel:
                     raise TunnelRefused(f"domain {d} is already used by tunnel {claim.https.name!r}")
@@ -164,16 +179,14 @@ class VhostRouter:
                         raise TunnelRefused(f"domain {d} location {loc} is already used by tunnel {holder.name!r}")
         for d in domains:
             claim = self.domains.get(d)
-            if claim is None or claim.owner != owner:
+            if claim is None:
                 claim = self.domains[d] = DomainClaim(owner)
-            self._held.pop(d, None)
-            claim.held_until = 0.0
+                self.holds.release(d)
             if https:
                 claim.https = tunnel
             else:
                 for loc in locations:
-                    claim.http[loc] = tunnel
-                    claim.lengths[len(loc)] = claim.lengths.get(len(loc), 0) + 1
+                    claim.add_location(loc, tunnel)
         tunnel.routes = [(d, tuple(locations)) for d in domains]
         return domains
 
@@ -191,50 +204,28 @@ class VhostRouter:
             else:
                 for loc in locations:
                     if claim.http.get(loc) is tunnel:
-                        del claim.http[loc]
-                        left = claim.lengths[len(loc)] - 1
-                        if left:
-                            claim.lengths[len(loc)] = left
-                        else:
-                            del claim.lengths[len(loc)]
-            if not claim.empty:
-                continue
-            if client_gone:
-                claim.held_until = now + DOMAIN_HOLD
-                claim.offline_since = time.time()
-                self._held[d] = None
-                if len(self._held) > MAX_HELD_DOMAINS:
-                    self._release_held(next(iter(self._held)))
-            else:
+                        claim.remove_location(loc)
+            if claim.empty:
                 del self.domains[d]
-                self._held.pop(d, None)
+                if client_gone:
+                    self.holds.hold(d, claim.owner, now)
         tunnel.routes = []
 
     def owner_returned(self, owner: str, now: float) -> None:
         """``owner`` logged in again: what it does not claim back soon is released."""
-        for d in self._held:
-            claim = self.domains.get(d)
-            if claim is not None and claim.owner == owner:
-                claim.held_until = min(claim.held_until, now + DOMAIN_RECLAIM)
-
-    def _release_held(self, domain: str) -> None:
-        self._held.pop(domain, None)
-        claim = self.domains.get(domain)
-        if claim is not None and claim.empty:
-            del self.domains[domain]
+        self.holds.owner_returned(owner, now)
 
     def match_http(self, host: str, path: str) -> PublicTunnel | None:
         claim = self.domains.get(host)
-        return claim.match(path) if claim is not None and claim.http else None
+        return claim.match(path) if claim is not None else None
 
     def match_https(self, host: str) -> PublicTunnel | None:
         claim = self.domains.get(host)
         return claim.https if claim is not None else None
 
-    def offline_owner(self, host: str) -> str | None:
-        """The client whose domain ``host`` is, when it has no tunnel on it right now."""
-        claim = self.domains.get(host)
-        return claim.owner if claim is not None and claim.empty else None
+    def offline_owner(self, host: str, now: float) -> str | None:
+        """The client whose domain ``host`` is while it is offline (for the 502 page)."""
+        return self.holds.holder(host, now) if host not in self.domains else None
 
 
 def normalize_location(location: str) -> str:
@@ -356,10 +347,29 @@ class HttpVisitor(_VhostVisitor):
                     return
             if self._done:
                 return
-        if self.reader.head_in_progress:
-            self._arm_timer()
+        if self.tunnel is None or self.reader.head_in_progress:
+            self._arm_timer()  # until a first request is routed, or while a head trickles in
         else:
             self._cancel_timer()
+        if self.reader.more and not self._paused_local:
+            # the reader stopped after its share of work: go on in a later loop iteration, and
+            # read nothing more from the visitor meanwhile
+            self._paused_local = True
+            self._update_reading()
+            asyncio.get_running_loop().call_soon(self._parse_more)
+
+    def _parse_more(self) -> None:
+        self._paused_local = False
+        if self._done or self._switching:
+            return
+        try:
+            events = self.reader.feed(b"")
+        except HttpError as exc:
+            self._refuse(exc.status, exc.reason)
+            return
+        self._handle(events)
+        if not self._paused_local:
+            self._update_reading()
 
     def on_data(self, data: bytes | memoryview) -> None:
         answer = self._answer
@@ -404,7 +414,7 @@ class HttpVisitor(_VhostVisitor):
         host = host_of(host_header)
         tunnel = router.match_http(host, head.route_path)
         if tunnel is None:
-            client = router.offline_owner(host)
+            client = router.offline_owner(host, time.monotonic())
             if client is not None:
                 self._refuse(502, f"The tunnel for {host} is offline: its client {client} is not connected.")
             else:
@@ -494,6 +504,10 @@ def _basic_auth_ok(value: str | None, user: str, password: str) -> bool:
 
 class SniVisitor(_VhostVisitor):
     """One visitor connection on the HTTPS vhost port: routed by the ClientHello's server name."""
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._refuse(0, "")  # a TLS client: no HTTP page, just close
 
     __slots__ = ("_hello",)
 

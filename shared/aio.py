@@ -114,16 +114,24 @@ class MuxConnection(asyncio.Protocol):
         on_closed: Callable[[MuxConnection, BaseException | None], None] | None = None,
         on_connected: Callable[[MuxConnection, asyncio.Transport], bool] | None = None,
         label: str = "",
-        pause_reading_when_backed_up: bool = False,
+        reply_debt_limit: int = 0,
+        send_backlog_limit: int = 0,
     ) -> None:
         self.client = client
         self.label = label
-        # relayd: stop reading a peer while what we owe it is backed up (a peer that does not read
-        # must not make us queue PING answers, resets and replies without bound).  Only one side
-        # may do this: if both stopped reading while their writes were blocked, a busy connection
-        # would deadlock; relayc always reads, so relayd's backlog always drains.
-        self._pause_reading_when_backed_up = pause_reading_when_backed_up
+        # relayd's bounds on what a peer can make it hold (0 = none, as on relayc):
+        # * reply_debt_limit: while our writes are blocked, a peer that keeps provoking replies
+        #   (PINGs, streams we refuse) past this many queued bytes is not read until they drained.
+        #   Only replies count: a connection whose buffer is full of visitor data keeps being
+        #   read, so the other direction, credit and PING answers flow on (and two ends that both
+        #   stopped reading while blocked could never unblock).
+        # * send_backlog_limit: when the bytes waiting for the peer's credit on all streams
+        #   together pass it, every stream stops its input until the backlog is under half.
+        self._reply_debt_limit = reply_debt_limit
+        self._send_backlog_limit = send_backlog_limit
         self._reading_paused = False
+        self._backlog_paused = False
+        self._inputs_paused = False
         # When non-zero, the most the connection may owe the peer (queued in the session plus
         # buffered in the transport) after a read; over it the peer is dropped (before login).
         self.output_limit = 0
@@ -163,6 +171,8 @@ class MuxConnection(asyncio.Protocol):
         session = self.session
         if session is None or session.closed:
             return
+        if self._ping_waiters:
+            self._wake_ping_waiters(True)  # any bytes from the peer show it is alive
         try:
             events = session.receive_data(data, self._loop.time())
         except RemoteProtocolError as exc:
@@ -203,6 +213,12 @@ class MuxConnection(asyncio.Protocol):
             if session.closed:
                 break
         self._flush()
+        if session.input_held and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True  # replies the peer provoked are backed up: stop reading it
+            self.transport.pause_reading()
+        if self._backlog_paused and session.send_buffered_total <= self._send_backlog_limit // 2:
+            self._backlog_paused = False
+            self._update_inputs()
         if self.output_limit and self.transport is not None:
             owed = self.transport.get_write_buffer_size() + session.pending_output()
             if owed > self.output_limit:
@@ -215,22 +231,37 @@ class MuxConnection(asyncio.Protocol):
         # Frames stay queued in the session (as views of the bytes already read) instead of piling
         # up as ciphertext in the transport: no buffer churn, no bufferbloat.
         self._write_paused = True
-        if self._pause_reading_when_backed_up and not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
-        for h in list(self._handlers.values()):
-            h.pause_input()
+        if self.session is not None:
+            self.session.reply_debt_limit = self._reply_debt_limit
+        self._update_inputs()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        session = self.session
+        if session is not None:
+            session.reply_debt_limit = 0
         self._flush()
         if self._write_paused:  # the flush filled the transport again
             return
         if self._reading_paused and self.transport is not None and not self.transport.is_closing():
             self._reading_paused = False
             self.transport.resume_reading()
+            if session is not None and session.has_input_buffered:
+                self.data_received(b"")  # the input held back while our replies were queued
+        self._update_inputs()
+
+    def _update_inputs(self) -> None:
+        """Pause or resume every stream's input when the reasons to pause (our writes blocked, or
+        too much waiting for the peer's credit) come or go."""
+        want = self._write_paused or self._backlog_paused
+        if want == self._inputs_paused:
+            return
+        self._inputs_paused = want
         for h in list(self._handlers.values()):
-            h.resume_input()
+            if want:
+                h.pause_input()
+            else:
+                h.resume_input()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._timer is not None:
@@ -261,6 +292,12 @@ class MuxConnection(asyncio.Protocol):
         return self._write_paused
 
     @property
+    def inputs_paused(self) -> bool:
+        """Stream handlers should not read their sockets now (our writes are blocked, or too much
+        waits for the peer's credit)."""
+        return self._inputs_paused
+
+    @property
     def stream_count(self) -> int:
         return len(self._handlers)
 
@@ -282,6 +319,13 @@ class MuxConnection(asyncio.Protocol):
             return False
         pending = session.send_data(stream_id, data)
         self._schedule_flush()
+        if (
+            self._send_backlog_limit
+            and not self._backlog_paused
+            and session.send_buffered_total > self._send_backlog_limit
+        ):
+            self._backlog_paused = True
+            self._update_inputs()
         return pending > SEND_BUFFER_HIGH
 
     def end(self, stream_id: int) -> None:
@@ -418,6 +462,7 @@ class StreamBridge(asyncio.Protocol):
         "_done",
         "_fin_received",
         "_fin_sent",
+        "_paused_local",
         "_paused_rate",
         "_paused_session",
         "_paused_window",
@@ -441,8 +486,9 @@ class StreamBridge(asyncio.Protocol):
         self._unacked = 0
         self._write_paused = False
         self._paused_window = False
-        self._paused_session = mux.write_paused if mux is not None else False
+        self._paused_session = mux.inputs_paused if mux is not None else False
         self._paused_rate = False
+        self._paused_local = False  # a subclass's own reason (say, a parser with a backlog)
         self.buckets: tuple[TokenBucket, ...] = ()  # bandwidth limits (tunnel, client), both directions
         self._reading_paused = False
         self._fin_sent = False
@@ -554,7 +600,7 @@ class StreamBridge(asyncio.Protocol):
         it starts paused if that session's connection is backed up right now."""
         self.mux = mux
         self.stream_id = stream_id
-        self._paused_session = mux.write_paused
+        self._paused_session = mux.inputs_paused
         self._update_reading()
 
     def resume_input(self) -> None:
@@ -602,7 +648,7 @@ class StreamBridge(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        want_pause = self._paused_window or self._paused_session or self._paused_rate
+        want_pause = self._paused_window or self._paused_session or self._paused_rate or self._paused_local
         if want_pause and not self._reading_paused:
             self._reading_paused = True
             transport.pause_reading()
@@ -634,8 +680,9 @@ class TrafficCounters:
 class ControlChannel:
     """The stream handler of the control stream (id 1): length-prefixed JSON messages both ways.
 
-    Credit is returned as soon as bytes are decoded; the decoder refuses any message over
-    ``MAX_MESSAGE_SIZE``, so a peer cannot make us buffer more than that here.
+    Credit is returned as soon as bytes are decoded (unless the owner holds it back while it is
+    behind, ``hold_credit``); the decoder refuses any message over ``MAX_MESSAGE_SIZE``, so a peer
+    cannot make us buffer more than that here.
     """
 
     def __init__(
@@ -649,6 +696,7 @@ class ControlChannel:
         self.stream_id = 0
         self.max_queued = max_queued  # 0: unbounded (relayc, whose peer is relayd)
         self._decoder = MessageDecoder()
+        self._held: int | None = None  # while the owner is behind: bytes whose credit is held back
         self._on_message = on_message
         self._on_closed = on_closed
 
@@ -665,8 +713,22 @@ class ControlChannel:
                 )
             )
 
+    def hold_credit(self) -> None:
+        """The owner is behind with the messages it got: stop returning credit, so the peer can
+        send at most one more window of them."""
+        if self._held is None:
+            self._held = 0
+
+    def release_credit(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self.mux.consume(self.stream_id, held)
+
     def on_data(self, data: bytes | memoryview) -> None:
-        self.mux.consume(self.stream_id, len(data))
+        if self._held is None:
+            self.mux.consume(self.stream_id, len(data))
+        else:
+            self._held += len(data)
         try:
             messages = self._decoder.feed(data)
         except RemoteProtocolError as exc:

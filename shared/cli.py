@@ -75,7 +75,11 @@ def tune_malloc() -> None:
 # chose (client and tunnel names, hosts, reasons); a newline from the network must never start a
 # fake log line, and an escape sequence must never reach an operator's terminal.
 _CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
-_CONTROL_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})  # line and paragraph separators
+# line and paragraph separators (str.splitlines() splits on them), and the invisible format
+# characters that reorder or hide text on a terminal (bidi overrides and isolates, zero widths)
+_CONTROL_ESCAPES.update({c: f"\\u{c:04x}" for c in [0x2028, 0x2029, 0x061C, 0x200B, 0x200C, 0x200D, 0x200E,
+                                                      0x200F, *range(0x202A, 0x202F), 0x2060,
+                                                      *range(0x2066, 0x206A), 0xFEFF]})  # fmt: skip
 _CONTROL_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"})
 
 

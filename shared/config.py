@@ -26,30 +26,32 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 EXAMPLE_TOKENS = frozenset({"example-token-change-me", "change-me", "token", "secret", "..."})
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Matched with fullmatch: "$" would also accept a trailing newline.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def check_name(value: str) -> str:
     """A client or tunnel name (the same rule in config files and the dashboard API)."""
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):
         raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return value
 
 
 def check_label(value: str) -> str:
     """A subdomain: one DNS label, lowercased; "" stays "" (no subdomain)."""
-    v = value.lower()
-    if v and not _LABEL_RE.match(v):
+    v = value.lower() if value.isascii() else "-"
+    if value and not _LABEL_RE.fullmatch(v):
         raise ValueError("must be one DNS label: letters, digits and '-' (e.g. \"jupyter\")")
     return v
 
 
 def check_domain(value: str) -> str:
     """A host name, lowercased; ValueError naming the problem otherwise."""
-    v = value.strip().lower().rstrip(".")
+    v = value.lower() if value.isascii() else ""  # lower() would turn some non-ASCII into ASCII
+    v = v[:-1] if v.endswith(".") else v  # one trailing dot: the same name, fully qualified
     labels = v.split(".")
-    if not v or len(v) > 253 or not all(_LABEL_RE.match(label) for label in labels):
+    if not v or len(v) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels):
         raise ValueError(f"{value!r} is not a valid domain name")
     return v
 
@@ -68,7 +70,7 @@ def check_sources(value: list[str]) -> list[str]:
     return value
 
 
-_LOCATION_RE = re.compile(r"^/[\x21-\x7e]*$")
+_LOCATION_RE = re.compile(r"/[\x21-\x7e]*")
 
 
 def check_locations(value: list[str]) -> list[str]:
@@ -77,15 +79,18 @@ def check_locations(value: list[str]) -> list[str]:
     for loc in value:
         if not loc.startswith("/"):
             raise ValueError(f"{loc!r} must start with '/'")
-        if not _LOCATION_RE.match(loc):
+        if not _LOCATION_RE.fullmatch(loc):
             raise ValueError(f"{loc!r} may hold only printable ASCII without spaces")
     return value
 
 
 def check_host_rewrite(value: str) -> str:
-    """``host_header_rewrite``: empty, or a host name or address with an optional port."""
+    """``host_header_rewrite``: empty, or a host name or address with an optional port, in ASCII
+    (it becomes a request header)."""
     if not value:
         return value
+    if not value.isascii() or not value.isprintable():
+        raise ValueError(f"{value!r} must be printable ASCII")
     host, port = value, ""
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")
@@ -419,31 +424,30 @@ def _check_dashboard(dash: DashboardConfig, path: str) -> None:
 def _check_tunnel_kind(t: TunnelConfig, key: str, path: str) -> None:
     problem = tunnel_kind_problem(t.type, t)
     if problem is not None:
-        name, _, reason = problem.partition(": ")
-        raise ConfigError(path, f"{key}.{name}", reason)
+        raise ConfigError(path, f"{key}.{problem[0]}", problem[1])
 
 
-def tunnel_kind_problem(kind: str, t: Any) -> str | None:
-    """``"key: reason"`` for a key that does not fit the tunnel's kind, or None.  Keys that belong
-    to one kind only are errors on the others (a typo'd type must not silently publish a port).
+def tunnel_kind_problem(kind: str, t: Any) -> tuple[str, str] | None:
+    """(key, reason) for a key that does not fit the tunnel's kind, or None.  Keys that belong to
+    one kind only are errors on the others (a typo'd type must not silently publish a port).
     ``t`` is a ``TunnelConfig`` or a wire ``TunnelSpec`` (same attribute names)."""
     http_only = {"locations": t.locations, "http_user": t.http_user, "http_password": t.http_password,
                  "host_header_rewrite": t.host_header_rewrite}  # fmt: skip
     if kind == "tcp":
         for name, value in {"subdomain": t.subdomain, "custom_domains": t.custom_domains, **http_only}.items():
             if value:
-                return f'{name}: only for http/https tunnels (this one is type "tcp")'
+                return name, 'only for http/https tunnels (this one is type "tcp")'
         return None
     if t.remote_port:
-        return f"remote_port: only for tcp tunnels; a {kind} tunnel is reached by its domain on relayd's vhost port"
+        return "remote_port", f"only for tcp tunnels; a {kind} tunnel is reached by its domain on relayd's vhost port"
     if not t.subdomain and not t.custom_domains:
-        return f"subdomain: a {kind} tunnel needs subdomain or custom_domains"
+        return "subdomain", f"a {kind} tunnel needs subdomain or custom_domains"
     if kind == "https":
         for name, value in http_only.items():
             if value:
-                return f"{name}: only for http tunnels (https is passed through untouched)"
+                return name, "only for http tunnels (https is passed through untouched)"
     if bool(t.http_user) != bool(t.http_password):
-        return "http_password: http_user and http_password must be given together"
+        return "http_password", "http_user and http_password must be given together"
     return None
 
 

@@ -230,6 +230,12 @@ class Session:
         self._session_recv_credit = INITIAL_SESSION_WINDOW
         self._session_to_return = 0
         self._session_blocked: dict[int, None] = {}
+        self._send_buffered_total = 0  # bytes waiting for credit, all streams together
+        # Replies the peer provoked (PING answers, resets of streams it may not open) that are
+        # still queued: a peer that keeps provoking them without reading is stopped, see
+        # ``reply_debt_limit``.
+        self._reply_debt = 0
+        self.reply_debt_limit = 0  # 0: no limit
         # keepalive
         self._last_received = now
         self._ping_sent_at: float | None = None
@@ -259,6 +265,22 @@ class Session:
         st = self._streams.get(stream_id)
         return st.send_buffered if st is not None else 0
 
+    @property
+    def send_buffered_total(self) -> int:
+        """Bytes queued on all streams waiting for credit (what a peer that withholds credit, or
+        does not read, makes this side hold)."""
+        return self._send_buffered_total
+
+    @property
+    def input_held(self) -> bool:
+        """Input was left unparsed because queued replies passed ``reply_debt_limit``: once the
+        output drained, call ``receive_data(b"", now)`` to go on (and stop reading meanwhile)."""
+        return bool(self._inbuf) and self.reply_debt_limit > 0 and self._reply_debt > self.reply_debt_limit
+
+    @property
+    def has_input_buffered(self) -> bool:
+        return bool(self._inbuf)
+
     def pending_output(self) -> int:
         """Bytes queued for the wire and not yet taken by ``data_to_send``.  O(pieces queued): for
         checks on connections that queue little (before login), not for the hot path."""
@@ -280,6 +302,7 @@ class Session:
             return b""
         data = b"".join(self._out)
         self._out.clear()
+        self._reply_debt = 0
         return data
 
     def data_to_send_list(self, limit: int = 0) -> list[bytes | memoryview]:
@@ -301,8 +324,10 @@ class Session:
                 out = out[:cut]
             else:
                 self._out = []
+                self._reply_debt = 0
         else:
             self._out = []
+            self._reply_debt = 0
         pieces: list[bytes | memoryview] = []
         small: list[bytes | memoryview] = []
         small_len = 0
@@ -400,6 +425,8 @@ class Session:
             self._check_known(stream_id)
             return
         self._send_rst(stream_id, code, st.syn_pending)
+        if st.ack_pending:  # refusing a stream the peer just opened: a reply it provoked
+            self._reply_debt += HEADER_LEN + 4
         self._forget(st)
         self._remember_discard(stream_id)
 
@@ -448,6 +475,7 @@ class Session:
         self.closed = True
         ids = list(self._streams)
         self._streams.clear()
+        self._send_buffered_total = 0
         self._session_blocked.clear()
         return ids
 
@@ -516,6 +544,8 @@ class Session:
             pos = PREFACE_LEN
         events = self._events
         streams = self._streams
+        if self.reply_debt_limit and self._reply_debt > self.reply_debt_limit:
+            return pos  # our replies are still queued: parse nothing more until they drained
         while pos < end:
             if self._frame_remaining:
                 take = min(self._frame_remaining, end - pos)
@@ -543,6 +573,8 @@ class Session:
                 code = _RST_CODE.unpack_from(mv, pos + HEADER_LEN)[0] if length else ResetCode.ABORTED
                 pos += HEADER_LEN + length
                 self._handle_rst(stream_id, flags, code, length)
+                if self.reply_debt_limit and self._reply_debt > self.reply_debt_limit:
+                    break
                 continue
             pos += HEADER_LEN
             if frame_type == FrameType.DATA and not flags and 0 < length <= end - pos:
@@ -572,6 +604,8 @@ class Session:
                 self._handle_ping(stream_id, flags, length)
             else:
                 self._handle_go_away(stream_id, length)
+            if self.reply_debt_limit and self._reply_debt > self.reply_debt_limit:
+                break  # the rest waits in _inbuf until our replies drained (see input_held)
         return pos
 
     def _check_preface(self, data: bytes) -> None:
@@ -685,6 +719,7 @@ class Session:
         if flags == Flag.SYN:
             if not self.closed:
                 self._out.append(frame_header(FrameType.PING, Flag.ACK, 0, value))
+                self._reply_debt += HEADER_LEN
         elif flags == Flag.ACK:
             if self._ping_sent_at is not None and value == self._ping_value:
                 rtt = max(0.0, self._last_received - self._ping_sent_at)
@@ -722,6 +757,7 @@ class Session:
         self._last_peer_id = stream_id
         if self.go_away_sent or len(self._streams) >= self.max_streams:
             self._send_rst(stream_id, ResetCode.REFUSED if not self.go_away_sent else ResetCode.SESSION_CLOSING)
+            self._reply_debt += HEADER_LEN + 4
             self._remember_discard(stream_id)
             return None
         st = _Stream(stream_id)
@@ -749,6 +785,7 @@ class Session:
             st.send_chunks = chunks = deque()
         chunks.append(data)
         st.send_buffered += len(data)
+        self._send_buffered_total += len(data)
 
     def _flush_stream(self, st: _Stream, notify: bool = False) -> None:
         out = self._out
@@ -758,6 +795,7 @@ class Session:
                 break
             n = min(st.send_credit, self._session_send_credit, MAX_FRAME_PAYLOAD, st.send_buffered)
             payload = self._take(st, n)
+            self._send_buffered_total -= n
             flags = self._opening_flags(st)
             if st.fin_pending and not st.send_buffered:
                 flags |= Flag.FIN
@@ -845,6 +883,7 @@ class Session:
             self._return_session_credit(st.recv_unconsumed)
             st.recv_unconsumed = 0
         st.send_chunks = None
+        self._send_buffered_total -= st.send_buffered
         st.send_buffered = 0
         if self._frame_stream is st:
             # the rest of the DATA frame being received is now for a dead stream

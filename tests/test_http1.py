@@ -824,3 +824,43 @@ def test_normalize_path_for_locations(location: str, normalized: str) -> None:
 def test_normalize_path_refuses(location: str) -> None:
     with pytest.raises(HttpError):
         http1.normalize_path(location)
+
+
+def drain(reader: RequestReader, data: bytes) -> tuple[list[Event], int]:
+    """Feed ``data`` whole, then go on with ``feed(b"")`` while the reader says there is more."""
+    events = reader.feed(data)
+    calls = 1
+    while reader.more:
+        events += reader.feed(b"")
+        calls += 1
+        assert calls < 10_000
+    return events, calls
+
+
+def test_work_per_feed_is_bounded_and_body_bytes_come_joined() -> None:
+    chunks = b"".join(b"1\r\nx\r\n" for _ in range(20_000)) + b"0\r\n\r\n"
+    head = b"POST /up HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+    reader = RequestReader()
+    first = reader.feed(head + chunks)
+    assert reader.more  # 60,000 parsing steps are not done in one call
+    assert sum(1 for e in first if isinstance(e, Body)) == 1  # joined: one write, not three per chunk
+    events, calls = drain(reader, b"")
+    assert calls > 100
+    body = b"".join(e.data for e in first + events if isinstance(e, Body))
+    assert body == chunks  # the framing is forwarded as it came
+
+
+def test_pipelined_requests_are_parsed_a_batch_per_call() -> None:
+    one = b"GET /x HTTP/1.1\r\nHost: a.example\r\n\r\n"
+    events, calls = drain(RequestReader(), one * 2000)
+    assert sum(1 for e in events if isinstance(e, RequestHead)) == 2000
+    assert calls >= 2000 // 256
+
+
+def test_endless_blank_lines_are_not_a_request() -> None:
+    reader = RequestReader()
+    reader.feed(b"\r\n\r\n")
+    with pytest.raises(HttpError) as err:
+        for _ in range(10):
+            reader.feed(b"\r\n")
+    assert err.value.status == 400

@@ -76,3 +76,31 @@ def test_proofs_bind_name_nonces_and_fingerprint() -> None:
         changed[i] = changed[i] + "x"
         assert not auth.proofs_equal(p, auth.client_proof("token", *changed))  # type: ignore[arg-type]
     assert auth.server_proof("token", *base) != p  # the server's proof cannot be replayed as the client's
+
+
+def test_a_flood_of_failures_from_elsewhere_does_not_lift_a_block() -> None:
+    g = LoginGuard(window=60, block_after=3, block_seconds=100, max_entries=50, names_to_block_address=2)
+    for name in ("a", "b", "c"):
+        g.record_failure("6.6.6.6", name, 0.0)
+    assert g.address_blocked_until("6.6.6.6", 1.0) is not None
+    for i in range(5000):
+        g.record_failure(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", "x", 1.0)
+    assert g.address_blocked_until("6.6.6.6", 2.0) is not None
+
+
+def test_ipv6_addresses_count_by_their_64() -> None:
+    g = LoginGuard(window=60, block_after=3, block_seconds=100, names_to_block_address=3)
+    for i, name in enumerate(("a", "b", "c")):
+        g.record_failure(f"2001:db8:1:2::{i + 1}", name, 0.0)  # three addresses of one host
+    assert g.address_blocked_until("2001:db8:1:2::ffff", 1.0) is not None
+    assert g.address_blocked_until("2001:db8:1:3::1", 1.0) is None  # another /64
+    assert [b.value for b in g.blocks(1.0, 0.0)] == ["2001:db8:1:2::/64"]
+    assert g.unblock(BlockKind.ADDRESS, "2001:db8:1:2::7")
+
+
+def test_a_sign_in_from_a_shared_address_does_not_wipe_a_guessers_record() -> None:
+    g = LoginGuard(BlockScope.DASHBOARD, window=600, block_after=5, block_seconds=50, names_to_block_address=1)
+    for t in range(4):
+        g.record_failure("127.0.0.1", "", float(t))
+        g.record_success("127.0.0.1", "")  # a scraper on the same address signs in fine
+    assert g.record_failure("127.0.0.1", "", 5.0).address_blocked

@@ -428,3 +428,47 @@ def test_random_well_formed_frames_never_crash(frames: list[tuple[int, int, int,
         s.data_to_send()
     except RemoteProtocolError:
         assert s.closed
+
+
+def test_a_peer_provoking_replies_it_does_not_read_is_held_back() -> None:
+    server = Session(False, 0.0)
+    server.receive_data(preface(), 0.0)
+    server.data_to_send()
+    server.reply_debt_limit = 1200  # set by the adapter while its writes are blocked
+    pings = b"".join(frame_header(FrameType.PING, Flag.SYN, 0, i) for i in range(1000))
+    opens = b"".join(frame_header(FrameType.DATA, Flag.SYN | Flag.FIN, i, 0) for i in range(3, 2003, 2))
+    server.receive_data(pings + opens, 0.0)
+    queued = server.pending_output()
+    assert 1200 < queued <= 1200 + 16  # parsing stopped right after the limit
+    assert server.input_held and server.has_input_buffered
+    # nothing is parsed while the replies are still queued
+    server.receive_data(b"", 0.0)
+    assert server.pending_output() == queued
+    # once they were written out, parsing goes on where it stopped
+    answered = 0
+    for _ in range(10_000):
+        out = server.data_to_send()
+        answered += out.count(frame_header(FrameType.PING, Flag.ACK, 0, 0)[:4])
+        if not server.has_input_buffered:
+            break
+        server.receive_data(b"", 0.0)
+    assert not server.has_input_buffered
+    server.reply_debt_limit = 0
+    assert answered >= 1000  # every PING answered, in bounded pieces
+
+
+def test_bytes_waiting_for_credit_are_counted_across_streams() -> None:
+    pair = Pair()
+    pair.server.auto_consume = False
+    ids = [pair.client.session.open_stream() for _ in range(3)]
+    pair.pump()
+    for sid in ids:
+        pair.client.session.send_data(sid, b"x" * (INITIAL_STREAM_WINDOW + 1000))
+    pair.pump()
+    assert pair.client.session.send_buffered_total == 3 * 1000
+    pair.client.session.reset_stream(ids[0])
+    assert pair.client.session.send_buffered_total == 2 * 1000
+    for sid in ids[1:]:
+        pair.server.session.consume(sid, INITIAL_STREAM_WINDOW)
+    pair.pump()
+    assert pair.client.session.send_buffered_total == 0

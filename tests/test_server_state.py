@@ -128,7 +128,7 @@ async def test_per_client_state_is_bounded_and_freed_when_the_client_leaves(rela
     assert len(relayd.burst_log) <= relayd.burst_log.max_keys
     client.close()
     await wait_for(lambda: "hostile" not in relayd.sessions, "the session ended")
-    assert relayd.refusals == {}
+    assert relayd.refusals() == {}
     assert not session.refusals and not session.tunnels
     assert relayd.ports.holders == {} and relayd.ports.count_for("hostile") == 0
     assert "tunnel-refused:hostile" not in relayd.burst_log._last

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+from relay_server.holds import HOLD_SECONDS as DOMAIN_HOLD
+from relay_server.holds import RECLAIM_SECONDS as DOMAIN_RECLAIM
 from relay_server.tunnels import TunnelRefused
-from relay_server.vhost import DOMAIN_HOLD, DOMAIN_RECLAIM, VhostRouter
+from relay_server.vhost import VhostRouter
 
 
 def tunnel(client: str, name: str, kind: str = "http", subdomain: str = "", domains: tuple[str, ...] = (),
@@ -67,7 +69,7 @@ def test_an_offline_owner_keeps_its_domain_for_a_while_then_releases_what_it_doe
     a = tunnel("alice", "web", subdomain="web")
     r.add(a, 0.0)
     r.remove(a, client_gone=True, now=10.0)  # alice's connection dropped
-    assert r.offline_owner("web.h") == "alice"
+    assert r.offline_owner("web.h", 15.0) == "alice"
     with pytest.raises(TunnelRefused, match="belongs to client 'alice' \\(offline"):
         r.add(tunnel("mallory", "grab", subdomain="web"), 20.0)
     r.add(tunnel("alice", "web", subdomain="web"), 30.0)  # alice is back
@@ -102,3 +104,22 @@ def test_claiming_and_releasing_n_tunnels_costs_linear_time() -> None:
     many = tunnel("c0", "many", subdomain="big", locations=tuple(f"/l{i}" for i in range(64)))
     r.add(many, 2.0)
     assert r.match_http("big.h", "/l63/x") is many
+
+
+def test_junk_claims_of_one_client_cannot_evict_another_clients_reservation() -> None:
+    r = VhostRouter("h")
+    lab = tunnel("lab", "nb", subdomain="jupyter")
+    r.add(lab, 0.0)
+    r.remove(lab, client_gone=True, now=1.0)  # the lab's network blips
+    for cycle in range(40):  # mallory registers and drops thousands of junk domains
+        junk = tunnel(f"mallory{cycle % 3}", "j", domains=tuple(f"j{cycle}-{i}.example" for i in range(64)))
+        r.add(junk, 2.0)
+        r.remove(junk, client_gone=True, now=2.0)
+    r.holds.max_total = 1000  # a small table: full, so holds must be evicted
+    for i in range(2000):
+        junk = tunnel("mallory0", "k", domains=(f"k{i}.example",))
+        r.add(junk, 3.0)
+        r.remove(junk, client_gone=True, now=3.0)
+    assert len(r.holds) <= 1000
+    with pytest.raises(TunnelRefused, match="belongs to client 'lab'"):
+        r.add(tunnel("mallory0", "grab", subdomain="jupyter"), 5.0)

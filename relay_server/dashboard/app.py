@@ -71,7 +71,7 @@ VALUE_MAX = 256  # a block's value: an address or a client name
 MAX_SINCE = 2**40  # /api/v1/traffic?since=: Unix seconds, far beyond any real date
 
 # The sign-in gate.
-HASH_THREADS = 2  # password hashes verified at once (each ~0.1 s of CPU in a worker thread)
+HASH_THREADS = 1  # password hashes verified at once (each ~0.1 s of CPU in a worker thread)
 GATE_IN_FLIGHT = 1024  # credential attempts held or waiting, all addresses together
 GATE_PER_ADDRESS = 64  # of which from one address
 OWED_ENTRIES = 10_000  # addresses whose next attempt must wait: the oldest are forgotten first
@@ -209,6 +209,11 @@ class AddressLocks:
             if slot.users == 0 and self._slots.get(addr) is slot:
                 del self._slots[addr]
 
+    def busy(self, addr: str) -> bool:
+        """An attempt from ``addr`` is being checked (or waits)."""
+        slot = self._slots.get(addr)
+        return slot is not None and slot.users > 0
+
     def __len__(self) -> int:
         return len(self._slots)
 
@@ -339,6 +344,10 @@ class Dashboard:
         after its own delay (the next attempt in line waits for the same moment)."""
         addr = self._peer(request)
         self._refuse_if_blocked(addr)
+        if addr in self._owed and self.locks.busy(addr):
+            # an address that failed recently gets one attempt at a time, not a queue of them
+            raise HTTPException(429, f"a sign-in from {addr} is being checked; after failed attempts one at a "
+                                     "time", headers={"Retry-After": "1"})  # fmt: skip
         async with self.locks.hold(addr):
             wait = self._owed.get(addr, 0.0) - time.monotonic()
             if wait > 0:
@@ -452,10 +461,10 @@ class Dashboard:
             user, password = form.get("user", [""])[0], form.get("password", [""])[0]
             try:
                 ok = await self._attempt(request, "form", lambda: self._password_ok(user, password))
-            except HTTPException as exc:  # blocked (429) or too busy (503): nothing was checked
+            except HTTPException as exc:  # blocked or one at a time (429), too busy (503): not checked
                 if exc.status_code not in (429, 503):
                     raise
-                ok = False
+                return RedirectResponse("/login?wait=1", status_code=303)
             if not ok:
                 return RedirectResponse("/login?failed=1", status_code=303)
             now = time.time()
@@ -704,6 +713,7 @@ class Dashboard:
         relayd = self.relayd
         assert self.store is not None
         rows = {(r["client"], r["name"]): r for r in self.store.tunnels()}
+        refusals = relayd.refusals()
         out: list[dict[str, Any]] = []
         seen: set[tuple[str, str]] = set()
         for cname, session in relayd.sessions.items():
@@ -724,8 +734,8 @@ class Dashboard:
                 continue
             if not r["enabled"]:
                 status = "disabled"
-            elif key in relayd.refusals:
-                status = f"refused: {relayd.refusals[key]}"
+            elif key in refusals:
+                status = f"refused: {refusals[key]}"
             elif r["client"] not in relayd.sessions:
                 status = "client offline"
             else:
@@ -737,7 +747,7 @@ class Dashboard:
                 "enabled": r["enabled"], "public": "", "bytes_in": 0, "bytes_out": 0, "conns_open": 0,
                 "conns_total": 0,
             })  # fmt: skip
-        for key, reason in relayd.refusals.items():
+        for key, reason in refusals.items():
             if key not in seen and key not in rows:
                 out.append({"client": key[0], "name": key[1], "type": "?", "local_ip": "", "local_port": 0,
                             "remote_port": 0, "subdomain": "", "custom_domains": [], "source": "client",
