@@ -94,8 +94,11 @@ log = logging.getLogger("relayd")
 CONTROL_STREAM_ID = 1
 # Before login a connection may owe its peer at most this much (answers it has not read).
 PRELOGIN_OUTPUT_LIMIT = 64 * 1024
-# Control messages waiting for credit a relayc withholds: over this it is disconnected.
-CONTROL_QUEUE_LIMIT = 256 * 1024
+# Control messages waiting for credit a relayc withholds: over this it is disconnected (replies to
+# its own tunnel_add wait for the queue to drain first, so only a client that withholds credit for
+# CONTROL_STALL_TIMEOUT, or floods the dashboard's pushes, gets there).
+CONTROL_QUEUE_LIMIT = 1024 * 1024
+CONTROL_STALL_TIMEOUT = 10.0
 # While relayd cannot write to a relayc: replies it provoked (PING answers, refused streams)
 # queued past this, and it is not read until they drained.
 REPLY_DEBT_LIMIT = 64 * 1024
@@ -168,6 +171,11 @@ class ClientSession:
     def ready(self) -> bool:
         return self.state is SessionState.READY
 
+    def backlog(self) -> int:
+        """Visitor bytes waiting for this client's credit, all its streams together."""
+        session = self.mux.session
+        return session.send_buffered_total if session is not None else 0
+
     def accepted(self, conn: socket.socket, addr: str) -> None:
         """The TCP connection was admitted: start the deadline for TLS plus login."""
         self.remote_addr = addr
@@ -191,6 +199,9 @@ class ClientSession:
             self.control = ControlChannel(mux, self._on_message, self._control_closed, max_queued=CONTROL_QUEUE_LIMIT)
             self.control.stream_id = stream_id
             return self.control
+        if not self.ready:  # before login only the control stream may exist
+            mux.fail(RemoteProtocolError(f"stream {stream_id} opened before login"))
+            return None
         # relayc may not open other streams: nothing on relayd is reachable through the tunnel.
         return None
 
@@ -366,6 +377,14 @@ class ClientSession:
         pending = self._pending_adds
         try:
             while pending and self.ready:
+                if self.control is not None:
+                    # relayc reads our answers slowly (or withholds credit): wait for them to go
+                    # out before making more, and give up on a client that never lets them
+                    try:
+                        await asyncio.wait_for(self.control.drained(), CONTROL_STALL_TIMEOUT)
+                    except asyncio.TimeoutError:
+                        self.mux.fail(RemoteProtocolError("the client does not read its control stream"))
+                        return
                 message = pending.popleft()
                 if len(pending) <= PENDING_ADDS_HIGH // 2 and self.control is not None:
                     self.control.release_credit()

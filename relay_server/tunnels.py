@@ -23,6 +23,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# Visitor bytes waiting for a client's credit past which its new visitors are turned away: its
+# visitors are already paused at 16 MiB (server.SEND_BACKLOG_LIMIT), but each new connection is
+# read once before it can be paused (uvloop starts reading as it accepts), so without this a
+# flood of new visitors could still add a read each.
+BUSY_BACKLOG = 64 * 1024 * 1024
+
+
 class TunnelRefused(Exception):
     """A tunnel registration that policy or the host refuses; the message is sent to relayc."""
 
@@ -33,6 +40,7 @@ class Refusal(enum.Enum):
     SOURCE = "source"  # not in allow_sources
     TUNNEL_FULL = "tunnel_full"  # max_connections of the tunnel
     CLIENT_FULL = "client_full"  # max_connections_per_client
+    CLIENT_BUSY = "client_busy"  # far more waits for the client's credit than it takes in
     OFFLINE = "offline"  # the client's session cannot take a new stream
 
     @property
@@ -100,6 +108,8 @@ class PublicTunnel:
         client_max = self.client.server.config.limits.max_connections_per_client
         if client_max and self.client.visitors_open >= client_max:
             return Refusal.CLIENT_FULL
+        if self.client.backlog() > BUSY_BACKLOG:
+            return Refusal.CLIENT_BUSY
         return None
 
     def refusal_text(self, refusal: Refusal, visitor_ip: str) -> str:
@@ -110,6 +120,8 @@ class PublicTunnel:
         if refusal is Refusal.CLIENT_FULL:
             limit = self.client.server.config.limits.max_connections_per_client
             return f"client {self.client.name} reached max_connections_per_client={limit}"
+        if refusal is Refusal.CLIENT_BUSY:
+            return f"client {self.client.name} is not taking in what its visitors send (try again later)"
         return f"client {self.client.name} is not connected"
 
     @property

@@ -40,6 +40,8 @@ from shared.mux import (
 log = logging.getLogger(__name__)
 # Bytes the connection's transport may hold before we stop producing frames for it.
 _TRANSPORT_HIGH = 1024 * 1024
+# Before login, bytes of replies (PING answers, refused streams) a peer may provoke in one read.
+_PRELOGIN_REPLIES = 1024
 _WRITE_SLICE = 256 * 1024
 T = TypeVar("T")
 
@@ -132,9 +134,11 @@ class MuxConnection(asyncio.Protocol):
         self._reading_paused = False
         self._backlog_paused = False
         self._inputs_paused = False
-        # When non-zero, the most the connection may owe the peer (queued in the session plus
-        # buffered in the transport) after a read; over it the peer is dropped (before login).
-        self.output_limit = 0
+        # When non-zero (before login), the most the connection may owe the peer (queued in the
+        # session plus buffered in the transport) after a read, and replies it may provoke are few:
+        # over either, the peer is dropped.
+        self._output_limit = 0
+        self._continue_scheduled = False
         self._ping_waiters: list[asyncio.Future[bool]] = []
         self._keepalive_timeout = keepalive_timeout
         self._on_stream_opened = on_stream_opened
@@ -164,6 +168,7 @@ class MuxConnection(asyncio.Protocol):
         set_nodelay(transport)
         transport.set_write_buffer_limits(high=_TRANSPORT_HIGH, low=_TRANSPORT_HIGH // 4)
         self.session = Session(self.client, self._loop.time(), keepalive_timeout=self._keepalive_timeout)
+        self._apply_reply_limit()
         self._arm_timer()
         self._flush()
 
@@ -213,39 +218,88 @@ class MuxConnection(asyncio.Protocol):
             if session.closed:
                 break
         self._flush()
-        if session.input_held and not self._reading_paused and self.transport is not None:
-            self._reading_paused = True  # replies the peer provoked are backed up: stop reading it
-            self.transport.pause_reading()
+        transport = self.transport
+        if transport is None or session.closed:
+            return
+        if self._output_limit:
+            owed = transport.get_write_buffer_size() + session.pending_output()
+            if owed > self._output_limit or session.input_held:
+                why = "floods control frames" if session.input_held else f"does not read ({owed} bytes owed)"
+                self._drop(RemoteProtocolError(f"peer {why} before login"))
+                return
+        if session.input_held:
+            if not self._reading_paused:
+                self._reading_paused = True  # replies the peer provoked are backed up: stop reading it
+                transport.pause_reading()
+        elif session.more_input and not self._continue_scheduled:
+            # a read full of tiny frames: go on in the next loop iteration, reading nothing meanwhile
+            self._continue_scheduled = True
+            if not self._reading_paused:
+                transport.pause_reading()
+            self._loop.call_soon(self._continue_input)
         if self._backlog_paused and session.send_buffered_total <= self._send_backlog_limit // 2:
             self._backlog_paused = False
             self._update_inputs()
-        if self.output_limit and self.transport is not None:
-            owed = self.transport.get_write_buffer_size() + session.pending_output()
-            if owed > self.output_limit:
-                self.error = RemoteProtocolError(f"peer does not read: {owed} bytes owed, over {self.output_limit}")
-                log.warning("%s: dropping the connection: %s", self.label or "session", self.error)
-                session.close()
-                self.transport.abort()
+
+    def _continue_input(self) -> None:
+        self._continue_scheduled = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.data_received(b"")
+        if not self._continue_scheduled and not self._reading_paused and not transport.is_closing():
+            transport.resume_reading()
+
+    def _drop(self, exc: RemoteProtocolError) -> None:
+        """Abort the connection at once (no goodbye: the peer is not reading anyway)."""
+        self.error = exc
+        log.warning("%s: dropping the connection: %s", self.label or "session", exc)
+        if self.session is not None:
+            self.session.close()
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def output_limit(self) -> int:
+        return self._output_limit
+
+    @output_limit.setter
+    def output_limit(self, value: int) -> None:
+        self._output_limit = value
+        self._apply_reply_limit()
+
+    def _apply_reply_limit(self) -> None:
+        """How many bytes of replies the peer may provoke before its input is held: few before
+        login (``_PRELOGIN_REPLIES``), ``reply_debt_limit`` while our writes are blocked, else no
+        limit (they are written out as they come)."""
+        session = self.session
+        if session is None:
+            return
+        if self._output_limit:
+            session.reply_debt_limit = min(_PRELOGIN_REPLIES, self._output_limit)
+        elif self._write_paused:
+            session.reply_debt_limit = self._reply_debt_limit
+        else:
+            session.reply_debt_limit = 0
 
     def pause_writing(self) -> None:
         # Frames stay queued in the session (as views of the bytes already read) instead of piling
         # up as ciphertext in the transport: no buffer churn, no bufferbloat.
         self._write_paused = True
-        if self.session is not None:
-            self.session.reply_debt_limit = self._reply_debt_limit
+        self._apply_reply_limit()
         self._update_inputs()
 
     def resume_writing(self) -> None:
         self._write_paused = False
         session = self.session
-        if session is not None:
-            session.reply_debt_limit = 0
+        self._apply_reply_limit()
         self._flush()
         if self._write_paused:  # the flush filled the transport again
             return
         if self._reading_paused and self.transport is not None and not self.transport.is_closing():
             self._reading_paused = False
-            self.transport.resume_reading()
+            if not self._continue_scheduled:
+                self.transport.resume_reading()
             if session is not None and session.has_input_buffered:
                 self.data_received(b"")  # the input held back while our replies were queued
         self._update_inputs()
@@ -391,10 +445,18 @@ class MuxConnection(asyncio.Protocol):
             self.transport.abort()
 
     def fail(self, exc: BaseException) -> None:
-        """The peer broke the protocol or timed out: send the GO_AWAY queued, close."""
+        """The peer broke the protocol or timed out: say GO_AWAY (the mux's own errors queued it
+        already), close.  Only the first failure counts (and is logged)."""
+        session = self.session
+        if self.error is not None and (session is None or session.closed):
+            return
         self.error = exc
         log.warning("%s: closing session: %s", self.label or "session", exc)
+        if session is not None and not session.closed:
+            session.go_away(exc.code if isinstance(exc, RemoteProtocolError) else GoAwayCode.INTERNAL_ERROR)
         self._flush(force=True)
+        if session is not None:
+            session.close()
         if self.transport is not None:
             self.transport.close()
             # A peer that does not read must not keep us around.
@@ -518,6 +580,10 @@ class StreamBridge(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._done:
             return
+        if self._reading_paused and self.transport is not None:
+            # uvloop ignores pause_reading() in connection_made (it starts reading right after):
+            # a bridge paused from its start gets one read anyway, and is paused for real here
+            self.transport.pause_reading()
         if self.counters is not None:
             self.counters.bytes_in += len(data)
         if self.mux.send(self.stream_id, data):
@@ -697,6 +763,7 @@ class ControlChannel:
         self.max_queued = max_queued  # 0: unbounded (relayc, whose peer is relayd)
         self._decoder = MessageDecoder()
         self._held: int | None = None  # while the owner is behind: bytes whose credit is held back
+        self._drained: asyncio.Event | None = None  # set while fewer than SEND_BUFFER_HIGH bytes wait
         self._on_message = on_message
         self._on_closed = on_closed
 
@@ -704,7 +771,9 @@ class ControlChannel:
         """Queue a message.  With ``max_queued``, a peer that leaves more than that waiting (it
         withholds credit on the control stream) is disconnected rather than fed."""
         mux = self.mux
-        mux.send(self.stream_id, encode_message(message))
+        backed_up = mux.send(self.stream_id, encode_message(message))
+        if backed_up and self._drained is not None:
+            self._drained.clear()
         if self.max_queued and mux.session is not None and mux.session.send_buffered(self.stream_id) > self.max_queued:
             mux.fail(
                 RemoteProtocolError(
@@ -712,6 +781,17 @@ class ControlChannel:
                     "the peer does not grant credit"
                 )
             )
+
+    async def drained(self) -> None:
+        """Return once fewer than ``SEND_BUFFER_HIGH`` bytes wait for the peer's credit (a producer
+        of replies waits here, so a peer that reads slowly slows it down instead of piling up)."""
+        session = self.mux.session
+        if session is None or session.send_buffered(self.stream_id) <= SEND_BUFFER_HIGH:
+            return
+        if self._drained is None:
+            self._drained = asyncio.Event()
+        self._drained.clear()
+        await self._drained.wait()
 
     def hold_credit(self) -> None:
         """The owner is behind with the messages it got: stop returning credit, so the peer can
@@ -744,7 +824,8 @@ class ControlChannel:
         self._on_closed()
 
     def on_writable(self) -> None:
-        """Control messages are small; nothing waits on the window here."""
+        if self._drained is not None:
+            self._drained.set()
 
     def pause_input(self) -> None:
         """Nothing to pause: control messages are produced by this program, not read from a socket."""

@@ -82,6 +82,10 @@ DEFAULT_KEEPALIVE_TIMEOUT: Final = 30.0
 SEND_BUFFER_HIGH: Final = 256 * 1024
 # How many reset/refused stream ids are remembered so late frames for them are dropped quietly.
 _DISCARD_MEMORY: Final = 4096
+# Frames other than whole flag-less DATA frames handled per receive_data call (a PING, a window
+# update, a stream opened or reset): 256 KiB of 12-byte frames is 21,000 of them, and each costs
+# a few microseconds, so a read full of them is handled over several calls.
+CONTROL_FRAMES_PER_CALL: Final = 1024
 
 _RST_CODE = struct.Struct("!I")
 _pack_header = HEADER.pack  # frame_header() minus a call, for the send fast path
@@ -214,7 +218,10 @@ class Session:
         self._streams: dict[int, _Stream] = {}
         self._next_local_id = 1 if client else 2
         self._last_peer_id = 0
-        self._discard_ids: dict[int, None] = {}
+        # Ids whose late frames are dropped quietly: a set to look up, a deque for the oldest to
+        # forget (deleting the first key of a dict over and over makes finding the next one slow).
+        self._discard_ids: set[int] = set()
+        self._discard_order: deque[int] = deque()
         self._out: list[bytes | memoryview] = []
         self._events: list[Event] = []
         self._inbuf = bytearray()
@@ -236,6 +243,7 @@ class Session:
         # ``reply_debt_limit``.
         self._reply_debt = 0
         self.reply_debt_limit = 0  # 0: no limit
+        self._more_input = False  # receive_data stopped after its share of frames, see more_input
         # keepalive
         self._last_received = now
         self._ping_sent_at: float | None = None
@@ -270,6 +278,13 @@ class Session:
         """Bytes queued on all streams waiting for credit (what a peer that withholds credit, or
         does not read, makes this side hold)."""
         return self._send_buffered_total
+
+    @property
+    def more_input(self) -> bool:
+        """The last ``receive_data`` stopped after ``CONTROL_FRAMES_PER_CALL`` frames other than
+        whole DATA frames, with more input buffered: call ``receive_data(b"", now)`` again soon (a
+        read full of tiny frames is handled over several calls, so no one call holds the loop)."""
+        return self._more_input
 
     @property
     def input_held(self) -> bool:
@@ -508,6 +523,7 @@ class Session:
         if self.closed:
             return []
         self._last_received = now
+        self._more_input = False
         if self._inbuf:
             self._inbuf += data
             buf: bytes | bytearray | memoryview = self._inbuf
@@ -546,6 +562,7 @@ class Session:
         streams = self._streams
         if self.reply_debt_limit and self._reply_debt > self.reply_debt_limit:
             return pos  # our replies are still queued: parse nothing more until they drained
+        budget = CONTROL_FRAMES_PER_CALL
         while pos < end:
             if self._frame_remaining:
                 take = min(self._frame_remaining, end - pos)
@@ -564,6 +581,9 @@ class Session:
                 continue
             if end - pos < HEADER_LEN:
                 break
+            if not budget:
+                self._more_input = True
+                break
             frame_type, flags, stream_id, length = decode_header(mv, pos)
             if frame_type == FrameType.DATA and flags & Flag.RST:
                 if length not in (0, 4):
@@ -572,6 +592,7 @@ class Session:
                     break
                 code = _RST_CODE.unpack_from(mv, pos + HEADER_LEN)[0] if length else ResetCode.ABORTED
                 pos += HEADER_LEN + length
+                budget -= 1
                 self._handle_rst(stream_id, flags, code, length)
                 if self.reply_debt_limit and self._reply_debt > self.reply_debt_limit:
                     break
@@ -594,6 +615,7 @@ class Session:
                     pos += length
                     events.append(DataReceived(stream_id, chunk))
                     continue
+            budget -= 1
             if frame_type == FrameType.DATA:
                 self._start_data_frame(stream_id, flags, length)
                 if length == 0:
@@ -895,9 +917,12 @@ class Session:
             self._streams.pop(st.stream_id, None)
 
     def _remember_discard(self, stream_id: int) -> None:
-        self._discard_ids[stream_id] = None
-        if len(self._discard_ids) > _DISCARD_MEMORY:
-            del self._discard_ids[next(iter(self._discard_ids))]
+        if stream_id in self._discard_ids:
+            return
+        self._discard_ids.add(stream_id)
+        self._discard_order.append(stream_id)
+        if len(self._discard_order) > _DISCARD_MEMORY:
+            self._discard_ids.discard(self._discard_order.popleft())
 
 
 __all__ = [

@@ -472,3 +472,26 @@ def test_bytes_waiting_for_credit_are_counted_across_streams() -> None:
         pair.server.session.consume(sid, INITIAL_STREAM_WINDOW)
     pair.pump()
     assert pair.client.session.send_buffered_total == 0
+
+
+def test_a_read_full_of_tiny_frames_is_handled_over_several_calls() -> None:
+    server = Session(False, 0.0)
+    server.receive_data(preface(), 0.0)
+    server.data_to_send()
+    pings = b"".join(frame_header(FrameType.PING, Flag.SYN, 0, i) for i in range(3000))
+    server.receive_data(pings, 0.0)
+    calls, answered = 1, server.data_to_send().count(b"\x01\x02\x00\x02")  # version, PING, flags ACK
+    assert server.more_input and answered < 3000
+    while server.more_input:
+        server.receive_data(b"", 0.0)
+        answered += server.data_to_send().count(b"\x01\x02\x00\x02")
+        calls += 1
+    assert answered == 3000 and calls == 3
+    # whole DATA frames are not counted: a bulk read is handled in one call
+    pair = Pair()
+    sid = pair.client.session.open_stream()
+    pair.pump()
+    for _ in range(2000):
+        pair.client.session.send_data(sid, b"x" * 100)
+    events = pair.server.session.receive_data(pair.client.session.data_to_send(), 0.0)
+    assert not pair.server.session.more_input and len(events) == 2000
