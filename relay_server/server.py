@@ -199,8 +199,8 @@ class ClientSession:
             self.control = ControlChannel(mux, self._on_message, self._control_closed, max_queued=CONTROL_QUEUE_LIMIT)
             self.control.stream_id = stream_id
             return self.control
-        if not self.ready:  # before login only the control stream may exist
-            mux.fail(RemoteProtocolError(f"stream {stream_id} opened before login"))
+        if not self.ready:  # before login only the control stream may exist: not a client, drop it
+            mux.drop(RemoteProtocolError(f"stream {stream_id} opened before login"))
             return None
         # relayc may not open other streams: nothing on relayd is reachable through the tunnel.
         return None

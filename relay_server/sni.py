@@ -11,8 +11,9 @@ after it (in the same record or not) is not parsed, only kept.
 The bytes are not modified: ``received()`` gives back everything fed, exactly as it came, which
 relayd forwards to the lab's app (the TLS session is between the visitor and the app).
 
-Bounds: the ClientHello message (4-byte header included) is at most MAX_CLIENT_HELLO, and it must
-be complete within the first MAX_RAW_HELLO bytes of the stream.  The server name must be a DNS
+Bounds: the ClientHello message (4-byte header included) is at most MAX_CLIENT_HELLO, split into
+at most MAX_HELLO_RECORDS records, and complete within the first MAX_RAW_HELLO bytes of the
+stream.  The server name must be a DNS
 host name by the rule relayd's config uses for domains, so nothing else (control characters,
 spaces, '_', IPv6 literals) ever reaches a route lookup or a log line.
 
@@ -31,6 +32,10 @@ MAX_CLIENT_HELLO: Final = 64 * 1024
 # whole hello, 0.5-2 KiB, in one record; the bound only stops a dribbler from holding memory.
 MAX_RAW_HELLO: Final = MAX_CLIENT_HELLO * 2 + 1024
 MAX_RECORD: Final = 16384 + 2048  # TLSCiphertext's limit; a plaintext record is smaller still
+# Records a ClientHello may be split into.  Browsers use one (two with a large post-quantum key
+# share); tools that fragment the hello against SNI filtering use tens to hundreds; a visitor that
+# sends one byte per record only makes relayd work ~2 us per record, so the count is capped.
+MAX_HELLO_RECORDS: Final = 1024
 
 # Raw chunks shorter than this are appended to a bytearray instead of being kept as list items:
 # a visitor sending one byte per read would otherwise cost a list slot (and object) per byte.
@@ -45,13 +50,14 @@ class SniError(Exception):
 class ClientHelloReader:
     """Sans-IO reader of one connection's ClientHello; see the module docstring."""
 
-    __slots__ = ("_done", "_handshake", "_header", "_need", "_raw", "_record_left", "_seen")
+    __slots__ = ("_done", "_handshake", "_header", "_need", "_raw", "_record_left", "_records", "_seen")
 
     def __init__(self) -> None:
         self._raw: list[bytes | bytearray] = []
         self._seen = 0  # stream bytes parsed (all bytes fed, until the reader is done)
         self._header = bytearray()  # a record header split across feeds
         self._record_left = 0  # payload bytes of the current record not yet read
+        self._records = 0  # records started
         self._handshake = bytearray()  # the ClientHello's bytes so far, header included
         self._need = 0  # the ClientHello's full length, once its 4-byte header is in (0 before)
         self._done = False
@@ -111,6 +117,9 @@ class ClientHelloReader:
                 length = header[3] << 8 | header[4]
                 if length == 0 or length > MAX_RECORD:
                     raise SniError(f"bad TLS record length {length}")
+                self._records += 1
+                if self._records > MAX_HELLO_RECORDS:
+                    raise SniError(f"ClientHello split into more than {MAX_HELLO_RECORDS} records")
                 self._record_left = length
                 header.clear()
                 continue

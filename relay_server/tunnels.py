@@ -8,6 +8,7 @@ import enum
 import logging
 import random
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, cast
 
 from relay_server.holds import HOLD_SECONDS, RECLAIM_SECONDS, OfflineHolds
@@ -250,6 +251,15 @@ class PortPolicy:
         self.holds.release(tunnel.port)
         self._count[name] = self._count.get(name, 0) + 1
 
+    def _candidates(self) -> Iterator[int]:
+        """Ports to try for ``remote_port = 0``: random allowed ones, then (nearly full) every one
+        once from a random start; O(range) only in that last case."""
+        for _ in range(_BIND_ATTEMPTS * 4):
+            yield self._nth_allowed(random.randrange(self._size))
+        start = random.randrange(self._size)
+        for i in range(self._size):
+            yield self._nth_allowed((start + i) % self._size)
+
     def _nth_allowed(self, index: int) -> int:
         i = bisect.bisect_right(self._starts, index) - 1
         return self.allowed.ranges[i][0] + index - self._starts[i]
@@ -265,25 +275,9 @@ class PortPolicy:
                 return
             tunnel.close()
         tried: set[int] = set()
-        for _ in range(_BIND_ATTEMPTS * 4):
-            if len(tried) >= min(_BIND_ATTEMPTS, self._size):
+        for port in self._candidates():
+            if len(tried) >= _BIND_ATTEMPTS:
                 break
-            port = self._nth_allowed(random.randrange(self._size))
-            if port in tried or self._taken(port, name, time.monotonic()):
-                tried.add(port)
-                continue
-            tried.add(port)
-            try:
-                await tunnel.listen(host, port)
-                return
-            except OSError:
-                continue
-        # Nearly full: walk the allowed ports once from a random start (O(range), only here).
-        start = random.randrange(self._size)
-        for i in range(self._size):
-            if len(tried) >= _BIND_ATTEMPTS * 2:
-                break
-            port = self._nth_allowed((start + i) % self._size)
             if port in tried or self._taken(port, name, time.monotonic()):
                 continue
             tried.add(port)
@@ -291,7 +285,7 @@ class PortPolicy:
                 await tunnel.listen(host, port)
                 return
             except OSError:
-                continue
+                continue  # taken by another program: try another
         raise TunnelRefused(f"no free port found in allow_ports ({self.allowed.text}) after {len(tried)} tries")
 
     def release(self, tunnel: PublicTunnel, client_gone: bool) -> None:

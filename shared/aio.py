@@ -225,7 +225,7 @@ class MuxConnection(asyncio.Protocol):
             owed = transport.get_write_buffer_size() + session.pending_output()
             if owed > self._output_limit or session.input_held:
                 why = "floods control frames" if session.input_held else f"does not read ({owed} bytes owed)"
-                self._drop(RemoteProtocolError(f"peer {why} before login"))
+                self.drop(RemoteProtocolError(f"peer {why} before login"))
                 return
         if session.input_held:
             if not self._reading_paused:
@@ -250,7 +250,7 @@ class MuxConnection(asyncio.Protocol):
         if not self._continue_scheduled and not self._reading_paused and not transport.is_closing():
             transport.resume_reading()
 
-    def _drop(self, exc: RemoteProtocolError) -> None:
+    def drop(self, exc: RemoteProtocolError) -> None:
         """Abort the connection at once (no goodbye: the peer is not reading anyway)."""
         self.error = exc
         log.warning("%s: dropping the connection: %s", self.label or "session", exc)
@@ -458,6 +458,8 @@ class MuxConnection(asyncio.Protocol):
         if session is not None:
             session.close()
         if self.transport is not None:
+            if not self.transport.is_closing():
+                self.transport.pause_reading()  # nothing it sends now matters: do not decrypt it
             self.transport.close()
             # A peer that does not read must not keep us around.
             self._loop.call_later(5.0, self.abort)

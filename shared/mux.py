@@ -244,6 +244,7 @@ class Session:
         self._reply_debt = 0
         self.reply_debt_limit = 0  # 0: no limit
         self._more_input = False  # receive_data stopped after its share of frames, see more_input
+        self._held_for_replies = False  # ... or because of reply_debt_limit, see input_held
         # keepalive
         self._last_received = now
         self._ping_sent_at: float | None = None
@@ -288,9 +289,10 @@ class Session:
 
     @property
     def input_held(self) -> bool:
-        """Input was left unparsed because queued replies passed ``reply_debt_limit``: once the
-        output drained, call ``receive_data(b"", now)`` to go on (and stop reading meanwhile)."""
-        return bool(self._inbuf) and self.reply_debt_limit > 0 and self._reply_debt > self.reply_debt_limit
+        """The last ``receive_data`` left input unparsed because queued replies passed
+        ``reply_debt_limit`` (it stays so after they are taken by ``data_to_send``): stop reading,
+        and once the output drained call ``receive_data(b"", now)`` to go on."""
+        return self._held_for_replies and bool(self._inbuf)
 
     @property
     def has_input_buffered(self) -> bool:
@@ -523,7 +525,7 @@ class Session:
         if self.closed:
             return []
         self._last_received = now
-        self._more_input = False
+        self._more_input = self._held_for_replies = False
         if self._inbuf:
             self._inbuf += data
             buf: bytes | bytearray | memoryview = self._inbuf
@@ -561,6 +563,7 @@ class Session:
         events = self._events
         streams = self._streams
         if self.reply_debt_limit and self._reply_debt > self.reply_debt_limit:
+            self._held_for_replies = True
             return pos  # our replies are still queued: parse nothing more until they drained
         budget = CONTROL_FRAMES_PER_CALL
         while pos < end:
@@ -595,6 +598,7 @@ class Session:
                 budget -= 1
                 self._handle_rst(stream_id, flags, code, length)
                 if self.reply_debt_limit and self._reply_debt > self.reply_debt_limit:
+                    self._held_for_replies = True
                     break
                 continue
             pos += HEADER_LEN
@@ -627,6 +631,7 @@ class Session:
             else:
                 self._handle_go_away(stream_id, length)
             if self.reply_debt_limit and self._reply_debt > self.reply_debt_limit:
+                self._held_for_replies = True
                 break  # the rest waits in _inbuf until our replies drained (see input_held)
         return pos
 

@@ -64,16 +64,20 @@ class RawClient:
                     return None
 
     def login(self, token: str, name: str = "raw") -> bool:
+        return isinstance(self.login_answer(token, name), LoginOk)
+
+    def login_answer(self, token: str, name: str = "raw", version: str = "") -> Any:
+        """Log in; relayd's answer (LoginOk, LoginFailed, a challenge refused... None if it closed)."""
         nonce = auth.new_nonce()
-        self.session.open_stream(encode_message(Hello(name=name, client_nonce=nonce)))
+        self.session.open_stream(encode_message(Hello(name=name, client_nonce=nonce, version=version)))
         self.flush()
         challenge = self.control_message()
         if not isinstance(challenge, Challenge):
-            return False
+            return challenge
         args = (name, nonce, challenge.server_nonce, self.fingerprint)
         self.session.send_data(1, encode_message(Login(proof=auth.client_proof(token, *args))))
         self.flush()
-        return isinstance(self.control_message(), LoginOk)
+        return self.control_message()
 
     def wait_reset(self, stream_id: int) -> int | None:
         while True:

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from shared import auth
-from shared.messages import Challenge, Hello, Login, LoginFailed, LoginOk, encode_message
+from shared.messages import LoginFailed, LoginOk
 from tests.e2e.harness import (
     TOKEN,
     Proc,
@@ -33,16 +32,7 @@ def login_answer(port: int, name: str, token: str, source_ip: str = "127.0.0.1")
     """Log in by hand and return relayd's answer (LoginOk or LoginFailed, None if it closed)."""
     client = RawClient(port, source_ip=source_ip)
     try:
-        nonce = auth.new_nonce()
-        client.session.open_stream(encode_message(Hello(name=name, client_nonce=nonce)))
-        client.flush()
-        challenge = client.control_message()
-        if not isinstance(challenge, Challenge):
-            return challenge
-        args = (name, nonce, challenge.server_nonce, client.fingerprint)
-        client.session.send_data(1, encode_message(Login(proof=auth.client_proof(token, *args))))
-        client.flush()
-        return client.control_message()
+        return client.login_answer(token, name)
     finally:
         client.close()
 
