@@ -90,7 +90,7 @@ def rss_kib(pid: int) -> int:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError):
-        pass
+        return 0  # the process is gone
     return 0
 
 
@@ -297,7 +297,7 @@ def echo(conn):
                 return
             conn.sendall(data)
     except OSError:
-        pass
+        return  # the probe went away: nothing to echo
     finally:
         conn.close()
 
