@@ -330,7 +330,7 @@ class ClientSession:
         server.register(self)
         now = time.monotonic()
         server.vhosts.owner_returned(self.name, now)
-        server.ports.holds.owner_returned(self.name, now)
+        server.ports.owner_returned(self.name, now)
         self.send(LoginOk(proof=proof, version=__version__))
         log.info("client %s logged in from %s (relayc %s)", self.name, self.remote_addr, self.version or "?")
         server.client_ready(self)

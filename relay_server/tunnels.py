@@ -288,6 +288,10 @@ class PortPolicy:
                 continue  # taken by another program: try another
         raise TunnelRefused(f"no free port found in allow_ports ({self.allowed.text}) after {len(tried)} tries")
 
+    def owner_returned(self, owner: str, now: float) -> None:
+        """``owner`` logged in again: its reserved ports it does not claim back soon are released."""
+        self.holds.owner_returned(owner, now)
+
     def release(self, tunnel: PublicTunnel, client_gone: bool) -> None:
         """Close the tunnel's listener and free its port: at once when the tunnel was removed or
         replaced, reserved for its client when the client went away."""

@@ -33,7 +33,8 @@ import hmac
 import html
 import logging
 import time
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from relay_server.holds import HOLD_SECONDS, RECLAIM_SECONDS, OfflineHolds
 from relay_server.http1 import (
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from relay_server.server import Relayd
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 _STATUS_TEXT = {
@@ -331,8 +333,13 @@ class HttpVisitor(_VhostVisitor):
     def data_received(self, data: bytes) -> None:
         if self._done or self._switching:
             return
+        self._read(self.reader.feed, data)
+
+    def _read(self, step: Callable[[T], list[RequestHead | Body | Tunnel]], arg: T) -> None:
+        """Run one step of the request reader (feed, answer) and act on its events; a malformed
+        request is answered with its status."""
         try:
-            events = self.reader.feed(data)
+            events = step(arg)
         except HttpError as exc:
             self._refuse(exc.status, exc.reason)
             return
@@ -362,12 +369,7 @@ class HttpVisitor(_VhostVisitor):
         self._paused_local = False
         if self._done or self._switching:
             return
-        try:
-            events = self.reader.feed(b"")
-        except HttpError as exc:
-            self._refuse(exc.status, exc.reason)
-            return
-        self._handle(events)
+        self._read(self.reader.feed, b"")
         if not self._paused_local:
             self._update_reading()
 
@@ -384,12 +386,7 @@ class HttpVisitor(_VhostVisitor):
         super().on_data(data)  # the app's bytes go on untouched either way
         if status is not None:
             self._answer = None
-            try:
-                events = self.reader.answer(status)
-            except HttpError as exc:
-                self._refuse(exc.status, exc.reason)
-                return
-            self._handle(events)
+            self._read(self.reader.answer, status)
 
     def on_reset(self, code: int) -> None:
         transport = self.transport
