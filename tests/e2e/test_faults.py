@@ -24,6 +24,7 @@ from tests.e2e.harness import (
     TcpServer,
     closed_by_peer,
     echo_handler,
+    free_fixed_port,
     free_port,
     port_refuses,
     recv_all,
@@ -247,7 +248,7 @@ def test_sigterm_lets_transfers_finishing_within_5s_finish(tmp_path: Path, procs
 
 @pytest.mark.slow
 def test_200_clients_and_1000_new_connections_per_second(tmp_path: Path, procs: list[Proc]) -> None:
-    echod_port, port, first = free_port(), free_port(), free_port()
+    echod_port, port, first = free_port(), free_port(), free_fixed_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     echod_log = open(tmp_path / "echod.log", "wb")  # noqa: SIM115
     echod = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "bench.echod", str(echod_port)], env=env,
