@@ -31,7 +31,7 @@ from relay_client.dialer import IncomingStream
 from shared import __version__, auth
 from shared.aio import ControlChannel, MuxConnection, StreamHandler
 from shared.burst import BurstLog
-from shared.config import ClientConfig, TargetPolicy, TunnelConfig, resolve_path
+from shared.config import ClientConfig, TargetPolicy, resolve_path
 from shared.errors import AuthError, RelayError, RemoteProtocolError, TrustError
 from shared.frames import GoAwayCode
 from shared.messages import (
@@ -45,11 +45,11 @@ from shared.messages import (
     TunnelPush,
     TunnelPushRefused,
     TunnelRemove,
-    TunnelSpec,
     TunnelStatus,
     encode_message,
 )
 from shared.tls import client_context, fingerprint_of_der
+from shared.tunnel import InvalidTunnel, TunnelSpec
 
 log = logging.getLogger("relayc")
 
@@ -89,16 +89,6 @@ class ReconnectDelay:
         start, cap = NAME_IN_USE_BACKOFF if error.code == LoginRefusal.NAME_IN_USE.value else WRONG_TOKEN_BACKOFF
         delay = min(cap, start * 2.0 ** (self.refusals - 1))
         return max(delay, min(float(error.retry_after), RETRY_AFTER_MAX))
-
-
-def tunnel_spec(t: TunnelConfig) -> TunnelSpec:
-    """The wire form of a tunnel from relayc.toml."""
-    return TunnelSpec(
-        name=t.name, kind=t.type, local_ip=t.local_ip, local_port=t.local_port, remote_port=t.remote_port,
-        subdomain=t.subdomain, custom_domains=tuple(t.custom_domains), locations=tuple(t.locations),
-        http_user=t.http_user, http_password=t.http_password, host_header_rewrite=t.host_header_rewrite,
-        max_connections=t.max_connections, bandwidth_limit=t.bandwidth_limit, allow_sources=tuple(t.allow_sources),
-    )  # fmt: skip
 
 
 class KnownServers:
@@ -172,7 +162,7 @@ class Relayc:
     def __init__(self, config: ClientConfig, config_path: str | Path) -> None:
         self.config = config
         self.config_path = Path(config_path)
-        self.tunnels: dict[str, TunnelSpec] = {t.name: tunnel_spec(t) for t in config.tunnels}
+        self.tunnels: dict[str, TunnelSpec] = {t.name: t for t in config.tunnels}
         self.pushed: set[str] = set()  # names of tunnels relayd pushed (sent again after each login)
         self.targets = TargetPolicy(config.allow_targets)
         self.burst_log = BurstLog(log)
@@ -365,10 +355,14 @@ class Relayc:
         else:
             raise RemoteProtocolError(f"unexpected {message.type} message from relayd")
 
-    def _on_push(self, spec: TunnelSpec) -> None:
+    def _on_push(self, spec: TunnelSpec | InvalidTunnel) -> None:
         """A tunnel defined on relayd: dial targets outside allow_targets are refused before any dial."""
         control = self._current.control if self._current else None
         if control is None:
+            return
+        if isinstance(spec, InvalidTunnel):  # from a relayd with other rules than ours
+            log.warning("tunnel %s pushed by relayd refused: %s", spec.name, spec.problem)
+            control.send(TunnelPushRefused(name=spec.name, error=spec.problem))
             return
         if spec.name in self.tunnels and spec.name not in self.pushed:
             reason = f"a tunnel named {spec.name!r} is already defined in {self.config_path.name}"

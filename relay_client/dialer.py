@@ -11,7 +11,8 @@ from shared.aio import MuxConnection, StreamBridge
 from shared.burst import BurstLog
 from shared.errors import RemoteProtocolError
 from shared.frames import ResetCode
-from shared.messages import MessageDecoder, StreamOpen, TunnelSpec, decode_first
+from shared.messages import MessageDecoder, StreamOpen, decode_first
+from shared.tunnel import TunnelSpec
 
 log = logging.getLogger("relayc")
 _dials: set[asyncio.Task[Any]] = set()

@@ -5,13 +5,95 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
-from relay_server.server import Relayd
-from shared.aio import run
+from relay_server.frontends.http import HttpFrontend
+from relay_server.frontends.sni import SniFrontend
+from relay_server.frontends.tcp import TcpFrontend
+from relay_server.guard import BlockScope, LoginGuard
+from relay_server.listener import ControlListener
+from relay_server.registry import Registry
+from relay_server.stores.sqlite import SqliteStore
+from shared.aio import LoopLagMonitor, run
+from shared.burst import BurstLog
 from shared.cli import base_parser, install_stop_handlers, load_or_exit, raise_fd_limit, setup_logging, tune_malloc
-from shared.config import ServerConfig
+from shared.config import ServerConfig, resolve_path
 
 log = logging.getLogger("relayd")
+
+
+class Relayd:
+    """One relayd node, wired: store -> registry -> frontends -> control listener -> dashboard.
+
+    The only place that knows every part; nothing imports it but the CLI (and tests)."""
+
+    def __init__(self, config: ServerConfig, config_path: str | Path) -> None:
+        self.config = config
+        self.config_path = Path(config_path)
+        self.state_dir = resolve_path(config_path, config.state_dir)
+        self.burst_log = BurstLog(log)
+        self.loop_lag = LoopLagMonitor()
+        self.store = SqliteStore(self.state_dir / "relayd.db")
+        a = config.auth
+        guard = LoginGuard(BlockScope.RELAYC, window=a.failure_window, block_after=a.block_after_failures,
+                           block_seconds=a.block_seconds)  # fmt: skip
+        self.registry = Registry(config, self.store, guard, self.burst_log)
+        bind = config.public_bind_addr
+        self.registry.add_frontend(TcpFrontend(self.registry.ports, self.burst_log))
+        self.http = HttpFrontend(self.registry.domains, bind, config.vhost_http_port, config.vhost_header_timeout)
+        self.https = SniFrontend(self.registry.domains, bind, config.vhost_https_port, config.vhost_header_timeout)
+        self.registry.add_frontend(self.http)
+        self.registry.add_frontend(self.https)
+        self.listener = ControlListener(config, self.config_path, self.state_dir, self.registry)
+        self.dashboard: Any = None
+        self._traffic_task: asyncio.Task[None] | None = None
+
+    # what tests and the dashboard read
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+    @property
+    def fingerprint(self) -> str:
+        return self.listener.fingerprint
+
+    @property
+    def sessions(self) -> dict[str, Any]:
+        return self.registry.sessions
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        await self.registry.load()
+        for frontend in self.registry.frontends.values():
+            await frontend.start()
+        await self.listener.start()
+        if self.config.dashboard is not None:
+            from relay_server.dashboard.app import Dashboard  # FastAPI is imported only when it is used
+
+            self.dashboard = Dashboard(self.registry, self.listener, self.loop_lag, self.config.dashboard,
+                                       self.state_dir, self.config_path)  # fmt: skip
+            await self.dashboard.start()
+        self._traffic_task = asyncio.get_running_loop().create_task(self.registry.record_traffic_forever())
+        self.loop_lag.start()
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        self.listener.stop_accepting()
+        for frontend in self.registry.frontends.values():
+            await frontend.stop()
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+        if self._traffic_task is not None:
+            self._traffic_task.cancel()
+        self.loop_lag.stop()
+        await self.listener.shutdown(grace)
+        try:
+            await self.registry.flush_traffic()
+        except Exception:
+            log.exception("could not record the last traffic")
+        await self.registry.close()
+        await self.store.close()
 
 
 async def serve(relayd: Relayd) -> None:

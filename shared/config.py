@@ -8,17 +8,22 @@ paths in a file are taken relative to that file's directory.
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
+from shared.checks import (
+    check_domain,
+    check_name,
+    is_loopback,
+)
 from shared.errors import ConfigError
 from shared.limits import parse_rate
 from shared.schema import SchemaError, Table, key, key_path
 from shared.tls import normalize_fingerprint
+from shared.tunnel import TunnelKind, TunnelSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,34 +31,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 EXAMPLE_TOKENS = frozenset({"example-token-change-me", "change-me", "token", "secret", "..."})
-# Matched with fullmatch: "$" would also accept a trailing newline.
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-
-
-def check_name(value: str) -> str:
-    """A client or tunnel name (the same rule in config files and the dashboard API)."""
-    if not _NAME_RE.fullmatch(value):
-        raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    return value
-
-
-def check_label(value: str) -> str:
-    """A subdomain: one DNS label, lowercased; "" stays "" (no subdomain)."""
-    v = value.lower() if value.isascii() else "-"
-    if value and not _LABEL_RE.fullmatch(v):
-        raise ValueError("must be one DNS label: letters, digits and '-' (e.g. \"jupyter\")")
-    return v
-
-
-def check_domain(value: str) -> str:
-    """A host name, lowercased; ValueError naming the problem otherwise."""
-    v = value.lower() if value.isascii() else ""  # lower() would turn some non-ASCII into ASCII
-    v = v[:-1] if v.endswith(".") else v  # one trailing dot: the same name, fully qualified
-    labels = v.split(".")
-    if not v or len(v) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels):
-        raise ValueError(f"{value!r} is not a valid domain name")
-    return v
 
 
 def check_port_ranges(value: str) -> str:
@@ -61,66 +38,10 @@ def check_port_ranges(value: str) -> str:
     return value
 
 
-def check_sources(value: list[str]) -> list[str]:
-    for cidr in value:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise ValueError(f"{cidr!r} is not an address or CIDR like 10.0.0.0/8") from None
-    return value
-
-
-_LOCATION_RE = re.compile(r"/[\x21-\x7e]*")
-
-
-def check_locations(value: list[str]) -> list[str]:
-    """Path prefixes: each starts with '/', printable ASCII without spaces (they are matched
-    against request paths; relayd normalizes both sides)."""
-    for loc in value:
-        if not loc.startswith("/"):
-            raise ValueError(f"{loc!r} must start with '/'")
-        if not _LOCATION_RE.fullmatch(loc):
-            raise ValueError(f"{loc!r} may hold only printable ASCII without spaces")
-    return value
-
-
-def check_host_rewrite(value: str) -> str:
-    """``host_header_rewrite``: empty, or a host name or address with an optional port, in ASCII
-    (it becomes a request header)."""
-    if not value:
-        return value
-    if not value.isascii() or not value.isprintable():
-        raise ValueError(f"{value!r} must be printable ASCII")
-    host, port = value, ""
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"{value!r} is not host, host:port or [v6]:port")
-        port = rest[1:]
-    elif value.count(":") == 1:
-        host, port = value.split(":")
-    if port and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
-        raise ValueError(f"{value!r}: the port must be 1-65535")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        check_domain(host)  # raises naming the value
-    return value
-
-
 def check_targets(value: list[str]) -> list[str]:
     for entry in value:
         TargetPolicy([entry])
     return value
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class PortRanges:
@@ -293,24 +214,8 @@ class TargetPolicy:
         return any(ip in net for net in self.networks)
 
 
-@dataclass(kw_only=True)
-class TunnelConfig(Table):
-    name: str = key(check=check_name)
-    type: Literal["tcp", "http", "https"] = key("tcp")
-    local_ip: str = key("127.0.0.1")
-    local_port: int = key(ge=1, le=65535)
-    remote_port: int = key(0, ge=0, le=65535)
-    # http and https tunnels: routed by host name on relayd's vhost ports
-    subdomain: str = key("", check=check_label)
-    custom_domains: list[str] = key([], check=lambda v: [check_domain(d) for d in v])
-    locations: list[str] = key([], check=check_locations)
-    http_user: str = key("")
-    http_password: str = key("")
-    host_header_rewrite: str = key("", check=check_host_rewrite)
-    # limits, enforced by relayd (its own [limits] can only make them stricter)
-    max_connections: int = key(0, ge=0)
-    bandwidth_limit: int = key(0, before=parse_rate)
-    allow_sources: list[str] = key([], check=check_sources)
+# relayc.toml's [[tunnels]] table is the one tunnel model
+TunnelConfig = TunnelSpec
 
 
 @dataclass(kw_only=True)
@@ -366,7 +271,7 @@ def _check_semantics(cfg: ServerConfig | ClientConfig, path: str) -> None:
             _check_tunnel_kind(t, f"tunnels[{i}]", path)
         ports: dict[int, int] = {}
         for i, t in enumerate(cfg.tunnels):
-            if t.type != "tcp":
+            if t.type is not TunnelKind.TCP:
                 continue
             if t.remote_port and t.remote_port in ports:
                 raise ConfigError(
@@ -422,33 +327,9 @@ def _check_dashboard(dash: DashboardConfig, path: str) -> None:
 
 
 def _check_tunnel_kind(t: TunnelConfig, key: str, path: str) -> None:
-    problem = tunnel_kind_problem(t.type, t)
+    problem = t.kind_problem()
     if problem is not None:
         raise ConfigError(path, f"{key}.{problem[0]}", problem[1])
-
-
-def tunnel_kind_problem(kind: str, t: Any) -> tuple[str, str] | None:
-    """(key, reason) for a key that does not fit the tunnel's kind, or None.  Keys that belong to
-    one kind only are errors on the others (a typo'd type must not silently publish a port).
-    ``t`` is a ``TunnelConfig`` or a wire ``TunnelSpec`` (same attribute names)."""
-    http_only = {"locations": t.locations, "http_user": t.http_user, "http_password": t.http_password,
-                 "host_header_rewrite": t.host_header_rewrite}  # fmt: skip
-    if kind == "tcp":
-        for name, value in {"subdomain": t.subdomain, "custom_domains": t.custom_domains, **http_only}.items():
-            if value:
-                return name, 'only for http/https tunnels (this one is type "tcp")'
-        return None
-    if t.remote_port:
-        return "remote_port", f"only for tcp tunnels; a {kind} tunnel is reached by its domain on relayd's vhost port"
-    if not t.subdomain and not t.custom_domains:
-        return "subdomain", f"a {kind} tunnel needs subdomain or custom_domains"
-    if kind == "https":
-        for name, value in http_only.items():
-            if value:
-                return name, "only for http tunnels (https is passed through untouched)"
-    if bool(t.http_user) != bool(t.http_password):
-        return "http_password", "http_user and http_password must be given together"
-    return None
 
 
 def resolve_path(config_path: str | Path, value: str) -> Path:

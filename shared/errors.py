@@ -3,10 +3,14 @@
 ``RelayError`` is the base.  Protocol errors are split the h11 way: ``LocalProtocolError`` means
 *we* misused the API (a bug on this side); ``RemoteProtocolError`` means the peer sent something
 invalid, and carries the GO_AWAY code to answer it with.  ``ConfigError`` carries the file and the
-key path so the CLI can print one precise line and exit 2.
+key path so the CLI can print one precise line and exit 2.  A refusal (``TunnelRefused``,
+``Conflict``, ``NotFound``, ``InvalidField``) carries a typed reason or the key at fault, so that
+callers branch on it rather than on English text.
 """
 
 from __future__ import annotations
+
+import enum
 
 
 class RelayError(Exception):
@@ -66,3 +70,51 @@ class ConfigError(RelayError):
         self.reason = reason
         where = f"{path}: {key}" if key else path
         super().__init__(f"{where}: {reason}")
+
+
+class TunnelRefusal(str, enum.Enum):
+    """Why relayd refuses (or stopped) a tunnel; sent as ``tunnel_status.code``, shown in the API."""
+
+    BAD_SPEC = "bad_spec"  # a field breaks the tunnel model's rules
+    TOO_MANY_TUNNELS = "too_many_tunnels"  # max_tunnels_per_client
+    TOO_MANY_PORTS = "too_many_ports"  # max_ports_per_client
+    PORT_NOT_ALLOWED = "port_not_allowed"  # not in allow_ports
+    PORT_TAKEN = "port_taken"  # another tunnel holds it
+    PORT_RESERVED = "port_reserved"  # reserved for an offline client
+    CANNOT_LISTEN = "cannot_listen"  # the operating system refused the port
+    DOMAIN_TAKEN = "domain_taken"  # another client owns the domain, or another tunnel the location
+    DOMAIN_RESERVED = "domain_reserved"  # reserved for an offline client
+    NO_SUBDOMAIN_HOST = "no_subdomain_host"  # a subdomain while relayd has no subdomain_host
+    KIND_OFF = "kind_off"  # this relayd does not serve the kind (its vhost port is not set)
+    NAME_TAKEN = "name_taken"  # the name is used by a tunnel from elsewhere (config vs dashboard)
+    CLIENT_REFUSED = "client_refused"  # relayc refused a pushed tunnel (allow_targets)
+
+
+class TunnelRefused(RelayError):
+    """A tunnel relayd will not open; ``reason`` says why in a word, ``str()`` in a sentence."""
+
+    def __init__(self, reason: TunnelRefusal, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NotFound(RelayError):
+    """A command named a client or tunnel that does not exist."""
+
+
+class Conflict(RelayError):
+    """A command would take what is already taken (a name, a port); ``reason`` when it is about a
+    tunnel's claim."""
+
+    def __init__(self, message: str, reason: TunnelRefusal | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class InvalidField(RelayError):
+    """A command's value is invalid; ``key`` is the field's name (or key path)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final
 
 from shared.errors import RemoteProtocolError
+from shared.schema import SchemaError, ShapeProblem, key_path
+from shared.tunnel import InvalidTunnel, TunnelSpec
 
 MAX_MESSAGE_SIZE: Final = 64 * 1024
 _LEN = struct.Struct("!I")
@@ -62,7 +64,8 @@ _JSON_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once
 class _Message:
     """Base of the control messages: frozen dataclasses that check their fields on decode.
 
-    ``wire_names`` renames attributes on the wire (``TunnelSpec.kind`` is sent as ``"type"``).
+    ``wire_names`` renames attributes on the wire.  A nested ``TunnelSpec`` (``shared.tunnel``)
+    is checked by the tunnel model's own rules, the same as relayc.toml's.
     """
 
     type: ClassVar[str]
@@ -86,6 +89,8 @@ class _Message:
             value = getattr(self, name)
             if isinstance(value, _Message):
                 value = value.to_dict()
+            elif isinstance(value, TunnelSpec):
+                value = value.to_dict(omit_defaults=True)
             elif isinstance(value, tuple):
                 value = list(value)
             out[key] = value
@@ -127,6 +132,18 @@ def _check(key: str, spec: _Field, value: Any) -> Any:
             if not isinstance(item, str) or not 1 <= len(item) <= spec.max_len:
                 raise _FieldError(f"{key}[{i}]", f"expected a string of 1-{spec.max_len} characters")
         return list(value)
+    elif spec.kind is TunnelSpec:
+        # a spec that breaks the tunnel rules is refused by name (the session goes on); one that
+        # is not even an object is a protocol error
+        if not isinstance(value, dict):
+            raise _FieldError(key, "expected an object")
+        try:
+            return TunnelSpec.parse(value)
+        except SchemaError as exc:
+            shape = next((p for p in exc.problems if isinstance(p, ShapeProblem)), None)
+            if shape is not None:  # a missing field, a wrong type, a number out of bounds
+                raise _FieldError(f"{key}.{key_path(shape[0])}", shape[1]) from None
+            return InvalidTunnel.of(value, exc)
     else:
         if not isinstance(value, dict):
             raise _FieldError(key, "expected an object")
@@ -201,39 +218,11 @@ class LoginFailed(_Message):
 
 
 @dataclass(frozen=True)
-class TunnelSpec(_Message):
-    """What a tunnel is, as carried on the wire (not a message of its own: nested in tunnel_add)."""
-
-    type: ClassVar[str] = "tunnel"
-    wire_names: ClassVar[dict[str, str]] = {"kind": "type"}
-    name: str = _str(1, 128)
-    local_port: int = _int(1, 65535)
-    kind: str = _spec(str, default="tcp", max_len=16, required=False, choices=("tcp", "http", "https"))
-    local_ip: str = _str(1, 255, default="127.0.0.1")
-    remote_port: int = _int(0, 65535, default=0)
-    subdomain: str = _str(0, 63, default="")
-    custom_domains: tuple[str, ...] = _spec(list, default=(), max_len=253, required=False)
-    locations: tuple[str, ...] = _spec(list, default=(), max_len=1024, required=False)
-    http_user: str = _str(0, 256, default="")
-    http_password: str = _str(0, 256, default="")
-    host_header_rewrite: str = _str(0, 253, default="")
-    max_connections: int = _int(0, 2**31, default=0)
-    bandwidth_limit: int = _int(0, 2**62, default=0)
-    allow_sources: tuple[str, ...] = _spec(list, default=(), max_len=64, required=False)
-
-    def __post_init__(self) -> None:
-        # lists arrive from JSON; keep the spec hashable and immutable
-        object.__setattr__(self, "custom_domains", tuple(self.custom_domains))
-        object.__setattr__(self, "locations", tuple(self.locations))
-        object.__setattr__(self, "allow_sources", tuple(self.allow_sources))
-
-
-@dataclass(frozen=True)
 class TunnelAdd(_Message):
     """relayc -> relayd: please open a public listener for this tunnel."""
 
     type: ClassVar[str] = "tunnel_add"
-    tunnel: TunnelSpec = _spec(TunnelSpec)
+    tunnel: TunnelSpec | InvalidTunnel = _spec(TunnelSpec)
 
 
 @dataclass(frozen=True)
@@ -246,6 +235,7 @@ class TunnelStatus(_Message):
     remote_port: int = _int(0, 65535, default=0)
     error: str = _str(0, 4096, default="")
     url: str = _str(0, 4096, default="")  # http/https tunnels: where visitors reach it
+    code: str = _str(0, 32, default="")  # a refusal: a ``TunnelRefusal`` value ("" from older relayd)
 
 
 @dataclass(frozen=True)
@@ -254,7 +244,7 @@ class TunnelPush(_Message):
     registers it with tunnel_add (or answers tunnel_push_refused)."""
 
     type: ClassVar[str] = "tunnel_push"
-    tunnel: TunnelSpec = _spec(TunnelSpec)
+    tunnel: TunnelSpec | InvalidTunnel = _spec(TunnelSpec)
 
 
 @dataclass(frozen=True)

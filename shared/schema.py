@@ -20,6 +20,7 @@ that path is kept to a loop over cached field specs.
 
 from __future__ import annotations
 
+import enum
 import types
 import typing
 from collections.abc import Callable
@@ -38,8 +39,20 @@ class SchemaError(Exception):
         self.problems = problems
 
 
+class ShapeProblem(tuple):  # type: ignore[type-arg]
+    """A problem (key path, reason) with a value's shape: a missing key, a wrong type, a number or
+    length out of bounds; as opposed to a value a check function refused.  A wire decoder treats
+    these as protocol errors."""
+
+    __slots__ = ()
+
+
+def _shape(loc: Loc, reason: str) -> tuple[Loc, str]:
+    return ShapeProblem((loc, reason))  # type: ignore[return-value]
+
+
 class _Rule:
-    __slots__ = ("before", "check", "ge", "gt", "le")
+    __slots__ = ("before", "check", "ge", "gt", "le", "max_len")
 
     def __init__(
         self,
@@ -48,8 +61,10 @@ class _Rule:
         le: float | None,
         before: Callable[[Any], Any] | None,
         check: Callable[[Any], Any] | None,
+        max_len: int | None = None,
     ) -> None:
         self.ge, self.gt, self.le, self.before, self.check = ge, gt, le, before, check
+        self.max_len = max_len
 
 
 _NO_RULE = _Rule(None, None, None, None, None)
@@ -64,10 +79,14 @@ def key(
     le: float | None = None,
     before: Callable[[Any], Any] | None = None,
     check: Callable[[Any], Any] | None = None,
+    max_len: int | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Any:
-    """Declare one key: its default (none = required), bounds, a converter run on the raw value
-    (``before``) and a check run on the typed value that returns it, normalized (``check``)."""
-    meta = {"rule": _Rule(ge, gt, le, before, check)}
+    """Declare one key: its default (none = required), bounds (``max_len``: characters of a string,
+    items of a list), a converter run on the raw value (``before``), a check run on the typed
+    value that returns it, normalized (``check``), and what else a model wants to say about the
+    key (``meta``, read back with ``Table.key_meta``)."""
+    meta = {"rule": _Rule(ge, gt, le, before, check, max_len), **(meta or {})}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     if isinstance(default, list):
@@ -113,6 +132,14 @@ class Table:
         return cached
 
     @classmethod
+    def key_meta(cls, name: str) -> dict[str, Any]:
+        """What ``key(meta=...)`` declared for one key (empty if nothing)."""
+        for key_name, _, _, f in cls.schema():
+            if key_name == name:
+                return {k: v for k, v in f.metadata.items() if k != "rule"}
+        raise KeyError(name)
+
+    @classmethod
     def table_keys(cls) -> dict[str, type[Table] | None]:
         """Every key, with its sub-table class when it holds one (for docs and tests)."""
         out: dict[str, type[Table] | None] = {}
@@ -149,7 +176,7 @@ def _problem(reason: str, value: Any) -> str:
 
 def _table(cls: type[Table], data: Any, loc: Loc, problems: list[tuple[Loc, str]]) -> Table | _Invalid:
     if not isinstance(data, dict):
-        problems.append((loc, _problem("expected a table", data)))
+        problems.append(_shape(loc, _problem("expected a table", data)))
         return _INVALID
     schema = cls.schema()
     known = {name for name, _, _, _ in schema}
@@ -171,7 +198,7 @@ def _table(cls: type[Table], data: Any, loc: Loc, problems: list[tuple[Loc, str]
         elif f.default_factory is not MISSING:
             raw = f.default_factory()
         else:
-            problems.append((here, "required key is missing"))
+            problems.append(_shape(here, "required key is missing"))
             continue
         value = _value(tp, rule, raw, here, problems)
         if value is not _INVALID:
@@ -188,16 +215,27 @@ def _value(tp: Any, rule: _Rule, raw: Any, loc: Loc, problems: list[tuple[Loc, s
         value = _typed(tp, raw, loc, problems)
         if value is _INVALID:
             return value
-        if rule.ge is not None and value < rule.ge:
-            raise ValueError(f"must be at least {rule.ge:g}")
-        if rule.gt is not None and value <= rule.gt:
-            raise ValueError(f"must be greater than {rule.gt:g}")
-        if rule.le is not None and value > rule.le:
-            raise ValueError(f"must be at most {rule.le:g}")
+        bound = _out_of_bounds(rule, value)
+        if bound:
+            problems.append(_shape(loc, _problem(bound, raw)))
+            return _INVALID
         return value if rule.check is None else rule.check(value)
     except ValueError as exc:
         problems.append((loc, _problem(str(exc), raw)))
         return _INVALID
+
+
+def _out_of_bounds(rule: _Rule, value: Any) -> str:
+    if rule.ge is not None and value < rule.ge:
+        return f"must be at least {rule.ge:g}"
+    if rule.gt is not None and value <= rule.gt:
+        return f"must be greater than {rule.gt:g}"
+    if rule.le is not None and value > rule.le:
+        return f"must be at most {rule.le:g}"
+    if rule.max_len is not None and len(value) > rule.max_len:
+        unit = "items" if isinstance(value, list) else "characters"
+        return f"must hold at most {rule.max_len} {unit}"
+    return ""
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -206,6 +244,13 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 def _typed(tp: Any, raw: Any, loc: Loc, problems: list[tuple[Loc, str]]) -> Any:
     if isinstance(tp, type) and issubclass(tp, Table):
         return _table(tp, raw, loc, problems)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        for member in tp:
+            if raw == member.value and isinstance(raw, str):
+                return member
+        names = ", ".join(repr(m.value) for m in tp)
+        problems.append((loc, _problem(f"must be one of {names}", raw)))
+        return _INVALID
     origin = get_origin(tp)
     if origin is Literal:
         choices = get_args(tp)
@@ -215,7 +260,7 @@ def _typed(tp: Any, raw: Any, loc: Loc, problems: list[tuple[Loc, str]]) -> Any:
         return _INVALID
     if origin is list:
         if not isinstance(raw, list):
-            problems.append((loc, _problem("expected a list", raw)))
+            problems.append(_shape(loc, _problem("expected a list", raw)))
             return _INVALID
         (item_type,) = get_args(tp)
         items = [_typed(item_type, item, (*loc, i), problems) for i, item in enumerate(raw)]
@@ -231,6 +276,6 @@ def _typed(tp: Any, raw: Any, loc: Loc, problems: list[tuple[Loc, str]]) -> Any:
         else isinstance(raw, tp) and not (tp is int and isinstance(raw, bool))
     )
     if not ok:
-        problems.append((loc, _problem(f"expected {_TYPE_NAMES.get(tp, tp.__name__)}", raw)))
+        problems.append(_shape(loc, _problem(f"expected {_TYPE_NAMES.get(tp, tp.__name__)}", raw)))
         return _INVALID
     return float(raw) if tp is float else raw

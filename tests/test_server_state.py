@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from relay_server.server import Relayd
+from relay_server.cli import Relayd
 from shared import auth
 from shared.config import ServerConfig, parse_config
 from shared.messages import (
@@ -21,12 +21,12 @@ from shared.messages import (
     LoginOk,
     MessageDecoder,
     TunnelAdd,
-    TunnelSpec,
     TunnelStatus,
     encode_message,
 )
 from shared.mux import DataReceived, Session
 from shared.tls import fingerprint_of_der
+from shared.tunnel import TunnelKind, TunnelSpec
 from tests.e2e.harness import free_port
 
 TOKEN = "state-test-token-0123456789"
@@ -128,9 +128,9 @@ async def test_per_client_state_is_bounded_and_freed_when_the_client_leaves(rela
     assert len(relayd.burst_log) <= relayd.burst_log.max_keys
     client.close()
     await wait_for(lambda: "hostile" not in relayd.sessions, "the session ended")
-    assert relayd.refusals() == {}
+    assert relayd.registry.refusals() == {}
     assert not session.refusals and not session.tunnels
-    assert relayd.ports.holders == {} and relayd.ports.count_for("hostile") == 0
+    assert relayd.registry.ports.holders == {} and relayd.registry.ports.count_for("hostile") == 0
     assert "tunnel-refused:hostile" not in relayd.burst_log._last
 
 
@@ -139,14 +139,14 @@ async def test_max_tunnels_per_client_caps_every_kind(relayd: Relayd) -> None:
     client = await AsyncRawClient.connect(relayd.port)
     assert isinstance(await client.login("lab"), LoginOk)
     for i in range(5):
-        client.send(TunnelAdd(tunnel=TunnelSpec(name=f"w{i}", local_port=80, kind="http", subdomain=f"w{i}",
-                                                custom_domains=())))  # fmt: skip
+        client.send(TunnelAdd(tunnel=TunnelSpec(name=f"w{i}", local_port=80, type=TunnelKind.HTTP, subdomain=f"w{i}",
+                                                custom_domains=[])))  # fmt: skip
     results = [await client.message() for _ in range(5)]
     assert [(m.name, m.ok) for m in results] == [("w0", True), ("w1", True), ("w2", True), ("w3", False),
                                                  ("w4", False)]  # fmt: skip
     assert results[3].error == "client 'lab' already has max_tunnels_per_client=3 tunnels"
     # replacing one of its own tunnels is not a new one
-    client.send(TunnelAdd(tunnel=TunnelSpec(name="w1", local_port=81, kind="http", subdomain="w1")))
+    client.send(TunnelAdd(tunnel=TunnelSpec(name="w1", local_port=81, type=TunnelKind.HTTP, subdomain="w1")))
     again = await client.message()
     assert again.ok, again.error
     client.close()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from relay_server.frontends.http import _rewrite
 from relay_server.http1 import RequestHead, RequestReader
-from relay_server.vhost import _rewrite
 
 
 def parse(data: bytes) -> RequestHead:

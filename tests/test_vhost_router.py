@@ -1,4 +1,4 @@
-"""VhostRouter: who owns which domain, and which of its tunnels serves which path (no sockets)."""
+"""DomainClaims: who owns which domain, and which of its tunnels serves which path (no sockets)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ from typing import Any
 
 import pytest
 
+from relay_server.claims import DomainClaims as VhostRouter
 from relay_server.holds import HOLD_SECONDS as DOMAIN_HOLD
 from relay_server.holds import RECLAIM_SECONDS as DOMAIN_RECLAIM
-from relay_server.tunnels import TunnelRefused
-from relay_server.vhost import VhostRouter
+from shared.errors import TunnelRefused
+from shared.tunnel import TunnelKind
 
 
 def tunnel(client: str, name: str, kind: str = "http", subdomain: str = "", domains: tuple[str, ...] = (),
            locations: tuple[str, ...] = ()) -> Any:  # fmt: skip
-    spec = SimpleNamespace(kind=kind, subdomain=subdomain, custom_domains=domains, locations=locations, name=name)
-    return SimpleNamespace(spec=spec, client=SimpleNamespace(name=client), name=name, routes=[])
+    spec = SimpleNamespace(type=TunnelKind(kind), subdomain=subdomain, custom_domains=domains, locations=locations,
+                           name=name)  # fmt: skip
+    return SimpleNamespace(spec=spec, client_name=client, name=name, claim=None)
 
 
 def test_a_domain_belongs_to_its_first_client_on_http_and_https() -> None:

@@ -1,7 +1,8 @@
 """The dashboard: a FastAPI app served by uvicorn inside relayd's own event loop.
 
-It reads the data plane (sessions, tunnels, counters) and the store, and changes them only
-through ``Relayd`` methods; the data plane never imports this module.
+An adapter over the registry's command/query API (``relay_server.registry``) and nothing else: it
+never touches sessions, claim tables or the store itself, and the data plane never imports this
+module (``relay_server.cli`` wires it in when ``[dashboard]`` is present).
 
 Authentication, on every route but the login form and static files:
   * browsers: a session cookie from the login form (HttpOnly, SameSite=Strict, Secure over TLS);
@@ -36,10 +37,10 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
@@ -47,13 +48,17 @@ from pydantic import BaseModel, Field, field_validator
 
 from relay_server.guard import BlockKind, BlockScope, LoginGuard
 from relay_server.passwords import verify_password
-from relay_server.store import Conflict
-from shared.config import check_domain, check_label, check_name, is_loopback, resolve_path
+from relay_server.registry import Event, Registry, TunnelRefusedEvent, TunnelState
+from shared.checks import check_name, is_loopback
+from shared.config import resolve_path
+from shared.errors import Conflict, InvalidField, NotFound
+from shared.tunnel import field_list
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-    from relay_server.server import Relayd
+    from relay_server.listener import ControlListener
+    from shared.aio import LoopLagMonitor
     from shared.config import DashboardConfig
 
 log = logging.getLogger("relayd.dashboard")
@@ -85,25 +90,6 @@ class ClientIn(BaseModel):
 
 class ClientPatch(BaseModel):
     enabled: bool
-
-
-class TunnelIn(BaseModel):
-    client: str
-    name: str
-    type: Literal["tcp", "http"] = "tcp"
-    local_ip: str = Field(default="127.0.0.1", min_length=1, max_length=255)
-    local_port: int = Field(ge=1, le=65535)
-    remote_port: int = Field(default=0, ge=0, le=65535)
-    subdomain: str = ""
-    custom_domains: list[str] = Field(default=[], max_length=32)
-
-    _names = field_validator("client", "name")(lambda cls, v: check_name(v))
-    _subdomain = field_validator("subdomain")(lambda cls, v: check_label(v))
-
-    @field_validator("custom_domains")
-    @classmethod
-    def _domains(cls, v: list[str]) -> list[str]:
-        return [check_domain(d) for d in v]
 
 
 class TunnelPatch(BaseModel):
@@ -219,11 +205,15 @@ class AddressLocks:
 
 
 class Dashboard:
-    def __init__(self, relayd: Relayd, config: DashboardConfig) -> None:
-        self.relayd = relayd
+    def __init__(self, registry: Registry, node: ControlListener, loop_lag: LoopLagMonitor, config: DashboardConfig,
+                 state_dir: Path, config_path: Path) -> None:  # fmt: skip
+        self.registry = registry
+        self.node = node  # the control listener: its port and certificate fingerprint, for relayc.toml
+        self.loop_lag = loop_lag
         self.config = config
-        self.store = relayd.store
-        assert self.store is not None
+        self.config_path = config_path
+        self.refusals_by_reason: dict[str, int] = {}
+        registry.subscribe(self._on_event)
         self.guard = LoginGuard(BlockScope.DASHBOARD, window=600, block_after=30, block_seconds=300,
                                 names_to_block_address=1)  # fmt: skip
         self.locks = AddressLocks()
@@ -231,7 +221,7 @@ class Dashboard:
         self._hash_slots = asyncio.Semaphore(HASH_THREADS)
         self._hash_pool = concurrent.futures.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="dashboard-scrypt")
         self.sessions: dict[str, tuple[float, str]] = {}  # cookie -> (expiry, csrf token)
-        token_file = relayd.state_dir / "dashboard_api_token"
+        token_file = state_dir / "dashboard_api_token"
         if not token_file.exists():
             fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
@@ -247,8 +237,8 @@ class Dashboard:
 
     async def start(self) -> None:
         cfg = self.config
-        cert = str(resolve_path(self.relayd.config_path, cfg.tls_cert_file)) if cfg.tls_cert_file else None
-        key = str(resolve_path(self.relayd.config_path, cfg.tls_key_file)) if cfg.tls_key_file else None
+        cert = str(resolve_path(self.config_path, cfg.tls_cert_file)) if cfg.tls_cert_file else None
+        key = str(resolve_path(self.config_path, cfg.tls_key_file)) if cfg.tls_key_file else None
         uv_config = uvicorn.Config(
             _BodyLimit(self.app, BODY_LIMIT), host=cfg.addr, port=cfg.port, log_level="warning", access_log=False,
             lifespan="off", ssl_certfile=cert, ssl_keyfile=key, server_header=False, proxy_headers=False,
@@ -274,6 +264,11 @@ class Dashboard:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._task, 5)
         self._hash_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, TunnelRefusedEvent):
+            reason = event.reason.value
+            self.refusals_by_reason[reason] = self.refusals_by_reason.get(reason, 0) + 1
 
     # --- auth -----------------------------------------------------------------------------------
 
@@ -432,13 +427,21 @@ class Dashboard:
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="relayd dashboard", docs_url=None, redoc_url=None, openapi_url=None)
         auth = Depends(self.require_auth)
-        relayd = self.relayd
-        store = self.store
-        assert store is not None
+        registry = self.registry
 
         @app.exception_handler(Conflict)
         async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
-            return JSONResponse({"detail": str(exc)}, status_code=409)
+            reason = exc.reason.value if exc.reason is not None else None
+            return JSONResponse({"detail": str(exc), "reason": reason}, status_code=409)
+
+        @app.exception_handler(NotFound)
+        async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
+            return JSONResponse({"detail": str(exc)}, status_code=404)
+
+        @app.exception_handler(InvalidField)
+        async def _invalid(request: Request, exc: InvalidField) -> JSONResponse:
+            loc = ["body", *exc.key.replace("[", ".").replace("]", "").split(".")]
+            return JSONResponse({"detail": [{"loc": loc, "msg": exc.reason, "type": "value_error"}]}, status_code=422)
 
         @app.exception_handler(HTTPException)
         async def _http(request: Request, exc: HTTPException) -> Response:
@@ -515,118 +518,65 @@ class Dashboard:
 
         @app.get("/api/v1/overview")
         async def overview(_: str = auth) -> dict[str, Any]:
-            tunnels = self.tunnel_list()
-            return {
-                "clients_online": len(relayd.sessions),
-                "clients_total": len({c["name"] for c in store.clients()} | set(relayd.sessions)),
-                "tunnels_active": sum(1 for t in tunnels if t["status"] == "active"),
-                "tunnels_total": len(tunnels),
-                "conns_open": sum(t["conns_open"] for t in tunnels),
-                "bytes_in": sum(t["bytes_in"] for t in tunnels),
-                "bytes_out": sum(t["bytes_out"] for t in tunnels),
-                "fingerprint": relayd.fingerprint,
-            }
+            return {**registry.overview(), "fingerprint": self.node.fingerprint}
 
         @app.get("/api/v1/clients")
         async def clients(_: str = auth) -> list[dict[str, Any]]:
-            return self.client_list()
+            return registry.client_items()
 
         @app.post("/api/v1/clients", status_code=201)
         async def create_client(body: ClientIn, request: Request, _: str = auth) -> dict[str, Any]:
-            if body.name in relayd.sessions and store.client(body.name) is None:
-                raise Conflict(f"client {body.name!r} is connected with the shared token; pick another name")
-            token = store.create_client(body.name)
-            return {"name": body.name, "token": token, "relayc_toml": self.relayc_toml(body.name, token, request),
-                    "created": time.time()}  # fmt: skip
+            record = await registry.create_client(body.name)
+            return {"name": record.name, "token": record.token, "created": record.created,
+                    "relayc_toml": self.relayc_toml(record.name, record.token, request)}  # fmt: skip
 
         @app.patch("/api/v1/clients/{name}")
         async def patch_client(name: Name, body: ClientPatch, _: str = auth) -> dict[str, Any]:
-            self._client_or_404(name)
-            store.set_client_enabled(name, body.enabled)
-            if not body.enabled:
-                relayd.kick(name)
+            await registry.set_client_enabled(name, body.enabled)
             return self._client_or_404(name)
 
         @app.post("/api/v1/clients/{name}/rotate")
         async def rotate(name: Name, request: Request, _: str = auth) -> dict[str, Any]:
-            if store.client(name) is None:
-                raise HTTPException(404, f"client {name!r} was not created in the dashboard")
-            token = store.rotate_token(name)
-            relayd.kick(name)
+            token = await registry.rotate_token(name)
             return {"name": name, "token": token, "relayc_toml": self.relayc_toml(name, token, request)}
 
         @app.post("/api/v1/clients/{name}/kick")
         async def kick(name: Name, _: str = auth) -> dict[str, Any]:
-            if not relayd.kick(name):
+            if not registry.kick(name):
                 raise HTTPException(404, f"client {name!r} is not connected")
             return {"name": name, "kicked": True}
 
         @app.delete("/api/v1/clients/{name}", status_code=204)
         async def delete_client(name: Name, _: str = auth) -> Response:
-            if store.client(name) is None:
-                raise HTTPException(404, f"client {name!r} was not created in the dashboard")
-            for t in store.tunnels(name):
-                relayd.unpush_tunnel(name, t["name"])
-            store.delete_client(name)
-            relayd.kick(name)
+            await registry.delete_client(name)
             return Response(status_code=204)
 
         @app.get("/api/v1/tunnels")
         async def tunnels(_: str = auth) -> list[dict[str, Any]]:
-            return self.tunnel_list()
+            return registry.tunnel_items()
+
+        @app.get("/api/v1/tunnel-fields")
+        async def tunnel_fields(_: str = auth) -> list[dict[str, Any]]:
+            """The keys ``POST /api/v1/tunnels`` takes besides ``client``: relayc.toml's
+            ``[[tunnels]]`` keys, with type, default, the kinds each is for and a label."""
+            return field_list()
 
         @app.post("/api/v1/tunnels", status_code=201)
-        async def create_tunnel(body: TunnelIn, _: str = auth) -> dict[str, Any]:
-            if store.client(body.client) is None and body.client not in relayd.sessions:
-                raise HTTPException(404, f"client {body.client!r} does not exist")
-            session = relayd.sessions.get(body.client)
-            if session is not None and body.name in session.tunnels and store.tunnel(body.client, body.name) is None:
-                raise Conflict(f"client {body.client!r} already has a tunnel named {body.name!r} (from relayc.toml)")
-            cap = relayd.config.max_tunnels_per_client
-            if cap:  # every tunnel the client has: stored in the dashboard, and live from its relayc.toml
-                names = {t["name"] for t in store.tunnels(body.client)} | set(session.tunnels if session else ())
-                if body.name not in names and len(names) >= cap:
-                    raise Conflict(f"client {body.client!r} already has {len(names)} tunnels: "
-                                   f"max_tunnels_per_client is {cap}")  # fmt: skip
-            if body.type == "tcp" and body.remote_port:
-                if body.remote_port not in relayd.ports.allowed:
-                    raise HTTPException(422, [{"loc": ["body", "remote_port"], "type": "value_error",
-                                               "msg": f"{body.remote_port} is not in allow_ports "
-                                                      f"({relayd.ports.allowed.text})"}])  # fmt: skip
-                holder = relayd.ports.holders.get(body.remote_port)
-                if holder is not None:
-                    raise Conflict(f"port {body.remote_port} is already used by client {holder.client.name!r} "
-                                   f"tunnel {holder.name!r}")  # fmt: skip
-            if body.type == "http" and not body.subdomain and not body.custom_domains:
-                raise HTTPException(422, [{"loc": ["body", "subdomain"], "type": "value_error",
-                                           "msg": "an http tunnel needs subdomain or custom_domains"}])  # fmt: skip
-            row = body.model_dump()
-            store.add_tunnel(row)
-            saved = store.tunnel(body.client, body.name)
-            assert saved is not None
-            relayd.push_tunnel(saved)
-            return self._tunnel_item(saved)
+        async def create_tunnel(body: Annotated[dict[str, Any], Body()], _: str = auth) -> dict[str, Any]:
+            """Define a tunnel: exactly relayc.toml's ``[[tunnels]]`` keys (same names, types and
+            defaults; see ``/api/v1/tunnel-fields``) plus ``client``.  ``http_password`` is
+            write-only: no answer ever includes it."""
+            record = await registry.define_tunnel(body)
+            return self._tunnel_item(record.client, record.spec.name)
 
         @app.patch("/api/v1/tunnels/{client}/{name}")
         async def patch_tunnel(client: Name, name: Name, body: TunnelPatch, _: str = auth) -> dict[str, Any]:
-            row = store.tunnel(client, name)
-            if row is None:
-                raise HTTPException(404, f"no dashboard tunnel {client}/{name}")
-            store.set_tunnel_enabled(client, name, body.enabled)
-            if body.enabled:
-                relayd.push_tunnel({**row, "enabled": True})
-            else:
-                relayd.unpush_tunnel(client, name)
-            saved = store.tunnel(client, name)
-            assert saved is not None
-            return self._tunnel_item(saved)
+            await registry.set_tunnel_enabled(client, name, body.enabled)
+            return self._tunnel_item(client, name)
 
         @app.delete("/api/v1/tunnels/{client}/{name}", status_code=204)
         async def delete_tunnel(client: Name, name: Name, _: str = auth) -> Response:
-            if store.tunnel(client, name) is None:
-                raise HTTPException(404, f"no dashboard tunnel {client}/{name}")
-            store.delete_tunnel(client, name)
-            relayd.unpush_tunnel(client, name)
+            await registry.delete_tunnel(client, name)
             return Response(status_code=204)
 
         @app.get("/api/v1/traffic")
@@ -636,35 +586,20 @@ class Dashboard:
             since: Annotated[float, Query(ge=0, le=MAX_SINCE, allow_inf_nan=False, description="Unix seconds")] = 0,
             _: str = auth,
         ) -> dict[str, Any]:
-            series = store.traffic(client, tunnel, since)
-            # the current minute is still in memory (recorded once a minute): add it, write nothing
-            rows, _measured_at = relayd.pending_traffic()
-            step = series["step"]
-            now = int(time.time())
-            bucket = now - now % step
-            b_in = sum(r[2] for r in rows if client in ("", r[0]) and tunnel in ("", r[1]))
-            b_out = sum(r[3] for r in rows if client in ("", r[0]) and tunnel in ("", r[1]))
-            if b_in or b_out:
-                points = series["points"]
-                if points and points[-1]["ts"] == bucket:
-                    points[-1] = {"ts": bucket, "bytes_in": points[-1]["bytes_in"] + b_in,
-                                  "bytes_out": points[-1]["bytes_out"] + b_out}  # fmt: skip
-                else:
-                    points.append({"ts": bucket, "bytes_in": b_in, "bytes_out": b_out})
-            return series
+            return await registry.traffic(client, tunnel, since)
 
         @app.get("/api/v1/blocks")
         async def blocks(_: str = auth) -> list[dict[str, Any]]:
             """Addresses and client names refused for failed logins: relayc's (scope "relayc") and
             the dashboard's own sign-ins (scope "dashboard"); ``until`` is Unix seconds."""
             now, wall = time.monotonic(), time.time()
-            return [b.as_dict() for guard in (relayd.guard, self.guard) for b in guard.blocks(now, wall)]
+            return [b.as_dict() for b in (*registry.blocks(now, wall), *self.guard.blocks(now, wall))]
 
         @app.delete("/api/v1/blocks/{kind}/{value:path}", status_code=204)  # a name the peer sent may hold "/"
         async def unblock(kind: BlockKind, value: Annotated[str, PathParam(min_length=1, max_length=VALUE_MAX)],
                           _: str = auth) -> Response:  # fmt: skip
             """Lift a block: an address in both scopes, a client name in relayc's."""
-            found = relayd.guard.unblock(kind, value)
+            found = registry.unblock(kind, value)
             if kind is BlockKind.ADDRESS:
                 found = self.guard.unblock(kind, value) or found
                 self._owed.pop(value, None)
@@ -684,110 +619,42 @@ class Dashboard:
     # --- views of the data plane ---------------------------------------------------------------
 
     def _client_or_404(self, name: str) -> dict[str, Any]:
-        for c in self.client_list():
+        for c in self.registry.client_items():
             if c["name"] == name:
                 return c
         raise HTTPException(404, f"client {name!r} does not exist")
 
-    def client_list(self) -> list[dict[str, Any]]:
-        assert self.store is not None
-        out: dict[str, dict[str, Any]] = {}
-        for row in self.store.clients():
-            out[row["name"]] = {
-                "name": row["name"], "created": row["created"], "last_seen": row["last_seen"],
-                "remote_addr": row["remote_addr"], "version": row["version"], "enabled": bool(row["enabled"]),
-                "online": False, "source": "dashboard",
-            }  # fmt: skip
-        for name, s in self.relayd.sessions.items():
-            item = out.setdefault(name, {"name": name, "created": None, "enabled": True, "source": "config"})
-            item.update(online=True, remote_addr=s.remote_addr, version=s.version, last_seen=time.time())
-        return sorted(out.values(), key=lambda c: c["name"])
-
-    def _tunnel_item(self, row: dict[str, Any]) -> dict[str, Any]:
-        for t in self.tunnel_list():
-            if t["client"] == row["client"] and t["name"] == row["name"]:
+    def _tunnel_item(self, client: str, name: str) -> dict[str, Any]:
+        for t in self.registry.tunnel_items():
+            if t["client"] == client and t["name"] == name:
                 return t
         raise HTTPException(404, "tunnel vanished")
 
-    def tunnel_list(self) -> list[dict[str, Any]]:
-        relayd = self.relayd
-        assert self.store is not None
-        rows = {(r["client"], r["name"]): r for r in self.store.tunnels()}
-        refusals = relayd.refusals()
-        out: list[dict[str, Any]] = []
-        seen: set[tuple[str, str]] = set()
-        for cname, session in relayd.sessions.items():
-            for t in session.tunnels.values():
-                key = (cname, t.name)
-                seen.add(key)
-                spec = t.spec
-                out.append({
-                    "client": cname, "name": t.name, "type": spec.kind, "local_ip": spec.local_ip,
-                    "local_port": spec.local_port, "remote_port": t.port, "subdomain": spec.subdomain,
-                    "custom_domains": list(spec.custom_domains),
-                    "source": "dashboard" if key in rows else "client", "status": "active",
-                    "enabled": True, "public": self._public(spec.kind, t.port, spec.subdomain, spec.custom_domains),
-                    **t.counters.as_dict(),
-                })  # fmt: skip
-        for key, r in rows.items():
-            if key in seen:
-                continue
-            if not r["enabled"]:
-                status = "disabled"
-            elif key in refusals:
-                status = f"refused: {refusals[key]}"
-            elif r["client"] not in relayd.sessions:
-                status = "client offline"
-            else:
-                status = "pending"
-            out.append({
-                "client": r["client"], "name": r["name"], "type": r["type"], "local_ip": r["local_ip"],
-                "local_port": r["local_port"], "remote_port": r["remote_port"], "subdomain": r["subdomain"],
-                "custom_domains": r["custom_domains"], "source": "dashboard", "status": status,
-                "enabled": r["enabled"], "public": "", "bytes_in": 0, "bytes_out": 0, "conns_open": 0,
-                "conns_total": 0,
-            })  # fmt: skip
-        for key, reason in refusals.items():
-            if key not in seen and key not in rows:
-                out.append({"client": key[0], "name": key[1], "type": "?", "local_ip": "", "local_port": 0,
-                            "remote_port": 0, "subdomain": "", "custom_domains": [], "source": "client",
-                            "status": f"refused: {reason}", "enabled": True, "public": "", "bytes_in": 0,
-                            "bytes_out": 0, "conns_open": 0, "conns_total": 0})  # fmt: skip
-        return sorted(out, key=lambda t: (t["client"], t["name"]))
-
-    def _public(self, kind: str, port: int, subdomain: str, domains: tuple[str, ...]) -> str:
-        cfg = self.relayd.config
-        if kind == "tcp":
-            return f"{cfg.public_bind_addr}:{port}"
-        names = ([f"{subdomain}.{cfg.subdomain_host}"] if subdomain and cfg.subdomain_host else []) + list(domains)
-        default = 80 if kind == "http" else 443
-        return ", ".join(f"{kind}://{n}" + ("" if port == default else f":{port}") for n in names)
-
     def relayc_toml(self, name: str, token: str, request: Request) -> str:
-        cfg = self.relayd.config
-        server = cfg.bind_addr
+        server = self.node.config.bind_addr
         if server in ("0.0.0.0", "::"):
             host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
             server = host if host and not is_loopback(host) else "YOUR-VM-ADDRESS"
         lines = [
             "# relayc.toml made by the relayd dashboard",
             f'server_addr = "{server}"',
-            f"server_port = {self.relayd.port}",
+            f"server_port = {self.node.port}",
             f'name = "{name}"',
             "",
             "[auth]",
             f'token = "{token}"',
             "",
             "[tls]",
-            "enable = true" if self.relayd.fingerprint else "enable = false",
+            "enable = true" if self.node.fingerprint else "enable = false",
         ]
-        if self.relayd.fingerprint:
-            lines.append(f'server_fingerprint = "{self.relayd.fingerprint}"')
+        if self.node.fingerprint:
+            lines.append(f'server_fingerprint = "{self.node.fingerprint}"')
         lines += ["", "# Tunnels can be added here, or in the dashboard without touching this machine again."]
         return "\n".join(lines) + "\n"
 
     def metrics_text(self) -> str:
-        tunnels = self.tunnel_list()
+        tunnels = self.registry.tunnel_items()
+        active = TunnelState.ACTIVE.value
 
         def esc(v: str) -> str:
             return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -795,17 +662,20 @@ class Dashboard:
         out = [
             "# HELP relay_clients_online Clients with a live session.",
             "# TYPE relay_clients_online gauge",
-            f"relay_clients_online {len(self.relayd.sessions)}",
+            f"relay_clients_online {len(self.registry.sessions)}",
             "# HELP relay_tunnels Tunnels known, by status.",
             "# TYPE relay_tunnels gauge",
-            f'relay_tunnels{{status="active"}} {sum(1 for t in tunnels if t["status"] == "active")}',
-            f'relay_tunnels{{status="inactive"}} {sum(1 for t in tunnels if t["status"] != "active")}',
+            f'relay_tunnels{{status="active"}} {sum(1 for t in tunnels if t["state"] == active)}',
+            f'relay_tunnels{{status="inactive"}} {sum(1 for t in tunnels if t["state"] != active)}',
             "# HELP relay_connections_open Open visitor connections.",
             "# TYPE relay_connections_open gauge",
             f"relay_connections_open {sum(t['conns_open'] for t in tunnels)}",
             "# HELP relay_event_loop_lag_seconds Worst event-loop lag since the previous scrape.",
             "# TYPE relay_event_loop_lag_seconds gauge",
-            f"relay_event_loop_lag_seconds {self.relayd.loop_lag.take_worst():.6f}",
+            f"relay_event_loop_lag_seconds {self.loop_lag.take_worst():.6f}",
+            "# HELP relay_tunnel_refusals_total Tunnel registrations refused since start, by reason.",
+            "# TYPE relay_tunnel_refusals_total counter",
+            *(f'relay_tunnel_refusals_total{{reason="{r}"}} {n}' for r, n in sorted(self.refusals_by_reason.items())),
         ]
         for metric, field_name, help_text in (
             ("relay_tunnel_bytes_in_total", "bytes_in", "Bytes from visitors to the lab side."),
@@ -816,6 +686,6 @@ class Dashboard:
             kind = "gauge" if field_name == "conns_open" else "counter"
             out += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
             for t in tunnels:
-                if t["status"] == "active":
+                if t["state"] == active:
                     out.append(f'{metric}{{client="{esc(t["client"])}",tunnel="{esc(t["name"])}"}} {t[field_name]}')
         return "\n".join(out) + "\n"

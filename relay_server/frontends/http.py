@@ -1,0 +1,221 @@
+"""The HTTP vhost frontend: http tunnels routed by Host header and path on ``vhost_http_port``.
+
+Keep-alive rule: every request is routed by its own Host header and path.  A connection is bound
+to the tunnel of its first request; when a later request on it routes to another tunnel, relayd
+sends the first tunnel a FIN, lets its answer finish, then closes the connection, so the browser
+sends that request again on a new connection.  A request is therefore never delivered to the wrong
+tunnel.  Requests are parsed (``http1.RequestReader``); answers pass through untouched, so
+WebSockets, server-sent events and chunked streams flow as they are produced.  The one exception:
+after an Upgrade (or CONNECT) request, the status line of the app's answer is read
+(``http1.AnswerStatusReader``): 101 (2xx for CONNECT) makes the connection opaque, anything else
+and relayd goes on parsing requests, each routed, authenticated and given X-Forwarded-* like a
+first request.  So that the answer read is the answer to that request, an Upgrade is only honoured
+as the first request of a connection; a later one is treated like a request for another tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from relay_server.frontends.vhost import VhostFrontend, _VhostVisitor, error_response, host_of
+from relay_server.http1 import AnswerStatusReader, Body, HttpError, RequestHead, RequestReader, Tunnel
+from relay_server.tunnels import Refusal
+from shared.aio import StreamBridge
+from shared.tunnel import TunnelKind
+
+T = TypeVar("T")
+
+
+class HttpFrontend(VhostFrontend):
+    kind = TunnelKind.HTTP
+    port_key = "vhost_http_port"
+
+    def visitor(self) -> HttpVisitor:
+        return HttpVisitor(self)
+
+
+class HttpVisitor(_VhostVisitor):
+    """One visitor connection on the HTTP vhost port."""
+
+    __slots__ = ("_answer", "_requests", "_switching", "reader")
+
+    def __init__(self, frontend: VhostFrontend) -> None:
+        super().__init__(frontend)
+        self.reader = RequestReader()
+        self._switching = False  # a request routed elsewhere: finish this tunnel's answer, then close
+        self._requests = 0  # requests forwarded on this connection
+        self._answer: AnswerStatusReader | None = None  # after an Upgrade: reads the app's answer
+
+    def data_received(self, data: bytes) -> None:
+        if self._done or self._switching:
+            return
+        self._read(self.reader.feed, data)
+
+    def _read(self, step: Callable[[T], list[RequestHead | Body | Tunnel]], arg: T) -> None:
+        """Run one step of the request reader (feed, answer) and act on its events; a malformed
+        request is answered with its status."""
+        try:
+            events = step(arg)
+        except HttpError as exc:
+            self._refuse(exc.status, exc.reason)
+            return
+        self._handle(events)
+
+    def _handle(self, events: list[RequestHead | Body | Tunnel]) -> None:
+        for ev in events:
+            if type(ev) is Body:
+                StreamBridge.data_received(self, ev.data)
+            elif type(ev) is RequestHead:
+                if not self._route(ev):
+                    return
+            if self._done:
+                return
+        if self.tunnel is None or self.reader.head_in_progress:
+            self._arm_timer()  # until a first request is routed, or while a head trickles in
+        else:
+            self._cancel_timer()
+        if self.reader.more and not self._paused_local:
+            # the reader stopped after its share of work: go on in a later loop iteration, and
+            # read nothing more from the visitor meanwhile
+            self._paused_local = True
+            self._update_reading()
+            asyncio.get_running_loop().call_soon(self._parse_more)
+
+    def _parse_more(self) -> None:
+        self._paused_local = False
+        if self._done or self._switching:
+            return
+        self._read(self.reader.feed, b"")
+        if not self._paused_local:
+            self._update_reading()
+
+    def on_data(self, data: bytes | memoryview) -> None:
+        answer = self._answer
+        if answer is None:
+            super().on_data(data)
+            return
+        try:
+            status = answer.feed(data)
+        except HttpError as exc:
+            self._refuse(exc.status, exc.reason)
+            return
+        super().on_data(data)  # the app's bytes go on untouched either way
+        if status is not None:
+            self._answer = None
+            self._read(self.reader.answer, status)
+
+    def on_reset(self, code: int) -> None:
+        transport = self.transport
+        if not self._replied and transport is not None and not transport.is_closing():
+            # relayc could not reach the app (or refused the target) before any answer: say so
+            self._done = True
+            self._replied = True
+            name = self.tunnel.name if self.tunnel else "?"
+            transport.write(error_response(502, f"Tunnel {name}: the service behind it is not reachable right now."))
+            transport.close()
+            return
+        super().on_reset(code)
+
+    def _route(self, head: RequestHead) -> bool:
+        router = self.frontend.domains
+        host_header = head.get("host")
+        if head.target.startswith(("http://", "https://")):  # absolute form: its authority wins
+            host_header = head.target.split("://", 1)[1].split("/", 1)[0]
+        if not host_header:
+            self._refuse(400, "the request has no Host header")
+            return False
+        host = host_of(host_header)
+        tunnel = router.match_http(host, head.route_path)
+        if tunnel is None:
+            client = router.offline_owner(host, time.monotonic())
+            if client is not None:
+                self._refuse(502, f"The tunnel for {host} is offline: its client {client} is not connected.")
+            else:
+                self._refuse(404, f"No tunnel serves {host}{head.path}.")
+            return False
+        spec = tunnel.spec
+        headers = head.headers
+        if spec.http_user:
+            if not _basic_auth_ok(head.get("authorization"), spec.http_user, spec.http_password):
+                self._refuse(401, "This tunnel needs a user name and password.",
+                             (f'WWW-Authenticate: Basic realm="{spec.name}", charset="UTF-8"',))  # fmt: skip
+                return False
+            headers = [(k, v) for k, v in headers if k.lower() != "authorization"]  # not for the app
+        if head.is_upgrade and self._requests:
+            # Only the first request's answer is known to be the next bytes from the app: an
+            # Upgrade later on goes to a new connection, like a request for another tunnel.
+            return self._switch()
+        if self.tunnel is None:
+            refusal = self._attach(tunnel)
+            if refusal is not None:
+                if refusal is Refusal.OFFLINE:
+                    message = f"The tunnel for {host} is offline: its client {tunnel.client.name} is not connected."
+                else:
+                    message = f"Tunnel {tunnel.name}: {tunnel.refusal_text(refusal, self.visitor_ip)}."
+                self._refuse(refusal.http_status, message)
+                return False
+        elif tunnel is not self.tunnel:
+            return self._switch()
+        self._requests += 1
+        if head.is_upgrade:
+            self._answer = AnswerStatusReader()
+        forwarded = _rewrite(head, headers, host_header, self.visitor_ip, spec.host_header_rewrite)
+        StreamBridge.data_received(self, forwarded)
+        return True
+
+    def _switch(self) -> bool:
+        """A request this connection cannot carry: let the current answer finish, then close; the
+        browser sends the request again on a new connection."""
+        self._switching = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self.eof_received()
+        return False
+
+
+_FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
+
+
+def _rewrite(head: RequestHead, headers: list[tuple[str, str]], host: str, visitor_ip: str, host_rewrite: str) -> bytes:
+    index = head.index
+    if headers is head.headers and not host_rewrite and head.raw and index.keys().isdisjoint(_FORWARDED):
+        # The usual request: nothing to drop or change, so the head goes on as received (the
+        # parser checked every line) with relayd's X-Forwarded-* lines added.
+        added = f"X-Forwarded-For: {visitor_ip}\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: {host}\r\n\r\n"
+        return head.raw + added.encode("latin-1")
+    out: list[tuple[str, str]] = []
+    forwarded_for = ""
+    for k, v in headers:
+        lk = k.lower()
+        if lk == "x-forwarded-for":
+            forwarded_for = f"{forwarded_for}, {v}" if forwarded_for else v
+        elif lk in ("x-forwarded-proto", "x-forwarded-host"):
+            continue  # set by relayd, never trusted from the visitor
+        elif lk == "host" and host_rewrite:
+            out.append((k, host_rewrite))
+        else:
+            out.append((k, v))
+    out.append(("X-Forwarded-For", f"{forwarded_for}, {visitor_ip}" if forwarded_for else visitor_ip))
+    out.append(("X-Forwarded-Proto", "http"))
+    out.append(("X-Forwarded-Host", host))
+    return head.encode(out)
+
+
+def _basic_auth_ok(value: str | None, user: str, password: str) -> bool:
+    if not value or value[:6].lower() != "basic ":
+        return False
+    try:
+        decoded = base64.b64decode(value[6:].strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    got_user, sep, got_password = decoded.partition(b":")
+    ok_user = hmac.compare_digest(got_user, user.encode())
+    ok_password = hmac.compare_digest(got_password, password.encode())
+    return bool(sep) and ok_user and ok_password

@@ -1,0 +1,85 @@
+"""The TCP frontend: one public listener per tcp tunnel, each visitor connection one stream."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+from relay_server.claims import PortClaims
+from relay_server.frontends.base import Frontend
+from relay_server.tunnels import PublicTunnel
+from shared.aio import StreamBridge
+from shared.burst import BurstLog
+from shared.tunnel import TunnelKind
+
+PROTOCOL = "tcp"
+
+
+class TcpFrontend(Frontend):
+    kind = TunnelKind.TCP
+
+    def __init__(self, ports: PortClaims, burst_log: BurstLog) -> None:
+        self.ports = ports
+        self.burst_log = burst_log
+
+    async def claim(self, tunnel: PublicTunnel) -> str:
+        loop = asyncio.get_running_loop()
+
+        async def listen(port: int) -> int:
+            server = await loop.create_server(lambda: VisitorBridge(tunnel, self.burst_log), tunnel.bind_host, port,
+                                              reuse_address=True, backlog=1024)  # fmt: skip
+            tunnel.claim = server
+            return int(server.sockets[0].getsockname()[1])
+
+        tunnel.port = await self.ports.claim(tunnel, PROTOCOL, tunnel.spec.remote_port, listen,
+                                             lambda: self.stop_accepting(tunnel))  # fmt: skip
+        return f"{tunnel.bind_host}:{tunnel.port}"
+
+    def stop_accepting(self, tunnel: PublicTunnel) -> None:
+        server = tunnel.claim
+        if server is not None:
+            cast(asyncio.AbstractServer, server).close()
+            tunnel.claim = None
+
+    def release(self, tunnel: PublicTunnel, client_gone: bool) -> None:
+        self.ports.release(tunnel, PROTOCOL, tunnel.port, client_gone)
+        self.stop_accepting(tunnel)
+        tunnel.reset_visitors()
+
+
+class VisitorBridge(StreamBridge):
+    """A public visitor connection: opens a stream to relayc carrying the tunnel name first."""
+
+    __slots__ = ("burst_log", "tunnel")
+
+    def __init__(self, tunnel: PublicTunnel, burst_log: BurstLog) -> None:
+        super().__init__(tunnel.client.mux)  # counters are attached once the visitor is admitted
+        self.tunnel = tunnel
+        self.burst_log = burst_log
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        tunnel = self.tunnel
+        peer = transport.get_extra_info("peername")
+        visitor = f"{peer[0]}:{peer[1]}" if peer else ""
+        visitor_ip = str(peer[0]) if peer else ""
+        refusal = tunnel.refusal(visitor_ip)
+        if refusal is not None:
+            self.burst_log.warning(
+                f"refuse:{tunnel.client_name}:{tunnel.name}", "client %s tunnel %s: visitor %s refused: %s",
+                tunnel.client_name, tunnel.name, visitor, tunnel.refusal_text(refusal, visitor_ip),
+            )  # fmt: skip
+            self.transport = transport
+            self._done = True
+            transport.abort()
+            return
+        self.transport = transport
+        if not tunnel.attach(self, visitor):
+            self._done = True
+            transport.abort()
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.tunnel.detach(self)
+        super().connection_lost(exc)

@@ -1,0 +1,680 @@
+"""The registry: everything relayd knows about clients and tunnels, in one place.
+
+Theory of operation
+===================
+
+The registry owns the live sessions (one per client name), the open tunnels of each, the claim
+tables (``ports``: who holds which port, per protocol; ``domains``: who owns which domain and
+location), the refusals, the login guard's blocks, the lasting traffic counters, and a cache of
+what the store holds (dashboard clients and tunnels).  Every cross-client rule and every
+per-client cap is checked here, once: control sessions (``control.py``) and the dashboard call its
+commands; frontends (``frontends/``) are handed the claim tables and never decide ownership.
+
+Commands change state and raise a typed error (``shared.errors``: ``TunnelRefused`` with a
+``TunnelRefusal``, ``NotFound``, ``Conflict``, ``InvalidField``); queries return plain values for
+views.  Observers ``subscribe`` to typed events (``ClientOnline``, ``TunnelOpened``, ...).
+
+Changes made through the store (a dashboard tunnel defined, a client disabled or given a new
+token) take effect through the store's change feed only (``_on_change``), so a change written by
+another node sharing the database is applied the same way as one made here: the registry reads
+the current state back and pushes, removes or disconnects accordingly.  Commands update the cache
+at once so that their answer shows what they did.
+
+Counters: each (client, tunnel name) has one ``Lasting`` counter, loaded from the store's totals
+at start and handed to every incarnation of that tunnel, so totals survive reconnects; what is
+not yet recorded is written once a minute and at shutdown (``flush_traffic``).  How many are kept
+is bounded per client and in total; the oldest of a client's inactive tunnels go first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from relay_server.claims import DomainClaims, PortClaims
+from relay_server.frontends.base import Frontend
+from relay_server.guard import Block, BlockKind, LoginGuard
+from relay_server.stores.base import Change, ChangeKind, ClientRecord, Store, TrafficDelta, TunnelRecord
+from relay_server.tunnels import PublicTunnel
+from shared.aio import TrafficCounters
+from shared.burst import BurstLog
+from shared.config import ServerConfig
+from shared.errors import Conflict, InvalidField, NotFound, TunnelRefusal, TunnelRefused
+from shared.frames import GoAwayCode
+from shared.schema import SchemaError, key_path
+from shared.tunnel import TunnelKind, TunnelSpec
+
+if TYPE_CHECKING:
+    from relay_server.control import ClientSession
+
+log = logging.getLogger("relayd")
+
+REFUSALS_LOGGED_EACH = 32  # per client name: refusals logged one line each before one line per burst
+TOTALS_PER_CLIENT = 1024  # lasting counters kept per client name (inactive ones beyond go, oldest first)
+TOTALS_KEPT = 100_000  # and in all
+MAX_SINCE = 2**40
+
+
+class TunnelState(str, enum.Enum):
+    """Where a tunnel is, as the API shows it (``status`` adds the refusal's text)."""
+
+    ACTIVE = "active"
+    PENDING = "pending"  # defined in the dashboard, pushed, not registered yet
+    DISABLED = "disabled"
+    OFFLINE = "client offline"
+    REFUSED = "refused"
+
+
+class TunnelSource(str, enum.Enum):
+    CLIENT = "client"  # from the client's relayc.toml
+    DASHBOARD = "dashboard"  # defined in the dashboard (the store), pushed to the client
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientOnline:
+    client: str
+    remote_addr: str
+
+
+@dataclass(frozen=True)
+class ClientOffline:
+    client: str
+
+
+@dataclass(frozen=True)
+class TunnelOpened:
+    client: str
+    tunnel: str
+    kind: TunnelKind
+    public: str
+
+
+@dataclass(frozen=True)
+class TunnelClosed:
+    client: str
+    tunnel: str
+
+
+@dataclass(frozen=True)
+class TunnelRefusedEvent:
+    client: str
+    tunnel: str
+    reason: TunnelRefusal
+    text: str
+
+
+Event = ClientOnline | ClientOffline | TunnelOpened | TunnelClosed | TunnelRefusedEvent
+
+
+class Lasting:
+    """The lasting counters of one (client, tunnel name), and how much of them is recorded."""
+
+    __slots__ = ("counters", "recorded", "since")
+
+    def __init__(self, since: float, bytes_in: int = 0, bytes_out: int = 0, conns_total: int = 0) -> None:
+        self.counters = TrafficCounters()
+        self.counters.bytes_in, self.counters.bytes_out, self.counters.conns_total = bytes_in, bytes_out, conns_total
+        self.recorded = (bytes_in, bytes_out, conns_total)
+        self.since = since
+
+    def pending(self) -> tuple[int, int, int]:
+        c, (r_in, r_out, r_conns) = self.counters, self.recorded
+        return c.bytes_in - r_in, c.bytes_out - r_out, c.conns_total - r_conns
+
+    def as_dict(self) -> dict[str, Any]:
+        c = self.counters
+        return {"bytes_in": c.bytes_in, "bytes_out": c.bytes_out, "conns_open": c.conns_open,
+                "conns_total": c.conns_total, "totals_since": self.since}  # fmt: skip
+
+
+_NO_TOTALS = {"bytes_in": 0, "bytes_out": 0, "conns_open": 0, "conns_total": 0, "totals_since": None}
+
+
+class Registry:
+    def __init__(self, config: ServerConfig, store: Store, guard: LoginGuard, burst_log: BurstLog) -> None:
+        self.config = config
+        self.store = store
+        self.guard = guard
+        self.burst_log = burst_log
+        self.ports = PortClaims(config.port_ranges, config.max_ports_per_client)
+        self.domains = DomainClaims(config.subdomain_host)
+        self.frontends: dict[TunnelKind, Frontend] = {}
+        self.sessions: dict[str, ClientSession] = {}
+        self.clients: dict[str, ClientRecord] = {}  # made in the dashboard (the store's, cached)
+        self.defined: dict[tuple[str, str], TunnelRecord] = {}  # dashboard tunnels (the store's, cached)
+        self._lasting: dict[tuple[str, str], Lasting] = {}
+        self._inactive: dict[
+            str, dict[str, None]
+        ] = {}  # client -> its tunnels without a live incarnation, oldest first
+        self._live: dict[tuple[str, str], int] = {}  # incarnations open per key (0 or 1, briefly 2 on a replace)
+        self._listeners: list[Callable[[Event], None]] = []
+        self._refusal_logs: dict[str, int] = {}  # client name -> refusals logged one by one
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- wiring ---------------------------------------------------------------------------------
+
+    def add_frontend(self, frontend: Frontend) -> None:
+        self.frontends[frontend.kind] = frontend
+
+    async def load(self) -> None:
+        """Read the store (clients, dashboard tunnels, totals) and follow its change feed."""
+        self.clients = {c.name: c for c in await self.store.clients()}
+        self.defined = {(t.client, t.spec.name): t for t in await self.store.tunnels()}
+        for (client, tunnel), totals in (await self.store.totals()).items():
+            self._lasting[(client, tunnel)] = Lasting(totals.since, totals.bytes_in, totals.bytes_out,
+                                                      totals.conns_total)  # fmt: skip
+            self._inactive.setdefault(client, {})[tunnel] = None
+        self.store.subscribe(self._on_change)
+
+    def subscribe(self, listener: Callable[[Event], None]) -> None:
+        self._listeners.append(listener)
+
+    def _emit(self, event: Event) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("registry: an event listener failed on %s", event)
+
+    def _spawn(self, coro: Any, what: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("registry: %s failed", what, exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    # --- sessions (called by control sessions) --------------------------------------------------
+
+    def token_for(self, client_name: str) -> str | None:
+        """A client made in the dashboard logs in with its own token (none while disabled); any
+        other name with the shared ``[auth] token``."""
+        record = self.clients.get(client_name)
+        if record is not None:
+            return record.token if record.enabled else None
+        return self.config.auth.token or None
+
+    def register(self, session: ClientSession) -> None:
+        """``session`` logged in: it holds the name now (a previous one is ended), what was
+        reserved for it may be claimed back, and its dashboard tunnels are pushed to it."""
+        name = session.name
+        old = self.sessions.get(name)
+        if old is not None and old is not session:
+            log.info("client %s: a new session from %s replaces the one from %s", name, session.remote_addr,
+                     old.remote_addr)  # fmt: skip
+            old.end(GoAwayCode.REPLACED)
+        self.sessions[name] = session
+        now = time.monotonic()
+        self.domains.owner_returned(name, now)
+        self.ports.owner_returned(name, now)
+        self._emit(ClientOnline(name, session.remote_addr))
+        if name in self.clients:
+            self._spawn(self.store.touch_client(name, session.remote_addr, session.version, time.time()),
+                        f"remembering the login of {name}")  # fmt: skip
+        for (client, _), record in self.defined.items():
+            if client == name and record.enabled:
+                session.push(record.spec)
+
+    def session_closed(self, session: ClientSession) -> None:
+        if self.sessions.get(session.name) is session:
+            del self.sessions[session.name]
+            self.burst_log.forget(f"tunnel-refused:{session.name}")
+            self._emit(ClientOffline(session.name))
+
+    def kick(self, client: str) -> bool:
+        session = self.sessions.get(client)
+        if session is None:
+            return False
+        log.info("client %s: kicked by the operator", client)
+        session.end(GoAwayCode.KICKED)
+        return True
+
+    # --- tunnels (called by control sessions) ---------------------------------------------------
+
+    def check_cap(self, session: ClientSession, name: str) -> None:
+        cap = self.config.max_tunnels_per_client
+        if cap and name not in session.tunnels and len(session.tunnels) >= cap:
+            text = f"client {session.name!r} already has max_tunnels_per_client={cap} tunnels"
+            raise TunnelRefused(TunnelRefusal.TOO_MANY_TUNNELS, text)
+
+    async def open_tunnel(self, session: ClientSession, spec: TunnelSpec) -> PublicTunnel | None:
+        """Open ``spec`` for ``session`` (replacing its tunnel of that name): claimed by its kind's
+        frontend.  None if the session ended meanwhile; ``TunnelRefused`` if it may not be."""
+        self.check_cap(session, spec.name)
+        old = session.tunnels.pop(spec.name, None)
+        if old is not None:
+            self.close_tunnel(old, client_gone=False)
+        frontend = self.frontends.get(spec.type)
+        if frontend is None:
+            raise TunnelRefused(TunnelRefusal.KIND_OFF, f"{spec.type} tunnels are not served by this relayd")
+        key = (session.name, spec.name)
+        tunnel = PublicTunnel(session, spec, self.config.limits, self._lasting_for(key).counters,
+                              self.config.public_bind_addr)  # fmt: skip
+        self._live[key] = self._live.get(key, 0) + 1
+        try:
+            tunnel.public = await frontend.claim(tunnel)
+        except BaseException:
+            self._went_inactive(key)
+            raise
+        session.refusals.pop(spec.name, None)
+        if not session.ready:  # the session ended while the frontend was binding
+            self.close_tunnel(tunnel, client_gone=True)
+            return None
+        session.tunnels[spec.name] = tunnel
+        self._emit(TunnelOpened(session.name, spec.name, spec.type, tunnel.public))
+        return tunnel
+
+    def close_tunnel(self, tunnel: PublicTunnel, client_gone: bool) -> None:
+        """Release what the tunnel's frontend holds for it and reset its visitors."""
+        self.frontends[tunnel.spec.type].release(tunnel, client_gone)
+        self.burst_log.forget(f"refuse:{tunnel.client_name}:{tunnel.name}")
+        self._went_inactive((tunnel.client_name, tunnel.name))
+        self._emit(TunnelClosed(tunnel.client_name, tunnel.name))
+
+    def stop_accepting(self, tunnel: PublicTunnel) -> None:
+        self.frontends[tunnel.spec.type].stop_accepting(tunnel)
+
+    def refused(self, session: ClientSession, name: str, reason: TunnelRefusal, text: str) -> None:
+        """Remember and log why a tunnel of ``session`` is not active (the first few per client
+        one line each, then one line per burst: a client cannot flood the log)."""
+        session.remember_refusal(name, reason, text)
+        if self._count_refusal_log(session.name) <= REFUSALS_LOGGED_EACH:
+            log.warning("client %s tunnel %s refused: %s", session.name, name, text)
+        else:
+            self.burst_log.warning(f"tunnel-refused:{session.name}", "client %s tunnel %s refused: %s",
+                                   session.name, name, text)  # fmt: skip
+        self._emit(TunnelRefusedEvent(session.name, name, reason, text))
+
+    def _count_refusal_log(self, client: str) -> int:
+        counts = self._refusal_logs
+        n = counts.pop(client, 0) + 1
+        counts[client] = n
+        if len(counts) > 1024:  # names come from peers: keep the most recent ones only
+            del counts[next(iter(counts))]
+        return n
+
+    # --- lasting counters -----------------------------------------------------------------------
+
+    def _lasting_for(self, key: tuple[str, str]) -> Lasting:
+        lasting = self._lasting.get(key)
+        client, tunnel = key
+        if lasting is None:
+            self._evict_for(client)
+            lasting = self._lasting[key] = Lasting(float(int(time.time())))
+        else:
+            inactive = self._inactive.get(client)
+            if inactive is not None:
+                inactive.pop(tunnel, None)
+                if not inactive:
+                    del self._inactive[client]
+        return lasting
+
+    def _went_inactive(self, key: tuple[str, str]) -> None:
+        left = self._live.get(key, 0) - 1
+        if left > 0:
+            self._live[key] = left
+            return
+        self._live.pop(key, None)
+        if key in self._lasting:
+            self._inactive.setdefault(key[0], {})[key[1]] = None
+
+    def _evict_for(self, client: str) -> None:
+        """Room for one more lasting counter of ``client``: drop the oldest inactive ones over the
+        per-client or total bound (never a dashboard tunnel's)."""
+        inactive = self._inactive.get(client, {})
+        mine = sum(1 for c, _ in self._lasting if c == client) if len(inactive) >= TOTALS_PER_CLIENT // 2 else 0
+        over_total = len(self._lasting) >= TOTALS_KEPT
+        if mine < TOTALS_PER_CLIENT and not over_total:
+            return
+        victims = inactive if mine >= TOTALS_PER_CLIENT else next(iter(self._inactive.values()), {})
+        owner = client if mine >= TOTALS_PER_CLIENT else next(iter(self._inactive), client)
+        for tunnel in list(victims):
+            if (owner, tunnel) not in self.defined:
+                self._drop_lasting(owner, tunnel)
+                return
+
+    def _drop_lasting(self, client: str, tunnel: str) -> None:
+        self._lasting.pop((client, tunnel), None)
+        inactive = self._inactive.get(client)
+        if inactive is not None:
+            inactive.pop(tunnel, None)
+            if not inactive:
+                del self._inactive[client]
+        self._spawn(self.store.drop_totals(client, tunnel), f"forgetting the totals of {client}/{tunnel}")
+
+    def pending_traffic(self) -> list[TrafficDelta]:
+        """What the counters hold that the store does not yet (reads only)."""
+        out = []
+        for (client, tunnel), lasting in self._lasting.items():
+            d_in, d_out, d_conns = lasting.pending()
+            if d_in or d_out or d_conns:
+                out.append(TrafficDelta(client, tunnel, d_in, d_out, d_conns, lasting.since))
+        return out
+
+    async def flush_traffic(self) -> None:
+        """Record what is pending in the current minute's bucket and the totals (once a minute,
+        and at shutdown)."""
+        deltas = self.pending_traffic()
+        if not deltas:
+            return
+        marks = {(d.client, d.tunnel): (d.bytes_in, d.bytes_out, d.conns) for d in deltas}
+        now = int(time.time())
+        await self.store.record_traffic(now - now % 60, deltas)
+        for key, (d_in, d_out, d_conns) in marks.items():
+            lasting = self._lasting.get(key)
+            if lasting is not None:
+                r_in, r_out, r_conns = lasting.recorded
+                lasting.recorded = (r_in + d_in, r_out + d_out, r_conns + d_conns)
+
+    async def record_traffic_forever(self) -> None:
+        while True:
+            await asyncio.sleep(60 - time.time() % 60 + 0.05)
+            try:
+                await self.flush_traffic()
+            except Exception:
+                log.exception("registry: recording traffic failed (kept for the next minute)")
+
+    # --- commands from the dashboard ------------------------------------------------------------
+
+    async def create_client(self, name: str) -> ClientRecord:
+        if name in self.sessions and name not in self.clients:
+            raise Conflict(f"client {name!r} is connected with the shared token; pick another name")
+        record = await self.store.create_client(name, secrets.token_urlsafe(32))
+        self.clients[name] = record
+        return record
+
+    async def rotate_token(self, name: str) -> str:
+        record = self._dashboard_client(name)
+        token = secrets.token_urlsafe(32)
+        await self.store.set_client_token(name, token)
+        self.clients[name] = _replace(record, token=token)
+        return token
+
+    async def set_client_enabled(self, name: str, enabled: bool) -> None:
+        record = self.clients.get(name)
+        if record is None and name not in self.sessions:
+            raise NotFound(f"client {name!r} does not exist")
+        if record is not None:
+            await self.store.set_client_enabled(name, enabled)
+            self.clients[name] = _replace(record, enabled=enabled)
+        if not enabled:
+            self.kick(name)
+
+    async def delete_client(self, name: str) -> None:
+        self._dashboard_client(name)
+        await self.store.delete_client(name)
+        self.clients.pop(name, None)
+        self.kick(name)
+        for key in [k for k in self.defined if k[0] == name]:
+            del self.defined[key]
+        for key in [k for k in self._lasting if k[0] == name]:
+            self._lasting.pop(key)
+        self._inactive.pop(name, None)
+
+    async def define_tunnel(self, body: Any) -> TunnelRecord:
+        """A tunnel defined in the dashboard: ``body`` is relayc.toml's ``[[tunnels]]`` keys plus
+        ``client``.  ``InvalidField`` naming the key, ``NotFound`` for an unknown client,
+        ``Conflict`` for a name, port or cap already taken."""
+        if not isinstance(body, dict):
+            raise InvalidField("body", "expected a JSON object")
+        fields = dict(body)
+        client = fields.pop("client", None)
+        if not isinstance(client, str) or not client:
+            raise InvalidField("client", "required: the name of the client the tunnel belongs to")
+        try:
+            spec = TunnelSpec.parse(fields)
+        except SchemaError as exc:
+            where, why = exc.problems[0]
+            raise InvalidField(key_path(where) or "body", why) from None
+        if client not in self.clients and client not in self.sessions:
+            raise NotFound(f"client {client!r} does not exist")
+        key = (client, spec.name)
+        session = self.sessions.get(client)
+        if key in self.defined:
+            raise Conflict(f"client {client!r} already has a tunnel named {spec.name!r}", TunnelRefusal.NAME_TAKEN)
+        if session is not None and spec.name in session.tunnels:
+            raise Conflict(f"client {client!r} already has a tunnel named {spec.name!r} (from relayc.toml)",
+                           TunnelRefusal.NAME_TAKEN)  # fmt: skip
+        cap = self.config.max_tunnels_per_client
+        if cap:  # every tunnel the client has: stored in the dashboard, and live from its relayc.toml
+            names = {n for c, n in self.defined if c == client} | set(session.tunnels if session else ())
+            if len(names) >= cap:
+                raise Conflict(f"client {client!r} already has {len(names)} tunnels: max_tunnels_per_client is {cap}",
+                               TunnelRefusal.TOO_MANY_TUNNELS)  # fmt: skip
+        if spec.type is TunnelKind.TCP and spec.remote_port:
+            self._check_port_free(client, spec.remote_port)
+        record = TunnelRecord(client=client, spec=spec, enabled=True, created=time.time())
+        await self.store.add_tunnel(record)
+        self.defined[key] = record
+        return record
+
+    def _check_port_free(self, client: str, port: int) -> None:
+        if port not in self.ports.allowed:
+            raise InvalidField("remote_port", f"{port} is not in allow_ports ({self.ports.allowed.text})")
+        holder = self.ports.holder("tcp", port)
+        if holder is not None:
+            raise Conflict(f"port {port} is already used by client {holder.client_name!r} tunnel {holder.name!r}",
+                           TunnelRefusal.PORT_TAKEN)  # fmt: skip
+        for (c, n), record in self.defined.items():
+            if record.spec.type is TunnelKind.TCP and record.spec.remote_port == port:
+                raise Conflict(f"port {port} is already used by client {c!r} tunnel {n!r}", TunnelRefusal.PORT_TAKEN)
+
+    async def set_tunnel_enabled(self, client: str, name: str, enabled: bool) -> TunnelRecord:
+        record = self._defined(client, name)
+        await self.store.set_tunnel_enabled(client, name, enabled)
+        updated: TunnelRecord = _replace(record, enabled=enabled)
+        self.defined[(client, name)] = updated
+        return updated
+
+    async def delete_tunnel(self, client: str, name: str) -> None:
+        self._defined(client, name)
+        await self.store.delete_tunnel(client, name)
+        self.defined.pop((client, name), None)
+
+    def unblock(self, kind: BlockKind, value: str) -> bool:
+        return self.guard.unblock(kind, value)
+
+    def _dashboard_client(self, name: str) -> ClientRecord:
+        record = self.clients.get(name)
+        if record is None:
+            raise NotFound(f"client {name!r} was not created in the dashboard")
+        return record
+
+    def _defined(self, client: str, name: str) -> TunnelRecord:
+        record = self.defined.get((client, name))
+        if record is None:
+            raise NotFound(f"no dashboard tunnel {client}/{name}")
+        return record
+
+    # --- the change feed ------------------------------------------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        self._spawn(self._apply(change), f"applying {change}")
+
+    async def _apply(self, change: Change) -> None:
+        """Make the live state follow what the store now holds for ``change``'s subject."""
+        name = change.client
+        if change.kind is ChangeKind.CLIENT:
+            record = await self.store.client(name)
+            old = self.clients.get(name)
+            if record is None:
+                self.clients.pop(name, None)
+            else:
+                self.clients[name] = record
+            session = self.sessions.get(name)
+            if session is None:
+                return
+            if record is None:  # deleted: a session that logged in with its token goes
+                stale = old is not None or session.token_used != self.config.auth.token
+            else:  # disabled, or given a new token: the session logged in with the old one goes
+                stale = not record.enabled or session.token_used != record.token
+            if stale:
+                self.kick(name)
+            return
+        key = (name, change.tunnel)
+        tunnel_record = await self.store.tunnel(name, change.tunnel)
+        if tunnel_record is None:
+            self.defined.pop(key, None)
+            if key in self._lasting and not self._live.get(key):
+                self._drop_lasting(*key)
+        else:
+            self.defined[key] = tunnel_record
+        session = self.sessions.get(name)
+        if session is None or not session.ready:
+            return
+        if tunnel_record is not None and tunnel_record.enabled:
+            if session.pushed.get(change.tunnel) != tunnel_record.spec:
+                session.push(tunnel_record.spec)
+        elif change.tunnel in session.pushed:
+            session.unpush(change.tunnel)
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def refusals(self) -> dict[tuple[str, str], tuple[TunnelRefusal, str]]:
+        """Why each refused tunnel of a connected client is not active.  Built on each call."""
+        return {(name, t): why for name, s in self.sessions.items() for t, why in s.refusals.items()}
+
+    def blocks(self, now: float, wall: float) -> list[Block]:
+        return self.guard.blocks(now, wall)
+
+    def public_address(self, spec: TunnelSpec, port: int) -> str:
+        if spec.type is TunnelKind.TCP:
+            return f"{self.config.public_bind_addr}:{port}"
+        frontend = self.frontends.get(spec.type)
+        port = frontend.bound_port if frontend is not None else port
+        cfg = self.config
+        names = [f"{spec.subdomain}.{cfg.subdomain_host}"] if spec.subdomain and cfg.subdomain_host else []
+        names += spec.custom_domains
+        default = 80 if spec.type is TunnelKind.HTTP else 443
+        return ", ".join(f"{spec.type}://{n}" + ("" if port == default else f":{port}") for n in names)
+
+    def _totals(self, client: str, tunnel: str) -> dict[str, Any]:
+        lasting = self._lasting.get((client, tunnel))
+        return lasting.as_dict() if lasting is not None else dict(_NO_TOTALS)
+
+    def tunnel_items(self) -> list[dict[str, Any]]:
+        """Every tunnel: live ones, dashboard ones that are not live, refused ones; as the API
+        shows them (``http_password`` never included)."""
+        refusals = self.refusals()
+        out: list[dict[str, Any]] = []
+        seen: set[tuple[str, str]] = set()
+        for cname, session in self.sessions.items():
+            for t in session.tunnels.values():
+                key = (cname, t.name)
+                seen.add(key)
+                out.append({
+                    "client": cname, **t.spec.to_dict(secrets=False), "remote_port": t.port,
+                    "source": (TunnelSource.DASHBOARD if key in self.defined else TunnelSource.CLIENT).value,
+                    "state": TunnelState.ACTIVE.value, "status": TunnelState.ACTIVE.value, "reason": None,
+                    "enabled": True, "public": t.public or self.public_address(t.spec, t.port),
+                    **self._totals(cname, t.name),
+                })  # fmt: skip
+        for key, record in self.defined.items():
+            if key in seen:
+                continue
+            refusal = refusals.get(key)
+            if not record.enabled:
+                state = TunnelState.DISABLED
+            elif refusal is not None:
+                state = TunnelState.REFUSED
+            elif key[0] not in self.sessions:
+                state = TunnelState.OFFLINE
+            else:
+                state = TunnelState.PENDING
+            out.append({
+                "client": key[0], **record.spec.to_dict(secrets=False), "source": TunnelSource.DASHBOARD.value,
+                "state": state.value, "status": _status(state, refusal),
+                "reason": refusal[0].value if refusal else None,
+                "enabled": record.enabled, "public": "", **self._totals(*key),
+            })  # fmt: skip
+        for key, (reason, text) in refusals.items():
+            if key not in seen and key not in self.defined:
+                out.append({"client": key[0], "name": key[1], "type": "?", "local_ip": "", "local_port": 0,
+                            "remote_port": 0, "subdomain": "", "custom_domains": [],
+                            "source": TunnelSource.CLIENT.value,
+                            "state": TunnelState.REFUSED.value, "status": f"refused: {text}", "reason": reason.value,
+                            "enabled": True, "public": "", **self._totals(*key)})  # fmt: skip
+        return sorted(out, key=lambda t: (t["client"], t["name"]))
+
+    def client_items(self) -> list[dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for record in self.clients.values():
+            out[record.name] = {
+                "name": record.name, "created": record.created, "last_seen": record.last_seen,
+                "remote_addr": record.remote_addr, "version": record.version, "enabled": record.enabled,
+                "online": False, "source": TunnelSource.DASHBOARD.value,
+            }  # fmt: skip
+        for name, s in self.sessions.items():
+            item = out.setdefault(name, {"name": name, "created": None, "enabled": True,
+                                         "source": "config"})  # fmt: skip
+            item.update(online=True, remote_addr=s.remote_addr, version=s.version, last_seen=time.time())
+        sums: dict[str, list[Any]] = {}
+        for (client, _), lasting in self._lasting.items():
+            if client in out:
+                c = lasting.counters
+                acc = sums.setdefault(client, [0, 0, 0, lasting.since])
+                acc[0] += c.bytes_in
+                acc[1] += c.bytes_out
+                acc[2] += c.conns_total
+                acc[3] = min(acc[3], lasting.since)
+        for name, item in out.items():
+            b_in, b_out, conns, since = sums.get(name, (0, 0, 0, None))
+            item.update(bytes_in=b_in, bytes_out=b_out, conns_total=conns, totals_since=since)
+        return sorted(out.values(), key=lambda c: c["name"])
+
+    async def traffic(self, client: str, tunnel: str, since: float) -> dict[str, Any]:
+        """Per-minute (or hourly) buckets from ``since`` (default: the last hour), the current
+        minute included from memory."""
+        now = time.time()
+        since = since or now - 3600
+        step, rows = await self.store.traffic(client, tunnel, since, now)
+        points = [{"ts": ts, "bytes_in": b_in, "bytes_out": b_out} for ts, b_in, b_out in rows]
+        pending = [d for d in self.pending_traffic() if client in ("", d.client) and tunnel in ("", d.tunnel)]
+        b_in, b_out = sum(d.bytes_in for d in pending), sum(d.bytes_out for d in pending)
+        if b_in or b_out:
+            bucket = int(now) - int(now) % step
+            if points and points[-1]["ts"] == bucket:
+                last = points[-1]
+                points[-1] = {"ts": bucket, "bytes_in": last["bytes_in"] + b_in, "bytes_out": last["bytes_out"] + b_out}
+            else:
+                points.append({"ts": bucket, "bytes_in": b_in, "bytes_out": b_out})
+        return {"step": step, "points": points}
+
+    def overview(self) -> dict[str, Any]:
+        tunnels = self.tunnel_items()
+        return {
+            "clients_online": len(self.sessions),
+            "clients_total": len(set(self.clients) | set(self.sessions)),
+            "tunnels_active": sum(1 for t in tunnels if t["state"] == TunnelState.ACTIVE.value),
+            "tunnels_total": len(tunnels),
+            "conns_open": sum(t["conns_open"] for t in tunnels),
+            "bytes_in": sum(t["bytes_in"] for t in tunnels),
+            "bytes_out": sum(t["bytes_out"] for t in tunnels),
+        }
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _status(state: TunnelState, refusal: tuple[TunnelRefusal, str] | None) -> str:
+    if state is TunnelState.REFUSED and refusal is not None:
+        return f"refused: {refusal[1]}"
+    return state.value
+
+
+def _replace(record: Any, **changes: Any) -> Any:
+    return dataclasses.replace(record, **changes)
