@@ -28,7 +28,7 @@ from shared.checks import (
     check_sources,
 )
 from shared.limits import parse_rate
-from shared.schema import Loc, SchemaError, Table, key
+from shared.schema import Loc, SchemaError, ShapeProblem, Table, key
 
 
 class TunnelKind(str, enum.Enum):
@@ -88,7 +88,7 @@ class TunnelSpec(Table):
             spec = cls.from_table(data)
         except SchemaError as exc:
             if loc:
-                exc.problems = [type(p)(((*loc, *p[0]), p[1])) for p in exc.problems]
+                exc.problems = [_moved(p, loc) for p in exc.problems]
             raise
         problem = spec.kind_problem()
         if problem is not None:
@@ -131,6 +131,12 @@ class TunnelSpec(Table):
         if bool(self.http_user) != bool(self.http_password):
             return "http_password", "http_user and http_password must be given together"
         return None
+
+
+def _moved(problem: tuple[Loc, str], loc: Loc) -> tuple[Loc, str]:
+    """``problem`` under the key path ``loc``, still a shape problem if it was one."""
+    moved = ((*loc, *problem[0]), problem[1])
+    return ShapeProblem(moved) if isinstance(problem, ShapeProblem) else moved  # type: ignore[return-value]
 
 
 def _default(f: Any) -> Any:

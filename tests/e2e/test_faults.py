@@ -253,15 +253,16 @@ def test_200_clients_and_1000_new_connections_per_second(tmp_path: Path, procs: 
     echod_log = open(tmp_path / "echod.log", "wb")  # noqa: SIM115
     echod = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "bench.echod", str(echod_port)], env=env,
                              stderr=echod_log)  # fmt: skip
-    d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port, limits={"max_preauth_per_ip": 512}))
-    fingerprint = d.wait_for(r"fingerprint: (sha256:[0-9a-f]+)").group(1)
-    (tmp_path / "first_port").write_text(str(first))
-    many = subprocess.Popen(
-        [sys.executable, "-m", "tests.e2e.many_clients", str(tmp_path), str(port), fingerprint, "200", "5",
-         str(echod_port), TOKEN],
-        env=env, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    many: subprocess.Popen[str] | None = None
     try:
+        d = spawn(procs, "relay_server.cli", relayd_config(tmp_path, port, limits={"max_preauth_per_ip": 512}))
+        fingerprint = d.wait_for(r"fingerprint: (sha256:[0-9a-f]+)").group(1)
+        (tmp_path / "first_port").write_text(str(first))
+        many = subprocess.Popen(
+            [sys.executable, "-m", "tests.e2e.many_clients", str(tmp_path), str(port), fingerprint, "200", "5",
+             str(echod_port), TOKEN],
+            env=env, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
         assert many.stdout is not None
         deadline = time.monotonic() + 120
         line = ""
@@ -301,9 +302,10 @@ def test_200_clients_and_1000_new_connections_per_second(tmp_path: Path, procs: 
         print(f"relayd fds {fds_before}->{fd_count(pid)}, RSS {rss_before:.1f}->{rss_mib(pid):.1f} MiB")
         assert len(d.output.split("logged in from")) - 1 >= 200
     finally:
-        many.kill()
+        if many is not None:
+            many.kill()
+            many.wait(10)
         echod.kill()
-        many.wait(10)
         echod.wait(10)
 
 

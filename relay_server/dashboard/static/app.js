@@ -136,7 +136,7 @@ async function refreshTunnels() {
     const actions = t.source === "dashboard" ? btn(t.enabled ? "disable" : "enable", t.enabled ? "Disable" : "Enable") + btn("delete", "Delete", "danger") : '<span class="muted">relayc.toml</span>';
     return `<tr data-tunnel="${esc(key)}"><td>${esc(t.client)}</td><td>${esc(t.name)}</td><td>${state}</td><td>${esc(t.public || "")}</td>` +
       `<td>${esc(t.local_ip)}:${t.local_port}</td><td class="bytes-in">${bytes(t.bytes_in)}</td><td class="bytes-out">${bytes(t.bytes_out)}</td>` +
-      `<td>${t.conns_open} / ${t.conns_total}</td><td class="spark">${sparks[key] || ""}</td><td>${actions}</td></tr>`;
+      `<td>${t.conns_open} / ${t.conns_total}</td><td class="since">${sinceText(t.totals_since)}</td><td class="spark">${sparks[key] || ""}</td><td>${actions}</td></tr>`;
   });
   $("tunnels-table").tBodies[0].innerHTML = rows.join("");
   for (const t of list.filter(t => t.status === "active")) {
@@ -145,6 +145,7 @@ async function refreshTunnels() {
       .then(s => { sparks[key] = chart(s.points, s.step, since, 120, 24); });
   }
   if (!clientsCache.length) await refreshClients();
+  if (!extraFields.length) await loadTunnelFields();
 }
 $("tunnels-table").addEventListener("click", async (e) => {
   const b = e.target.closest("button[data-act]"); if (!b) return;
@@ -156,10 +157,29 @@ $("tunnels-table").addEventListener("click", async (e) => {
   } catch (err) { $("tunnel-error").textContent = err.message; }
   refresh();
 });
-$("tunnel-type").addEventListener("change", () => {
-  const http = $("tunnel-type").value === "http";
-  $("tunnel-remote-port").hidden = http; $("tunnel-domain").hidden = !http;
-});
+function sinceText(ts) {
+  return ts ? esc(new Date(ts * 1000).toISOString().slice(0, 16).replace("T", " ")) + " UTC" : "";
+}
+// Every other field of a tunnel, as relayd describes them (GET /api/v1/tunnel-fields): the form
+// shows what relayc.toml's [[tunnels]] can hold, without listing the fields here.
+const BASIC = new Set(["name", "type", "local_ip", "local_port", "remote_port", "subdomain", "custom_domains"]);
+let extraFields = [];
+async function loadTunnelFields() {
+  extraFields = (await api("GET", "/api/v1/tunnel-fields")).filter(f => !BASIC.has(f.name));
+  $("tunnel-extra").innerHTML = extraFields.map(f => {
+    const type = f.secret ? "password" : f.type === "int" && f.name !== "bandwidth_limit" ? "number" : "text";
+    const hint = f.type === "list" ? " (comma-separated)" : "";
+    return `<label data-kinds="${esc(f.kinds.join(" "))}">${esc(f.name)}<input data-field="${esc(f.name)}" ` +
+      `data-type="${esc(f.type)}" type="${type}" placeholder="${esc(f.label + hint)}" autocomplete="off"></label>`;
+  }).join("");
+  showKindFields();
+}
+function showKindFields() {
+  const kind = $("tunnel-type").value;
+  $("tunnel-remote-port").hidden = kind !== "tcp"; $("tunnel-domain").hidden = kind === "tcp";
+  for (const label of $("tunnel-extra").querySelectorAll("label")) label.hidden = !label.dataset.kinds.split(" ").includes(kind);
+}
+$("tunnel-type").addEventListener("change", showKindFields);
 $("add-tunnel").addEventListener("submit", async (e) => {
   e.preventDefault();
   const target = $("tunnel-target").value.trim();
@@ -168,7 +188,17 @@ $("add-tunnel").addEventListener("submit", async (e) => {
     local_ip: cut > 0 ? target.slice(0, cut).replace(/^\[|\]$/g, "") : "127.0.0.1", local_port: Number(cut > 0 ? target.slice(cut + 1) : target) };
   if (body.type === "tcp") body.remote_port = Number($("tunnel-remote-port").value || 0);
   else { const d = $("tunnel-domain").value.trim(); if (d.includes(".")) body.custom_domains = [d]; else body.subdomain = d; }
-  try { await api("POST", "/api/v1/tunnels", body); $("tunnel-error").textContent = ""; $("tunnel-name").value = ""; }
+  for (const input of $("tunnel-extra").querySelectorAll("input[data-field]")) {
+    const v = input.value.trim();
+    if (!v || input.closest("label").hidden) continue;
+    const type = input.dataset.type;
+    body[input.dataset.field] = type === "list" ? v.split(",").map(x => x.trim()).filter(Boolean)
+      : type === "int" && /^\d+$/.test(v) ? Number(v) : v;
+  }
+  try {
+    await api("POST", "/api/v1/tunnels", body); $("tunnel-error").textContent = ""; $("tunnel-name").value = "";
+    for (const input of $("tunnel-extra").querySelectorAll("input")) input.value = "";
+  }
   catch (err) { $("tunnel-error").textContent = err.message; }
   refresh();
 });
