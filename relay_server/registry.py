@@ -153,6 +153,7 @@ class Registry:
         self.clients: dict[str, ClientRecord] = {}  # made in the dashboard (the store's, cached)
         self.defined: dict[tuple[str, str], TunnelRecord] = {}  # dashboard tunnels (the store's, cached)
         self._lasting: dict[tuple[str, str], Lasting] = {}
+        self._lasting_count: dict[str, int] = {}  # client -> how many of _lasting are its
         self._inactive: dict[
             str, dict[str, None]
         ] = {}  # client -> its tunnels without a live incarnation, oldest first
@@ -171,8 +172,8 @@ class Registry:
         self.clients = {c.name: c for c in await self.store.clients()}
         self.defined = {(t.client, t.spec.name): t for t in await self.store.tunnels()}
         for (client, tunnel), totals in (await self.store.totals()).items():
-            self._lasting[(client, tunnel)] = Lasting(totals.since, totals.bytes_in, totals.bytes_out,
-                                                      totals.conns_total)  # fmt: skip
+            self._keep_lasting((client, tunnel), Lasting(totals.since, totals.bytes_in, totals.bytes_out,
+                                                         totals.conns_total))  # fmt: skip
             self._inactive.setdefault(client, {})[tunnel] = None
         self.store.subscribe(self._on_change)
 
@@ -313,7 +314,8 @@ class Registry:
         client, tunnel = key
         if lasting is None:
             self._evict_for(client)
-            lasting = self._lasting[key] = Lasting(float(int(time.time())))
+            lasting = Lasting(float(int(time.time())))
+            self._keep_lasting(key, lasting)
         else:
             inactive = self._inactive.get(client)
             if inactive is not None:
@@ -331,23 +333,32 @@ class Registry:
         if key in self._lasting:
             self._inactive.setdefault(key[0], {})[key[1]] = None
 
+    def _keep_lasting(self, key: tuple[str, str], lasting: Lasting) -> None:
+        self._lasting[key] = lasting
+        self._lasting_count[key[0]] = self._lasting_count.get(key[0], 0) + 1
+
     def _evict_for(self, client: str) -> None:
-        """Room for one more lasting counter of ``client``: drop the oldest inactive ones over the
-        per-client or total bound (never a dashboard tunnel's)."""
-        inactive = self._inactive.get(client, {})
-        mine = sum(1 for c, _ in self._lasting if c == client) if len(inactive) >= TOTALS_PER_CLIENT // 2 else 0
-        over_total = len(self._lasting) >= TOTALS_KEPT
-        if mine < TOTALS_PER_CLIENT and not over_total:
+        """Room for one more lasting counter of ``client``: drop the oldest inactive one over the
+        per-client or the total bound (never a dashboard tunnel's).  O(1) unless most of the
+        candidates are dashboard tunnels (bounded by max_tunnels_per_client)."""
+        if self._lasting_count.get(client, 0) >= TOTALS_PER_CLIENT:
+            owner = client
+        elif len(self._lasting) >= TOTALS_KEPT and self._inactive:
+            owner = next(iter(self._inactive))
+        else:
             return
-        victims = inactive if mine >= TOTALS_PER_CLIENT else next(iter(self._inactive.values()), {})
-        owner = client if mine >= TOTALS_PER_CLIENT else next(iter(self._inactive), client)
-        for tunnel in list(victims):
+        for tunnel in list(self._inactive.get(owner, {})):
             if (owner, tunnel) not in self.defined:
                 self._drop_lasting(owner, tunnel)
                 return
 
     def _drop_lasting(self, client: str, tunnel: str) -> None:
-        self._lasting.pop((client, tunnel), None)
+        if self._lasting.pop((client, tunnel), None) is not None:
+            left = self._lasting_count.get(client, 0) - 1
+            if left > 0:
+                self._lasting_count[client] = left
+            else:
+                self._lasting_count.pop(client, None)
         inactive = self._inactive.get(client)
         if inactive is not None:
             inactive.pop(tunnel, None)
@@ -422,6 +433,7 @@ class Registry:
             del self.defined[key]
         for key in [k for k in self._lasting if k[0] == name]:
             self._lasting.pop(key)
+        self._lasting_count.pop(name, None)
         self._inactive.pop(name, None)
 
     async def define_tunnel(self, body: Any) -> TunnelRecord:
