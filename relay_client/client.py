@@ -33,7 +33,7 @@ from shared.aio import ControlChannel, MuxConnection, StreamHandler
 from shared.burst import BurstLog
 from shared.config import ClientConfig, TargetPolicy, resolve_path
 from shared.errors import AuthError, RelayError, RemoteProtocolError, TrustError
-from shared.frames import GoAwayCode
+from shared.frames import GoAwayCode, go_away_name
 from shared.messages import (
     Challenge,
     Hello,
@@ -41,6 +41,7 @@ from shared.messages import (
     LoginFailed,
     LoginOk,
     LoginRefusal,
+    Message,
     TunnelAdd,
     TunnelPush,
     TunnelPushRefused,
@@ -142,12 +143,12 @@ class _ClientSession:
         if code == GoAwayCode.REPLACED:
             log.warning("relayd closed this session: another relayc logged in as %r", self.relayc.config.name)
         else:
-            log.info("relayd is going away (code %d); will reconnect when the session ends", code)
+            log.info("relayd is going away (%s); will reconnect when the session ends", go_away_name(code))
 
     def _closed(self, mux: MuxConnection, exc: BaseException | None) -> None:
         self.messages.put_nowait(None)
 
-    def on_message(self, message: Any) -> None:
+    def on_message(self, message: Message) -> None:
         self.messages.put_nowait(message)
 
     async def next_message(self, timeout: float | None = STEP_TIMEOUT) -> Any:
@@ -332,7 +333,7 @@ class Relayc:
         session.logged_in = True
         log.info("logged in to relayd %s at %s as %r", answer.version or "?", self.server_key, cfg.name)
 
-    def _on_message(self, message: Any) -> None:
+    def _on_message(self, message: Message) -> None:
         if isinstance(message, TunnelPush):
             self._on_push(message.tunnel)
             return

@@ -19,6 +19,7 @@ holds.
 from __future__ import annotations
 
 import bisect
+import enum
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -33,6 +34,14 @@ from shared.tunnel import TunnelKind
 
 if TYPE_CHECKING:
     from relay_server.tunnels import PublicTunnel
+
+
+class Transport(str, enum.Enum):
+    """What a port is claimed for: a UDP port and a TCP port of the same number are two claims."""
+
+    TCP = "tcp"
+    UDP = "udp"
+
 
 Listen = Callable[[int], Awaitable[int]]  # bind a listener to a port (0: any), return the port bound
 
@@ -49,9 +58,9 @@ class PortClaims:
     def __init__(self, allowed: PortRanges, max_per_client: int) -> None:
         self.allowed = allowed
         self.max_per_client = max_per_client
-        self.holders: dict[tuple[str, int], PublicTunnel] = {}  # (protocol, port) -> tunnel
+        self.holders: dict[tuple[Transport, int], PublicTunnel] = {}  # (protocol, port) -> tunnel
         self._count: dict[str, int] = {}  # client name -> ports held
-        self.holds: OfflineHolds[tuple[str, int]] = OfflineHolds(HOLD_SECONDS, RECLAIM_SECONDS)
+        self.holds: OfflineHolds[tuple[Transport, int]] = OfflineHolds(HOLD_SECONDS, RECLAIM_SECONDS)
         self._starts: list[int] = []  # index of each range's first port in the allowed set
         total = 0
         for lo, hi in allowed.ranges:
@@ -62,10 +71,10 @@ class PortClaims:
     def count_for(self, client_name: str) -> int:
         return self._count.get(client_name, 0)
 
-    def holder(self, protocol: str, port: int) -> PublicTunnel | None:
+    def holder(self, protocol: Transport, port: int) -> PublicTunnel | None:
         return self.holders.get((protocol, port))
 
-    def check(self, client_name: str, protocol: str, port: int, now: float) -> None:
+    def check(self, client_name: str, protocol: Transport, port: int, now: float) -> None:
         """Raise ``TunnelRefused`` if ``client_name`` may not claim ``port`` now (0: any port)."""
         if self.max_per_client and self.count_for(client_name) >= self.max_per_client:
             raise TunnelRefused(R.TOO_MANY_PORTS, f"client {client_name!r} already holds "
@@ -83,12 +92,12 @@ class PortClaims:
             raise TunnelRefused(R.PORT_RESERVED, f"port {port} belongs to client {held_for!r} (offline; reserved "
                                 "for it)")  # fmt: skip
 
-    def _taken(self, protocol: str, port: int, client_name: str, now: float) -> bool:
+    def _taken(self, protocol: Transport, port: int, client_name: str, now: float) -> bool:
         """Held by a tunnel, or reserved for another (offline) client."""
         key = (protocol, port)
         return key in self.holders or self.holds.holder(key, now) not in (None, client_name)
 
-    async def claim(self, tunnel: PublicTunnel, protocol: str, port: int, listen: Listen,
+    async def claim(self, tunnel: PublicTunnel, protocol: Transport, port: int, listen: Listen,
                     close: Callable[[], None]) -> int:  # fmt: skip
         """Bind ``tunnel`` to ``port``, or to a free allowed port when ``port`` is 0, with ``listen``
         (``close`` undoes it); return the port.  ``TunnelRefused`` naming the holder otherwise."""
@@ -124,7 +133,9 @@ class PortClaims:
         i = bisect.bisect_right(self._starts, index) - 1
         return self.allowed.ranges[i][0] + index - self._starts[i]
 
-    async def _bind_any(self, name: str, protocol: str, host: str, listen: Listen, close: Callable[[], None]) -> int:
+    async def _bind_any(
+        self, name: str, protocol: Transport, host: str, listen: Listen, close: Callable[[], None]
+    ) -> int:
         if self._size >= 64511:  # the default 1024-65535: let the OS pick
             try:
                 bound = await listen(0)
@@ -151,7 +162,7 @@ class PortClaims:
         """``owner`` logged in again: its reserved ports it does not claim back soon are released."""
         self.holds.owner_returned(owner, now)
 
-    def release(self, tunnel: PublicTunnel, protocol: str, port: int, client_gone: bool) -> None:
+    def release(self, tunnel: PublicTunnel, protocol: Transport, port: int, client_gone: bool) -> None:
         """Free the tunnel's port: at once when the tunnel was removed or replaced, reserved for
         its client when the client went away."""
         key = (protocol, port)

@@ -65,6 +65,7 @@ from shared.messages import (
     LoginFailed,
     LoginOk,
     LoginRefusal,
+    Message,
     TunnelAdd,
     TunnelPush,
     TunnelPushRefused,
@@ -226,7 +227,7 @@ class ClientSession:
 
     # --- control messages -----------------------------------------------------------------------
 
-    def _on_message(self, message: Any) -> None:
+    def _on_message(self, message: Message) -> None:
         state = self.state
         try:
             if isinstance(message, Hello) and state is SessionState.HELLO:
@@ -242,7 +243,7 @@ class ClientSession:
         except RemoteProtocolError as exc:
             self.mux.fail(exc)
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Message) -> None:
         if self.control is not None and self.mux.is_open:
             self.control.send(message)
 

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from relay_server.claims import DomainClaims, PortClaims
+from relay_server.claims import DomainClaims, PortClaims, Transport
 from relay_server.frontends.base import Frontend
 from relay_server.guard import Block, BlockKind, LoginGuard
 from relay_server.stores.base import Change, ChangeKind, ClientRecord, Store, TrafficDelta, TunnelRecord
@@ -476,7 +476,7 @@ class Registry:
     def _check_port_free(self, client: str, port: int) -> None:
         if port not in self.ports.allowed:
             raise InvalidField("remote_port", f"{port} is not in allow_ports ({self.ports.allowed.text})")
-        holder = self.ports.holder("tcp", port)
+        holder = self.ports.holder(Transport.TCP, port)
         if holder is not None:
             raise Conflict(f"port {port} is already used by client {holder.client_name!r} tunnel {holder.name!r}",
                            TunnelRefusal.PORT_TAKEN)  # fmt: skip

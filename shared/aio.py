@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar, cast
 from shared.errors import PeerTimeoutError, RemoteProtocolError
 from shared.frames import GoAwayCode, ResetCode
 from shared.limits import TokenBucket
-from shared.messages import MessageDecoder, encode_message
+from shared.messages import Message, MessageDecoder, encode_message
 from shared.mux import (
     SEND_BUFFER_HIGH,
     DataReceived,
@@ -756,7 +756,7 @@ class ControlChannel:
     def __init__(
         self,
         mux: MuxConnection,
-        on_message: Callable[[Any], None],
+        on_message: Callable[[Message], None],
         on_closed: Callable[[], None],
         max_queued: int = 0,
     ) -> None:
@@ -769,7 +769,7 @@ class ControlChannel:
         self._on_message = on_message
         self._on_closed = on_closed
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Message) -> None:
         """Queue a message.  With ``max_queued``, a peer that leaves more than that waiting (it
         withholds credit on the control stream) is disconnected rather than fed."""
         mux = self.mux

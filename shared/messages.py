@@ -273,6 +273,20 @@ class StreamOpen(_Message):
     visitor: str = _str(0, 300, default="")
 
 
+Message = (
+    Hello
+    | Challenge
+    | Login
+    | LoginOk
+    | LoginFailed
+    | TunnelAdd
+    | TunnelStatus
+    | TunnelPush
+    | TunnelPushRefused
+    | TunnelRemove
+    | StreamOpen
+)  # what a decoder returns: one of the messages above
+
 MESSAGE_CLASSES: Final[dict[str, type[_Message]]] = {
     cls.type: cls
     for cls in (
@@ -310,7 +324,7 @@ def _stream_open_head(tunnel: str) -> bytes:
     return b'{"type":"stream_open","tunnel":' + _JSON.encode(tunnel).encode() + b',"visitor":'
 
 
-def decode_message(body: bytes | memoryview) -> Any:
+def decode_message(body: bytes | memoryview) -> Message:
     """Decode one message body (without its length prefix)."""
     try:
         text = str(body, "utf-8")
@@ -331,12 +345,13 @@ def decode_message(body: bytes | memoryview) -> Any:
     if cls is None:
         raise RemoteProtocolError(f"unknown control message type {kind!r}")
     try:
-        return cls.from_dict(obj)
+        message: Message = cls.from_dict(obj)
+        return message
     except _FieldError as exc:
         raise RemoteProtocolError(f"bad {kind} message: field {exc.path}: {exc.reason}") from None
 
 
-def decode_first(data: bytes | memoryview, max_size: int = MAX_MESSAGE_SIZE) -> tuple[Any, int] | None:
+def decode_first(data: bytes | memoryview, max_size: int = MAX_MESSAGE_SIZE) -> tuple[Message, int] | None:
     """The first message in ``data`` and where it ends, or None if it is not all there yet.
 
     For a reader that wants one message and then raw bytes (a stream's preamble) and usually gets
@@ -358,9 +373,9 @@ class MessageDecoder:
         self._buf = bytearray()
         self._max_size = max_size
 
-    def feed(self, data: bytes | memoryview, limit: int = 0) -> list[Any]:
+    def feed(self, data: bytes | memoryview, limit: int = 0) -> list[Message]:
         """Add bytes; return the whole messages now available (at most ``limit`` if non-zero)."""
-        out: list[Any] = []
+        out: list[Message] = []
         buffered = bool(self._buf)
         if buffered:
             self._buf += data

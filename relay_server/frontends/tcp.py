@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-from relay_server.claims import PortClaims
+from relay_server.claims import PortClaims, Transport
 from relay_server.frontends.base import Frontend
 from relay_server.tunnels import PublicTunnel
 from shared.aio import StreamBridge
 from shared.burst import BurstLog
 from shared.tunnel import TunnelKind
 
-PROTOCOL = "tcp"
+PROTOCOL = Transport.TCP
 
 
 class TcpFrontend(Frontend):
