@@ -70,10 +70,11 @@ class Relayd:
             await frontend.start()
         await self.listener.start()
         if self.config.dashboard is not None:
-            from relay_server.dashboard.app import Dashboard  # FastAPI is imported only when it is used
+            from relay_server.dashboard.app import Dashboard, NodeInfo  # FastAPI is imported only when used
 
-            self.dashboard = Dashboard(self.registry, self.listener, self.loop_lag, self.config.dashboard,
-                                       self.state_dir, self.config_path)  # fmt: skip
+            node = NodeInfo(self.config.bind_addr, self.listener.port, self.listener.fingerprint)
+            self.dashboard = Dashboard(self.registry, node, self.loop_lag, self.config.dashboard, self.state_dir,
+                                       self.config_path)  # fmt: skip
             await self.dashboard.start()
         self._traffic_task = asyncio.get_running_loop().create_task(self.registry.record_traffic_forever())
         self.loop_lag.start()

@@ -665,6 +665,9 @@ class Registry:
                 points.append({"ts": bucket, "bytes_in": b_in, "bytes_out": b_out})
         return {"step": step, "points": points}
 
+    def clients_online(self) -> int:
+        return len(self.sessions)
+
     def overview(self) -> dict[str, Any]:
         tunnels = self.tunnel_items()
         return {

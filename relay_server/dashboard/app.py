@@ -27,6 +27,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime
 import hmac
 import logging
@@ -57,7 +58,6 @@ from shared.tunnel import field_list
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-    from relay_server.listener import ControlListener
     from shared.aio import LoopLagMonitor
     from shared.config import DashboardConfig
 
@@ -204,11 +204,20 @@ class AddressLocks:
         return len(self._slots)
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """What the dashboard says about this relayd besides the registry: where relayc connects."""
+
+    bind_addr: str
+    port: int
+    fingerprint: str  # "" when TLS is off
+
+
 class Dashboard:
-    def __init__(self, registry: Registry, node: ControlListener, loop_lag: LoopLagMonitor, config: DashboardConfig,
+    def __init__(self, registry: Registry, node: NodeInfo, loop_lag: LoopLagMonitor, config: DashboardConfig,
                  state_dir: Path, config_path: Path) -> None:  # fmt: skip
         self.registry = registry
-        self.node = node  # the control listener: its port and certificate fingerprint, for relayc.toml
+        self.node = node
         self.loop_lag = loop_lag
         self.config = config
         self.config_path = config_path
@@ -631,7 +640,7 @@ class Dashboard:
         raise HTTPException(404, "tunnel vanished")
 
     def relayc_toml(self, name: str, token: str, request: Request) -> str:
-        server = self.node.config.bind_addr
+        server = self.node.bind_addr
         if server in ("0.0.0.0", "::"):
             host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
             server = host if host and not is_loopback(host) else "YOUR-VM-ADDRESS"
@@ -662,7 +671,7 @@ class Dashboard:
         out = [
             "# HELP relay_clients_online Clients with a live session.",
             "# TYPE relay_clients_online gauge",
-            f"relay_clients_online {len(self.registry.sessions)}",
+            f"relay_clients_online {self.registry.clients_online()}",
             "# HELP relay_tunnels Tunnels known, by status.",
             "# TYPE relay_tunnels gauge",
             f'relay_tunnels{{status="active"}} {sum(1 for t in tunnels if t["state"] == active)}',
