@@ -7,6 +7,7 @@ else to the test's temporary directory.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import os
 import re
@@ -16,7 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import TOKEN, Proc, TcpServer, echo_handler, free_port, relayd_config, wait_port_serves
+from tests.e2e.harness import (
+    TOKEN,
+    Proc,
+    TcpServer,
+    echo_handler,
+    free_port,
+    relayc_config,
+    relayd_config,
+    vhost_get,
+    wait_port_serves,
+)
 from tests.e2e.rawclient import RawClient
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -143,3 +154,51 @@ def overview_status(dash: int, cookie: str) -> int:
     status = conn.getresponse().status
     conn.close()
     return status
+
+
+def test_every_tunnel_field_from_the_form(tmp_path: Path, procs: list[Proc], host_app: tuple[int, list[str]]) -> None:
+    """The form's "More options" come from /api/v1/tunnel-fields: an http tunnel with basic auth and
+    a Host rewrite, made in the browser, is served that way by relayd."""
+    from playwright.sync_api import expect, sync_playwright
+
+    app_port, hosts = host_app
+    port, dash, vhost = free_port(), free_port(), free_port()
+    cfg = relayd_config(tmp_path, port, dashboard={"port": dash, "password": PASSWORD}, vhost_http_port=vhost,
+                        subdomain_host="relay.test")  # fmt: skip
+    d = Proc("relay_server.cli", cfg)
+    procs.append(d)
+    d.wait_for("dashboard on")
+    c = Proc("relay_client.cli", relayc_config(tmp_path, port, []))
+    procs.append(c)
+    c.wait_for("logged in to relayd")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"http://127.0.0.1:{dash}/login")
+        page.fill("#user", "admin")
+        page.fill("#password", PASSWORD)
+        page.click("#sign-in")
+        page.click("#nav-tunnels")
+        expect(page.locator("#tunnel-client option")).to_have_text(["lab"])
+        page.select_option("#tunnel-type", "http")
+        page.fill("#tunnel-name", "app")
+        page.fill("#tunnel-domain", "app")
+        page.fill("#tunnel-target", f"127.0.0.1:{app_port}")
+        page.click("#tunnel-more summary")
+        expect(page.locator('input[data-field="locations"]')).to_be_visible()  # http keys shown for http
+        expect(page.locator('input[data-field="http_password"]')).to_have_attribute("type", "password")
+        page.fill('input[data-field="http_user"]', "u")
+        page.fill('input[data-field="http_password"]', "p-browser-1")
+        page.fill('input[data-field="host_header_rewrite"]', "localhost")
+        page.fill('input[data-field="max_connections"]', "5")
+        page.click("#add-tunnel-btn")
+        row = page.locator('tr[data-tunnel="lab/app"]')
+        expect(row).to_contain_text("active", timeout=10_000)
+        expect(row.locator(".since")).to_contain_text("UTC")
+        page.select_option("#tunnel-type", "tcp")
+        expect(page.locator('input[data-field="locations"]')).to_be_hidden()  # and not for tcp
+        browser.close()
+    assert vhost_get(vhost, "app.relay.test")[0] == 401
+    creds = "Basic " + base64.b64encode(b"u:p-browser-1").decode()
+    assert vhost_get(vhost, "app.relay.test", {"Authorization": creds}) == (200, b"hello from the lab")
+    assert hosts == ["localhost"]

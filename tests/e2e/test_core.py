@@ -3,7 +3,6 @@ relayc.toml key, and relayd without the dashboard's web stack installed."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -12,13 +11,9 @@ import sys
 import threading
 import time
 from base64 import b64encode
-from collections.abc import Iterator
 from dataclasses import MISSING, fields
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.e2e.harness import (
     ROOT,
@@ -29,6 +24,7 @@ from tests.e2e.harness import (
     round_trip,
     spawn,
     start_tunnel,
+    vhost_get,
     wait_port_serves,
 )
 from tests.e2e.test_dashboard import Api, relayc_from, start_relayd
@@ -143,42 +139,6 @@ def test_totals_survive_relayc_and_relayd_restarts(tmp_path: Path, echo: TcpServ
         return total >= n + m + k
 
     wait_until(series_complete, 10, lambda: f"traffic points to sum {n + m + k} bytes in (last sum: {total})")
-
-
-@pytest.fixture
-def host_app() -> Iterator[tuple[int, list[str]]]:
-    """A local HTTP app on 127.0.0.1 recording the Host header of each request it gets."""
-    hosts: list[str] = []
-
-    class App(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            hosts.append(self.headers.get("Host", ""))
-            body = b"hello from the lab"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), App)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield int(server.server_address[1]), hosts
-    server.shutdown()
-    server.server_close()
-
-
-def vhost_get(port: int, host: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", "/", headers={"Host": host, **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
 
 
 def test_dashboard_tunnel_carries_every_relayc_field(
