@@ -50,7 +50,6 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from relay_server.guard import Failure
-from relay_server.registry import Registry
 from relay_server.tunnels import PublicTunnel
 from shared import __version__, auth
 from shared.aio import ControlChannel, MuxConnection, StreamHandler
@@ -76,6 +75,7 @@ from shared.tunnel import InvalidTunnel, TunnelKind, TunnelSpec
 
 if TYPE_CHECKING:
     from relay_server.listener import ControlListener
+    from relay_server.registry import Registry
 
 log = logging.getLogger("relayd")
 
@@ -97,8 +97,9 @@ SEND_BACKLOG_LIMIT = 16 * 1024 * 1024
 # A login under the name of a live session: how long the old one has to answer a PING.
 LIVENESS_PROBE_TIMEOUT = 2.0
 NAME_IN_USE_RETRY = 60.0
-# Per session: refusals remembered for the dashboard.
+# Per session: refusals remembered for the dashboard, and how much of each one's text.
 REFUSALS_KEPT = 256
+REFUSAL_TEXT_MAX = 1024
 # tunnel_add messages waiting: past HIGH the control stream's credit is held back (the client can
 # then send one window more); MAX would take a client that ignores flow control.
 PENDING_ADDS_HIGH = 64
@@ -312,6 +313,10 @@ class ClientSession:
         )
 
     def _complete_login(self, proof: str) -> None:
+        if self.registry.token_for(self.name) != self.token_used:
+            # disabled, deleted or given a new token while the name clash was being settled
+            self._refuse(LoginFailed(reason="wrong token", code=LoginRefusal.WRONG_TOKEN.value))
+            return
         self.listener.left_preauth(self)
         self.state = SessionState.READY
         self.logged_in_at = time.time()
@@ -404,7 +409,7 @@ class ClientSession:
     def remember_refusal(self, name: str, reason: TunnelRefusal, text: str) -> None:
         refusals = self.refusals
         refusals.pop(name, None)
-        refusals[name] = (reason, text)
+        refusals[name] = (reason, text[:REFUSAL_TEXT_MAX])
         if len(refusals) > REFUSALS_KEPT:
             del refusals[next(iter(refusals))]
 

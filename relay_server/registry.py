@@ -137,6 +137,63 @@ class Lasting:
                 "conns_total": c.conns_total, "totals_since": self.since}  # fmt: skip
 
 
+class LastingTable:
+    """Every ``Lasting`` by (client, tunnel name), with the bounds: at most ``per_client`` per client
+    name and ``total`` in all, not counting those that cannot go (a live tunnel's, a dashboard
+    tunnel's).  Past a bound the oldest evictable one goes (O(1)); ``dropped`` gets its key."""
+
+    def __init__(self, dropped: Callable[[tuple[str, str]], None]) -> None:
+        self.dropped = dropped
+        self.by_key: dict[tuple[str, str], Lasting] = {}
+        self.by_client: dict[str, dict[str, Lasting]] = {}
+        self._evictable: dict[tuple[str, str], None] = {}  # oldest first
+        self._evictable_of: dict[str, dict[str, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def get(self, key: tuple[str, str]) -> Lasting | None:
+        return self.by_key.get(key)
+
+    def add(self, key: tuple[str, str], lasting: Lasting, evictable: bool) -> None:
+        client, tunnel = key
+        self.by_key[key] = lasting
+        mine = self.by_client.setdefault(client, {})
+        mine[tunnel] = lasting
+        if evictable:
+            self.set_evictable(key, True)
+        if len(mine) > TOTALS_PER_CLIENT:
+            oldest = next(iter(self._evictable_of.get(client, {})), None)
+            if oldest is not None:
+                self.drop((client, oldest))
+        if len(self.by_key) > TOTALS_KEPT and self._evictable:
+            self.drop(next(iter(self._evictable)))
+
+    def set_evictable(self, key: tuple[str, str], evictable: bool) -> None:
+        client, tunnel = key
+        if evictable and key in self.by_key:
+            self._evictable[key] = None
+            self._evictable_of.setdefault(client, {})[tunnel] = None
+            return
+        self._evictable.pop(key, None)
+        mine = self._evictable_of.get(client)
+        if mine is not None:
+            mine.pop(tunnel, None)
+            if not mine:
+                del self._evictable_of[client]
+
+    def drop(self, key: tuple[str, str]) -> None:
+        if self.by_key.pop(key, None) is None:
+            return
+        client, tunnel = key
+        mine = self.by_client[client]
+        del mine[tunnel]
+        if not mine:
+            del self.by_client[client]
+        self.set_evictable(key, False)
+        self.dropped(key)
+
+
 _NO_TOTALS = {"bytes_in": 0, "bytes_out": 0, "conns_open": 0, "conns_total": 0, "totals_since": None}
 
 
@@ -152,12 +209,9 @@ class Registry:
         self.sessions: dict[str, ClientSession] = {}
         self.clients: dict[str, ClientRecord] = {}  # made in the dashboard (the store's, cached)
         self.defined: dict[tuple[str, str], TunnelRecord] = {}  # dashboard tunnels (the store's, cached)
-        self._lasting: dict[tuple[str, str], Lasting] = {}
-        self._lasting_count: dict[str, int] = {}  # client -> how many of _lasting are its
-        self._inactive: dict[
-            str, dict[str, None]
-        ] = {}  # client -> its tunnels without a live incarnation, oldest first
-        self._live: dict[tuple[str, str], int] = {}  # incarnations open per key (0 or 1, briefly 2 on a replace)
+        self._lasting = LastingTable(self._forget_totals)
+        self._live: dict[tuple[str, str], int] = {}  # open incarnations per key (0 or 1)
+        self._flush_lock = asyncio.Lock()
         self._listeners: list[Callable[[Event], None]] = []
         self._refusal_logs: dict[str, int] = {}  # client name -> refusals logged one by one
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -172,9 +226,8 @@ class Registry:
         self.clients = {c.name: c for c in await self.store.clients()}
         self.defined = {(t.client, t.spec.name): t for t in await self.store.tunnels()}
         for (client, tunnel), totals in (await self.store.totals()).items():
-            self._keep_lasting((client, tunnel), Lasting(totals.since, totals.bytes_in, totals.bytes_out,
-                                                         totals.conns_total))  # fmt: skip
-            self._inactive.setdefault(client, {})[tunnel] = None
+            lasting = Lasting(totals.since, totals.bytes_in, totals.bytes_out, totals.conns_total)
+            self._lasting.add((client, tunnel), lasting, evictable=(client, tunnel) not in self.defined)
         self.store.subscribe(self._on_change)
 
     def subscribe(self, listener: Callable[[Event], None]) -> None:
@@ -262,14 +315,23 @@ class Registry:
         if frontend is None:
             raise TunnelRefused(TunnelRefusal.KIND_OFF, f"{spec.type} tunnels are not served by this relayd")
         key = (session.name, spec.name)
-        tunnel = PublicTunnel(session, spec, self.config.limits, self._lasting_for(key).counters,
-                              self.config.public_bind_addr)  # fmt: skip
-        self._live[key] = self._live.get(key, 0) + 1
+        if key in self.defined and spec.name not in session.pushed:
+            # a dashboard tunnel relayd removed (disabled, deleted) while this add was on its way
+            raise TunnelRefused(TunnelRefusal.NAME_TAKEN, f"tunnel {spec.name!r} is a dashboard tunnel that is not "
+                                "enabled for this client now")  # fmt: skip
+        lasting = self._lasting.get(key)
+        known = lasting is not None
+        if lasting is None:  # kept only once the tunnel is open: a refused one leaves nothing behind
+            lasting = Lasting(float(int(time.time())))
+        tunnel = PublicTunnel(session, spec, self.config.limits, lasting.counters, self.config.public_bind_addr)
+        self._went_live(key)
         try:
             tunnel.public = await frontend.claim(tunnel)
         except BaseException:
             self._went_inactive(key)
             raise
+        if not known and self._lasting.get(key) is None:
+            self._lasting.add(key, lasting, evictable=False)
         session.refusals.pop(spec.name, None)
         if not session.ready:  # the session ended while the frontend was binding
             self.close_tunnel(tunnel, client_gone=True)
@@ -309,20 +371,9 @@ class Registry:
 
     # --- lasting counters -----------------------------------------------------------------------
 
-    def _lasting_for(self, key: tuple[str, str]) -> Lasting:
-        lasting = self._lasting.get(key)
-        client, tunnel = key
-        if lasting is None:
-            self._evict_for(client)
-            lasting = Lasting(float(int(time.time())))
-            self._keep_lasting(key, lasting)
-        else:
-            inactive = self._inactive.get(client)
-            if inactive is not None:
-                inactive.pop(tunnel, None)
-                if not inactive:
-                    del self._inactive[client]
-        return lasting
+    def _went_live(self, key: tuple[str, str]) -> None:
+        self._live[key] = self._live.get(key, 0) + 1
+        self._lasting.set_evictable(key, False)
 
     def _went_inactive(self, key: tuple[str, str]) -> None:
         left = self._live.get(key, 0) - 1
@@ -330,71 +381,56 @@ class Registry:
             self._live[key] = left
             return
         self._live.pop(key, None)
-        if key in self._lasting:
-            self._inactive.setdefault(key[0], {})[key[1]] = None
+        self._lasting.set_evictable(key, key not in self.defined)
 
-    def _keep_lasting(self, key: tuple[str, str], lasting: Lasting) -> None:
-        self._lasting[key] = lasting
-        self._lasting_count[key[0]] = self._lasting_count.get(key[0], 0) + 1
+    def _forget_totals(self, key: tuple[str, str]) -> None:
+        """A lasting counter was dropped from memory: drop its stored totals too (queued after any
+        record of it already on its way, so nothing writes it back)."""
+        self._spawn(self.store.drop_totals(*key), f"forgetting the totals of {key[0]}/{key[1]}")
 
-    def _evict_for(self, client: str) -> None:
-        """Room for one more lasting counter of ``client``: drop the oldest inactive one over the
-        per-client or the total bound (never a dashboard tunnel's).  O(1) unless most of the
-        candidates are dashboard tunnels (bounded by max_tunnels_per_client)."""
-        if self._lasting_count.get(client, 0) >= TOTALS_PER_CLIENT:
-            owner = client
-        elif len(self._lasting) >= TOTALS_KEPT and self._inactive:
-            owner = next(iter(self._inactive))
+    def pending_traffic(self, client: str = "", tunnel: str = "") -> list[TrafficDelta]:
+        """What the counters hold that the store does not yet, for one client, one tunnel or all
+        ("" matches every name); reads only."""
+        if client and tunnel:
+            one = self._lasting.get((client, tunnel))
+            items: Any = [((client, tunnel), one)] if one is not None else []
+        elif client:
+            items = (((client, t), lasting) for t, lasting in self._lasting.by_client.get(client, {}).items())
         else:
-            return
-        for tunnel in list(self._inactive.get(owner, {})):
-            if (owner, tunnel) not in self.defined:
-                self._drop_lasting(owner, tunnel)
-                return
-
-    def _drop_lasting(self, client: str, tunnel: str) -> None:
-        if self._lasting.pop((client, tunnel), None) is not None:
-            left = self._lasting_count.get(client, 0) - 1
-            if left > 0:
-                self._lasting_count[client] = left
-            else:
-                self._lasting_count.pop(client, None)
-        inactive = self._inactive.get(client)
-        if inactive is not None:
-            inactive.pop(tunnel, None)
-            if not inactive:
-                del self._inactive[client]
-        self._spawn(self.store.drop_totals(client, tunnel), f"forgetting the totals of {client}/{tunnel}")
-
-    def pending_traffic(self) -> list[TrafficDelta]:
-        """What the counters hold that the store does not yet (reads only)."""
+            items = self._lasting.by_key.items()
         out = []
-        for (client, tunnel), lasting in self._lasting.items():
+        for (c, t), lasting in items:
+            if tunnel and t != tunnel:
+                continue
             d_in, d_out, d_conns = lasting.pending()
             if d_in or d_out or d_conns:
-                out.append(TrafficDelta(client, tunnel, d_in, d_out, d_conns, lasting.since))
+                out.append(TrafficDelta(c, t, d_in, d_out, d_conns, lasting.since))
         return out
 
     async def flush_traffic(self) -> None:
         """Record what is pending in the current minute's bucket and the totals (once a minute,
-        and at shutdown)."""
-        deltas = self.pending_traffic()
-        if not deltas:
-            return
-        marks = {(d.client, d.tunnel): (d.bytes_in, d.bytes_out, d.conns) for d in deltas}
-        now = int(time.time())
-        await self.store.record_traffic(now - now % 60, deltas)
-        for key, (d_in, d_out, d_conns) in marks.items():
-            lasting = self._lasting.get(key)
-            if lasting is not None:
-                r_in, r_out, r_conns = lasting.recorded
-                lasting.recorded = (r_in + d_in, r_out + d_out, r_conns + d_conns)
+        and at shutdown); one flush at a time, so a record is never written twice."""
+        async with self._flush_lock:
+            deltas = self.pending_traffic()
+            if not deltas:
+                return
+            now = int(time.time())
+            await self.store.record_traffic(now - now % 60, deltas)
+            for d in deltas:  # counted as recorded only once stored
+                lasting = self._lasting.get((d.client, d.tunnel))
+                if lasting is not None:
+                    r_in, r_out, r_conns = lasting.recorded
+                    lasting.recorded = (r_in + d.bytes_in, r_out + d.bytes_out, r_conns + d.conns)
 
     async def record_traffic_forever(self) -> None:
         while True:
             await asyncio.sleep(60 - time.time() % 60 + 0.05)
             try:
-                await self.flush_traffic()
+                # shielded: a shutdown that cancels this loop lets a record on its way finish
+                # (and count as recorded), so the last flush does not write it again
+                await asyncio.shield(self.flush_traffic())
+            except asyncio.CancelledError:
+                raise
             except Exception:
                 log.exception("registry: recording traffic failed (kept for the next minute)")
 
@@ -418,23 +454,20 @@ class Registry:
         record = self.clients.get(name)
         if record is None and name not in self.sessions:
             raise NotFound(f"client {name!r} does not exist")
-        if record is not None:
+        if record is not None:  # its session is ended through the change feed
             await self.store.set_client_enabled(name, enabled)
             self.clients[name] = _replace(record, enabled=enabled)
-        if not enabled:
+        elif not enabled:  # a client of the shared token: nothing stored, so end it here
             self.kick(name)
 
     async def delete_client(self, name: str) -> None:
         self._dashboard_client(name)
-        await self.store.delete_client(name)
+        await self.store.delete_client(name)  # its session is ended through the change feed
         self.clients.pop(name, None)
-        self.kick(name)
         for key in [k for k in self.defined if k[0] == name]:
             del self.defined[key]
-        for key in [k for k in self._lasting if k[0] == name]:
-            self._lasting.pop(key)
-        self._lasting_count.pop(name, None)
-        self._inactive.pop(name, None)
+        for tunnel in list(self._lasting.by_client.get(name, {})):
+            self._lasting.drop((name, tunnel))
 
     async def define_tunnel(self, body: Any) -> TunnelRecord:
         """A tunnel defined in the dashboard: ``body`` is relayc.toml's ``[[tunnels]]`` keys plus
@@ -471,6 +504,7 @@ class Registry:
         record = TunnelRecord(client=client, spec=spec, enabled=True, created=time.time())
         await self.store.add_tunnel(record)
         self.defined[key] = record
+        self._lasting.set_evictable(key, False)
         return record
 
     def _check_port_free(self, client: str, port: int) -> None:
@@ -538,20 +572,20 @@ class Registry:
             return
         key = (name, change.tunnel)
         tunnel_record = await self.store.tunnel(name, change.tunnel)
+        session = self.sessions.get(name)
         if tunnel_record is None:
             self.defined.pop(key, None)
-            if key in self._lasting and not self._live.get(key):
-                self._drop_lasting(*key)
         else:
             self.defined[key] = tunnel_record
-        session = self.sessions.get(name)
-        if session is None or not session.ready:
-            return
-        if tunnel_record is not None and tunnel_record.enabled:
-            if session.pushed.get(change.tunnel) != tunnel_record.spec:
-                session.push(tunnel_record.spec)
-        elif change.tunnel in session.pushed:
-            session.unpush(change.tunnel)
+            self._lasting.set_evictable(key, False)
+        if session is not None and session.ready:
+            if tunnel_record is not None and tunnel_record.enabled:
+                if session.pushed.get(change.tunnel) != tunnel_record.spec:
+                    session.push(tunnel_record.spec)
+            elif change.tunnel in session.pushed or change.tunnel in session.tunnels:
+                session.unpush(change.tunnel)  # closes it here (and its counters go inactive)
+        if tunnel_record is None and not self._live.get(key):
+            self._lasting.drop(key)  # deleted: its totals go
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -634,8 +668,8 @@ class Registry:
                                          "source": "config"})  # fmt: skip
             item.update(online=True, remote_addr=s.remote_addr, version=s.version, last_seen=time.time())
         sums: dict[str, list[Any]] = {}
-        for (client, _), lasting in self._lasting.items():
-            if client in out:
+        for client in out:
+            for lasting in self._lasting.by_client.get(client, {}).values():
                 c = lasting.counters
                 acc = sums.setdefault(client, [0, 0, 0, lasting.since])
                 acc[0] += c.bytes_in
@@ -654,7 +688,7 @@ class Registry:
         since = since or now - 3600
         step, rows = await self.store.traffic(client, tunnel, since, now)
         points = [{"ts": ts, "bytes_in": b_in, "bytes_out": b_out} for ts, b_in, b_out in rows]
-        pending = [d for d in self.pending_traffic() if client in ("", d.client) and tunnel in ("", d.tunnel)]
+        pending = self.pending_traffic(client, tunnel)
         b_in, b_out = sum(d.bytes_in for d in pending), sum(d.bytes_out for d in pending)
         if b_in or b_out:
             bucket = int(now) - int(now) % step

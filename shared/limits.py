@@ -7,16 +7,23 @@ import re
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3}  # fmt: skip
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*(?:/s)?\s*$", re.I)
+# Linear: no two adjacent parts can match the same characters (a rate comes from peers too).
+_RATE_RE = re.compile(r"(\d{1,15}(?:\.\d{1,6})?) ?([a-z]{0,3})(?:/s)?", re.I)
+RATE_TEXT_MAX = 32
 
 
-def parse_rate(value: int | str) -> int:
-    """Bytes per second from ``1000000``, ``"10MB"``, ``"512KiB"`` or ``"1.5 GB/s"``; 0 = unlimited."""
-    if isinstance(value, int):
+def parse_rate(value: object) -> int:
+    """Bytes per second from ``1000000``, ``"10MB"``, ``"512KiB"`` or ``"1.5 GB/s"``; 0 = unlimited.
+    Anything else is a ``ValueError`` (the value may come from a peer)."""
+    if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise ValueError("must be >= 0 (0 = unlimited)")
         return value
-    m = _RATE_RE.match(value)
+    if not isinstance(value, str):
+        raise ValueError("expected an integer (bytes per second) or a string like \"10MB\"")
+    if len(value) > RATE_TEXT_MAX:
+        raise ValueError(f"a rate is at most {RATE_TEXT_MAX} characters, like 10MB")
+    m = _RATE_RE.fullmatch(value.strip())
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"{value!r} is not a rate like 10MB, 512KiB or 1000000 (bytes per second)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

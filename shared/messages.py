@@ -139,6 +139,8 @@ def _check(key: str, spec: _Field, value: Any) -> Any:
             raise _FieldError(key, "expected an object")
         try:
             return TunnelSpec.parse(value)
+        except RecursionError:
+            raise _FieldError(key, "nested too deeply") from None
         except SchemaError as exc:
             shape = next((p for p in exc.problems if isinstance(p, ShapeProblem)), None)
             if shape is not None:  # a missing field, a wrong type, a number out of bounds

@@ -220,8 +220,8 @@ def _value(tp: Any, rule: _Rule, raw: Any, loc: Loc, problems: list[tuple[Loc, s
             problems.append(_shape(loc, _problem(bound, raw)))
             return _INVALID
         return value if rule.check is None else rule.check(value)
-    except ValueError as exc:
-        problems.append((loc, _problem(str(exc), raw)))
+    except (ValueError, TypeError, OverflowError) as exc:  # checks see peers' values: none may escape
+        problems.append((loc, _problem(str(exc)[:200], raw)))
         return _INVALID
 
 

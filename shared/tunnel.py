@@ -46,6 +46,8 @@ HTTP_KINDS: Final = (TunnelKind.HTTP, TunnelKind.HTTPS)
 HTTP_ONLY: Final = (TunnelKind.HTTP,)
 TCP_ONLY: Final = (TunnelKind.TCP,)
 MAX_LIST: Final = 64  # items in any list of a tunnel
+PROBLEM_KEY_MAX: Final = 64  # characters of a key named in a refusal
+PROBLEM_MAX: Final = 512  # characters of a refusal's text
 
 
 def _kinds(*kinds: TunnelKind, label: str = "") -> dict[str, Any]:
@@ -178,5 +180,6 @@ class InvalidTunnel:
         raw = data.get("name")
         name = raw[:128] if isinstance(raw, str) and raw.isprintable() and raw else "?"
         where, why = error.problems[0]
-        field = ".".join(str(part) for part in where)
-        return cls(name=name, problem=f"tunnel {name!r}: {field}: {why}" if field else f"tunnel {name!r}: {why}")
+        field = ".".join(str(part) for part in where)[:PROBLEM_KEY_MAX]  # a key a peer made up: cut short
+        problem = f"tunnel {name!r}: {field}: {why}" if field else f"tunnel {name!r}: {why}"
+        return cls(name=name, problem=problem[:PROBLEM_MAX])

@@ -5,6 +5,7 @@ a TLS connection); the frontend is a real ``Frontend`` that hands out port numbe
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -142,8 +143,89 @@ async def test_lasting_counters_are_bounded_per_client(parts: Any, monkeypatch: 
         tunnel = await reg.open_tunnel(hostile, spec(f"t{i}"))
         assert tunnel is not None
         reg.close_tunnel(hostile.tunnels.pop(tunnel.name), client_gone=False)
-    assert sum(1 for c, _ in reg._lasting if c == "hostile") == 4
-    assert {t for c, t in reg._lasting} == {"t16", "t17", "t18", "t19"}  # the newest kept
+    assert set(reg._lasting.by_key) == {("hostile", f"t{i}") for i in (16, 17, 18, 19)}  # the newest kept
+
+
+async def test_refused_tunnels_leave_no_counter_and_the_total_bound_holds(
+    parts: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg, _, _ = parts
+    monkeypatch.setattr(registry_module, "TOTALS_KEPT", 10)
+    record = await reg.create_client("lab")  # a dashboard client whose tunnel's totals can never go
+    lab = Session("lab", token=record.token)
+    reg.register(lab)
+    await reg.define_tunnel({"client": "lab", "name": "web", "local_port": 80})
+    await wait_until_async(lambda: "web" in lab.pushed, 5, "the push")
+    tunnel = await reg.open_tunnel(lab, spec("web"))
+    reg.close_tunnel(lab.tunnels.pop("web"), client_gone=True)
+    assert tunnel is not None and ("lab", "web") in reg._lasting.by_key
+    for i in range(30):  # shared-token names, one tunnel each: refused, then one that opens
+        s = Session(f"n{i}")
+        reg.register(s)
+        with pytest.raises(TunnelRefused):
+            await reg.open_tunnel(s, spec("x", remote_port=1))
+        opened = await reg.open_tunnel(s, spec("y"))
+        assert opened is not None
+        reg.close_tunnel(s.tunnels.pop("y"), client_gone=True)
+    assert len(reg._lasting) == 10 and ("lab", "web") in reg._lasting.by_key
+    assert not any(t == "x" for _, t in reg._lasting.by_key)
+
+
+async def test_deleting_a_live_dashboard_tunnel_drops_its_totals(parts: Any) -> None:
+    reg, store, _ = parts
+    record = await reg.create_client("lab")
+    lab = Session("lab", token=record.token)
+    reg.register(lab)
+    await reg.define_tunnel({"client": "lab", "name": "web", "local_port": 80})
+    await wait_until_async(lambda: "web" in lab.pushed, 5, "the push")
+    tunnel = await reg.open_tunnel(lab, spec("web"))
+    assert tunnel is not None
+    tunnel.counters.bytes_in += 100
+    await reg.flush_traffic()
+    assert ("lab", "web") in await store.totals()
+    lab.unpush = lambda name: reg.close_tunnel(lab.tunnels.pop(name), client_gone=False)  # as a session does
+    await reg.delete_tunnel("lab", "web")
+    await wait_until_async(lambda: ("lab", "web") not in reg._lasting.by_key, 5, "the totals to go")
+    await reg.flush_traffic()
+    assert ("lab", "web") not in await store.totals()
+
+
+class SlowStore(SqliteStore):
+    """A store whose record is committed but not yet acknowledged when relayd shuts down."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.committed = asyncio.Event()
+
+    async def record_traffic(self, minute: int, deltas: list[Any]) -> None:
+        await super().record_traffic(minute, deltas)
+        self.committed.set()
+        await asyncio.sleep(0.2)
+
+
+async def test_a_shutdown_during_a_flush_records_nothing_twice(tmp_path: Path) -> None:
+    store = SlowStore(tmp_path / "relayd.db")
+    await store.open()
+    guard = LoginGuard(BlockScope.RELAYC, window=60, block_after=5, block_seconds=60)
+    reg = Registry(config(tmp_path), store, guard, BurstLog(registry_module.log))
+    reg.add_frontend(Numbered())
+    await reg.load()
+    lab = Session("lab")
+    reg.register(lab)
+    tunnel = await reg.open_tunnel(lab, spec("ssh"))
+    assert tunnel is not None
+    tunnel.counters.bytes_in += 1000
+
+    async def periodic() -> None:  # what record_traffic_forever does each minute
+        await asyncio.shield(reg.flush_traffic())
+
+    task = asyncio.create_task(periodic())
+    await asyncio.wait_for(store.committed.wait(), 10)
+    task.cancel()  # shutdown cancels the loop that runs it...
+    await reg.flush_traffic()  # ...and flushes once more
+    assert (await store.totals())[("lab", "ssh")].bytes_in == 1000
+    await reg.close()
+    await store.close()
 
 
 async def test_refusals_are_typed_and_remembered(parts: Any) -> None:

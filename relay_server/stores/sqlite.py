@@ -90,6 +90,19 @@ class SqliteStore(Store):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._call, fn)
 
+    async def _commit(self, fn: Callable[[sqlite3.Connection], T], changes: Callable[[T], list[Change]]) -> T:
+        """Run a write and announce what it changed.  Shielded: a caller that is cancelled while
+        the write runs (a dashboard request whose client went away) still gets it announced, so
+        no stored change is missed by the feed."""
+
+        async def write() -> T:
+            result = await self._run(fn)
+            for change in changes(result):
+                self.announce(change)
+            return result
+
+        return await asyncio.shield(write())
+
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._db is None:
             raise RuntimeError("the store is closed")
@@ -144,18 +157,17 @@ class SqliteStore(Store):
                 return False
             return True
 
-        if not await self._run(insert):
+        if not await self._commit(insert, lambda ok: [Change(ChangeKind.CLIENT, name)] if ok else []):
             raise Conflict(f"client {name!r} already exists")
-        self.announce(Change(ChangeKind.CLIENT, name))
         return ClientRecord(name=name, token=token, created=now)
 
     async def set_client_token(self, name: str, token: str) -> None:
-        await self._run(lambda db: db.execute("UPDATE clients SET token = ? WHERE name = ?", (token, name)))
-        self.announce(Change(ChangeKind.CLIENT, name))
+        await self._commit(lambda db: db.execute("UPDATE clients SET token = ? WHERE name = ?", (token, name)),
+                           lambda _: [Change(ChangeKind.CLIENT, name)])  # fmt: skip
 
     async def set_client_enabled(self, name: str, enabled: bool) -> None:
-        await self._run(lambda db: db.execute("UPDATE clients SET enabled = ? WHERE name = ?", (int(enabled), name)))
-        self.announce(Change(ChangeKind.CLIENT, name))
+        await self._commit(lambda db: db.execute("UPDATE clients SET enabled = ? WHERE name = ?", (int(enabled), name)),
+                           lambda _: [Change(ChangeKind.CLIENT, name)])  # fmt: skip
 
     async def delete_client(self, name: str) -> None:
         def delete(db: sqlite3.Connection) -> list[str]:
@@ -166,9 +178,8 @@ class SqliteStore(Store):
                 db.execute("DELETE FROM clients WHERE name = ?", (name,))
             return names
 
-        for tunnel in await self._run(delete):
-            self.announce(Change(ChangeKind.TUNNEL, name, tunnel))
-        self.announce(Change(ChangeKind.CLIENT, name))
+        await self._commit(delete, lambda tunnels: [*(Change(ChangeKind.TUNNEL, name, t) for t in tunnels),
+                                                    Change(ChangeKind.CLIENT, name)])  # fmt: skip
 
     async def touch_client(self, name: str, remote_addr: str, version: str, when: float) -> None:
         await self._run(lambda db: db.execute(
@@ -208,14 +219,14 @@ class SqliteStore(Store):
                 return False
             return True  # fmt: skip
 
-        if not await self._run(insert):
+        change = Change(ChangeKind.TUNNEL, record.client, record.spec.name)
+        if not await self._commit(insert, lambda ok: [change] if ok else []):
             raise Conflict(f"client {record.client!r} already has a tunnel named {record.spec.name!r}")
-        self.announce(Change(ChangeKind.TUNNEL, record.client, record.spec.name))
 
     async def set_tunnel_enabled(self, client: str, name: str, enabled: bool) -> None:
-        await self._run(lambda db: db.execute("UPDATE tunnels SET enabled = ? WHERE client = ? AND name = ?",
-                                              (int(enabled), client, name)))  # fmt: skip
-        self.announce(Change(ChangeKind.TUNNEL, client, name))
+        await self._commit(lambda db: db.execute("UPDATE tunnels SET enabled = ? WHERE client = ? AND name = ?",
+                                                 (int(enabled), client, name)),
+                           lambda _: [Change(ChangeKind.TUNNEL, client, name)])  # fmt: skip
 
     async def delete_tunnel(self, client: str, name: str) -> None:
         def delete(db: sqlite3.Connection) -> None:
@@ -223,8 +234,7 @@ class SqliteStore(Store):
                 db.execute("DELETE FROM tunnels WHERE client = ? AND name = ?", (client, name))
                 db.execute("DELETE FROM totals WHERE client = ? AND tunnel = ?", (client, name))
 
-        await self._run(delete)
-        self.announce(Change(ChangeKind.TUNNEL, client, name))
+        await self._commit(delete, lambda _: [Change(ChangeKind.TUNNEL, client, name)])
 
     # --- traffic --------------------------------------------------------------------------------
 
