@@ -20,7 +20,7 @@ def parse_rate(value: object) -> int:
             raise ValueError("must be >= 0 (0 = unlimited)")
         return value
     if not isinstance(value, str):
-        raise ValueError("expected an integer (bytes per second) or a string like \"10MB\"")
+        raise ValueError('expected an integer (bytes per second) or a string like "10MB"')
     if len(value) > RATE_TEXT_MAX:
         raise ValueError(f"a rate is at most {RATE_TEXT_MAX} characters, like 10MB")
     m = _RATE_RE.fullmatch(value.strip())

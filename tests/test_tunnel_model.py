@@ -97,3 +97,13 @@ def test_shape_problems_are_marked() -> None:
         TunnelSpec.parse({"name": "n", "local_port": 70000, "subdomain": "-bad-"})
     kinds = {p[0][-1]: isinstance(p, ShapeProblem) for p in info.value.problems}
     assert kinds == {"local_port": True, "subdomain": False}
+
+
+@pytest.mark.parametrize("rate", ["1" + " " * 60_000 + "!", [1], None, 1.5, "9" * 400])
+def test_a_peers_rate_is_checked_in_bounded_time_and_never_raises_past_the_decoder(rate: Any) -> None:
+    """bandwidth_limit accepts "10MB" and is read from peers: the text is capped before any regex
+    (the old pattern backtracked cubically on digits, spaces and a stray character)."""
+    spec = {"name": "t", "local_port": 1, "bandwidth_limit": rate}
+    (msg,) = MessageDecoder().feed(raw({"type": "tunnel_add", "tunnel": spec}))
+    assert isinstance(msg.tunnel, InvalidTunnel) and "bandwidth_limit" in msg.tunnel.problem
+    assert len(msg.tunnel.problem) <= 512
