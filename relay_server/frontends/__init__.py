@@ -1,0 +1,1 @@
+"""Frontends: how visitors reach tunnels, one module per kind behind ``base.Frontend``."""

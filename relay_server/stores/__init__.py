@@ -1,0 +1,1 @@
+"""Stores: relayd's persistent state behind one async interface (``base.py``)."""
