@@ -5,19 +5,36 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from shared.aio import MuxConnection, StreamBridge
 from shared.burst import BurstLog
 from shared.errors import RemoteProtocolError
 from shared.frames import ResetCode
 from shared.messages import MessageDecoder, StreamOpen, decode_first
+from shared.proxy_protocol import proxy_header
 from shared.tunnel import TunnelSpec
 
 log = logging.getLogger("relayc")
 _dials: set[asyncio.Task[Any]] = set()
 DIAL_TIMEOUT = 10.0
 PREAMBLE_MAX = 4096  # bytes of a stream_open message; relayd's are about 80
+
+
+class HeaderFirstBridge(StreamBridge):
+    """A bridge that writes ``header`` (a PROXY protocol header) to the local service as soon as
+    it is connected, before any stream bytes (which are not counted or credited for it)."""
+
+    __slots__ = ("header",)
+
+    def __init__(self, mux: MuxConnection, header: bytes) -> None:
+        super().__init__(mux)
+        self.header = header
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._done:
+            cast(asyncio.Transport, transport).write(self.header)
+        super().connection_made(transport)
 
 
 class IncomingStream:
@@ -76,7 +93,11 @@ class IncomingStream:
             self._burst_log.warning(f"unknown:{first.tunnel}", "stream for unknown tunnel %r refused", first.tunnel)
             self.mux.reset(self.stream_id, ResetCode.UNKNOWN_TUNNEL)
             return
-        bridge = StreamBridge(self.mux)
+        if spec.proxy_protocol:  # the visitor's address goes first, before any of its bytes
+            bridge: StreamBridge = HeaderFirstBridge(self.mux, proxy_header(spec.proxy_protocol, first.visitor,
+                                                                            first.public))  # fmt: skip
+        else:
+            bridge = StreamBridge(self.mux)
         bridge.stream_id = self.stream_id
         self._bridge = bridge
         self.mux.set_handler(self.stream_id, bridge)

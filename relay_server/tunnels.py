@@ -16,7 +16,7 @@ from shared.aio import MuxConnection, StreamBridge, TrafficCounters
 from shared.config import ServerLimits
 from shared.errors import LocalProtocolError
 from shared.limits import SourceFilter, TokenBucket
-from shared.messages import encode_stream_open
+from shared.messages import StreamOpen, encode_message, encode_stream_open
 from shared.tunnel import TunnelSpec
 
 # Visitor bytes waiting for a client's credit past which its new visitors are turned away: its
@@ -92,15 +92,20 @@ class PublicTunnel:
     def client_name(self) -> str:
         return self.client.name
 
-    def attach(self, bridge: StreamBridge, visitor: str, first: bytes = b"") -> bool:
+    def attach(self, bridge: StreamBridge, visitor: str, first: bytes = b"", public: str = "") -> bool:
         """Bind a visitor's bridge to this tunnel: open its stream to the client (``stream_open``
         preamble, then ``first``), count it, apply the bandwidth limits.  False if the client's
-        session cannot take a new stream (closing, going away)."""
+        session cannot take a new stream (closing, going away).  ``public``: the address of
+        relayd's socket the visitor reached, sent only for a PROXY protocol tunnel."""
         mux = self.client.mux
         if not mux.is_open:
             return False
+        if self.spec.proxy_protocol:
+            preamble = encode_message(StreamOpen(tunnel=self.spec.name, visitor=visitor, public=public))
+        else:
+            preamble = encode_stream_open(self.spec.name, visitor)
         try:
-            stream_id = mux.open_stream(bridge, encode_stream_open(self.spec.name, visitor) + first)
+            stream_id = mux.open_stream(bridge, preamble + first)
         except LocalProtocolError:
             return False
         bridge.bind(mux, stream_id)  # paused at once if the session's connection is backed up

@@ -273,6 +273,7 @@ class StreamOpen(_Message):
     type: ClassVar[str] = "stream_open"
     tunnel: str = _str(1, 128)
     visitor: str = _str(0, 300, default="")
+    public: str = _str(0, 300, default="")  # relayd's address the visitor reached (PROXY protocol tunnels)
 
 
 Message = (

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import MISSING, dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args, get_origin
 
 from shared.checks import (
     check_domain,
@@ -77,6 +77,9 @@ class TunnelSpec(Table):
     # limits, enforced by relayd (its own [limits] can only make them stricter)
     max_connections: int = key(0, ge=0, le=2**31, meta={"label": "max connections (0 = no limit)"})
     bandwidth_limit: int = key(0, before=parse_rate, le=2**62, meta={"label": "bandwidth, e.g. 10MB (per second)"})
+    # the visitor's address to the local service, before its bytes (tcp, and https passed through)
+    proxy_protocol: Literal["", "v1", "v2"] = key("", meta=_kinds(TunnelKind.TCP, TunnelKind.HTTPS,
+                                                                  label="PROXY protocol header: v1 or v2"))  # fmt: skip
     allow_sources: list[str] = key([], max_len=MAX_LIST, check=lambda v: check_sources(check_each(str, 64)(v)),
                                    meta={"label": "visitor CIDRs allowed (empty = all)"})  # fmt: skip
 
@@ -125,9 +128,12 @@ class TunnelSpec(Table):
             if kinds and kind not in kinds and getattr(self, name) != _default(f):
                 if kind is TunnelKind.HTTPS and TunnelKind.HTTP in kinds:
                     return name, "only for http tunnels (https is passed through untouched)"
-                if kind is TunnelKind.TCP:
-                    return name, f'only for {"/".join(k.value for k in kinds)} tunnels (this one is type "tcp")'
-                return name, f"only for tcp tunnels; a {kind} tunnel is reached by its domain on relayd's vhost port"
+                if kinds == TCP_ONLY:
+                    return (
+                        name,
+                        f"only for tcp tunnels; a {kind} tunnel is reached by its domain on relayd's vhost port",
+                    )
+                return name, f'only for {"/".join(k.value for k in kinds)} tunnels (this one is type "{kind}")'
         if kind in HTTP_KINDS and not self.subdomain and not self.custom_domains:
             return "subdomain", f"a {kind} tunnel needs subdomain or custom_domains"
         if bool(self.http_user) != bool(self.http_password):
@@ -159,6 +165,8 @@ def field_list() -> list[dict[str, Any]]:
             default = default.value
         kind = "list" if getattr(tp, "__origin__", None) is list else "int" if tp is int else "str"
         choices = [k.value for k in TunnelKind] if tp is TunnelKind else None
+        if get_origin(tp) is Literal:
+            choices = [c for c in get_args(tp) if c]
         out.append({
             "name": name, "type": kind, "default": default, "required": default is None,
             "kinds": [k.value for k in meta.get("kinds") or TunnelKind], "label": meta.get("label", ""),

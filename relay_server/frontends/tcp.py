@@ -74,7 +74,7 @@ class VisitorBridge(StreamBridge):
             transport.abort()
             return
         self.transport = transport
-        if not tunnel.attach(self, visitor):
+        if not tunnel.attach(self, visitor, public=_public(transport) if tunnel.spec.proxy_protocol else ""):
             self._done = True
             transport.abort()
             return
@@ -83,3 +83,9 @@ class VisitorBridge(StreamBridge):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.tunnel.detach(self)
         super().connection_lost(exc)
+
+
+def _public(transport: asyncio.BaseTransport) -> str:
+    """``ip:port`` of relayd's socket a visitor reached."""
+    local = transport.get_extra_info("sockname")
+    return f"{local[0]}:{local[1]}" if local else ""

@@ -159,7 +159,11 @@ class _VhostVisitor(StreamBridge):
         refusal = tunnel.refusal(self.visitor_ip)
         if refusal is not None:
             return refusal
-        if not tunnel.attach(self, self.visitor, first):
+        public = ""
+        if tunnel.spec.proxy_protocol and self.transport is not None:
+            local = self.transport.get_extra_info("sockname")
+            public = f"{local[0]}:{local[1]}" if local else ""
+        if not tunnel.attach(self, self.visitor, first, public):
             return Refusal.OFFLINE
         self.tunnel = tunnel
         return None
