@@ -89,7 +89,7 @@ def define_structs(forbid_unknown: bool = False) -> dict[str, Any]:
         return Annotated[tuple[Annotated[str, Meta(min_length=1, max_length=item_max)], ...], Meta(max_length=64)]
 
     class Msg(Struct, frozen=True, tag_field="type", forbid_unknown_fields=forbid_unknown):
-        pass
+        """The base of the messages: tagged by "type"."""
 
     class Hello(Msg, tag="hello"):
         name: text(1, 128)
@@ -370,7 +370,7 @@ def describe_machine() -> dict[str, Any]:
         m = re.search(r"^Model name:\s*(.+)$", out, re.M)
         model = m.group(1).strip() if m else ""
     except OSError:
-        pass
+        model = ""
     import msgspec
 
     return {

@@ -39,7 +39,7 @@ def host_app() -> Iterator[tuple[int, list[str]]]:
         protocol_version = "HTTP/1.1"
 
         def log_message(self, *args: Any) -> None:
-            pass
+            """Quiet: the test reads the recorded Host headers instead."""
 
         def do_GET(self) -> None:
             hosts.append(self.headers.get("Host", ""))
