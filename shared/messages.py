@@ -39,6 +39,7 @@ class _Field:
     required: bool = True
     choices: tuple[str, ...] = ()
     max_items: int = 64
+    omit_default: bool = False  # not written when it holds its default (a field older peers lack)
 
 
 def _spec(kind: type, **kw: Any) -> Any:
@@ -85,8 +86,10 @@ class _Message:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, key, _ in self._specs():
+        for name, key, spec in self._specs():
             value = getattr(self, name)
+            if spec.omit_default and value == spec.default:
+                continue
             if isinstance(value, _Message):
                 value = value.to_dict()
             elif isinstance(value, TunnelSpec):
@@ -273,7 +276,9 @@ class StreamOpen(_Message):
     type: ClassVar[str] = "stream_open"
     tunnel: str = _str(1, 128)
     visitor: str = _str(0, 300, default="")
-    public: str = _str(0, 300, default="")  # relayd's address the visitor reached (PROXY protocol tunnels)
+    # relayd's address the visitor reached: only for PROXY protocol tunnels, so every other
+    # stream_open is byte for byte what encode_stream_open writes
+    public: str = _spec(str, max_len=300, default="", required=False, omit_default=True)
 
 
 Message = (
