@@ -355,15 +355,20 @@ class Bench:
     def stop(self) -> None:
         if self.ssh:
             self.ssh.stop()
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each process still running, then wait for all (killing one that takes over 10 s)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def fmt(v: float | None, unit: str) -> str:

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.__main__ import TOKEN, Path_, describe_machine, free_port, wrk_with_cpu
+from bench.__main__ import TOKEN, Path_, describe_machine, free_port, stop_processes, wrk_with_cpu
 from bench.ssh_reverse import wait_port
 
 ROWS = (("3. keep-alive, tcp tunnel", "tcp", False), ("4. new connections", "tcp", True),
@@ -75,13 +74,7 @@ class Build:
         return Path_("relay", {"tcp": public, "vhost": vhost}, [p.pid for p in self.procs])
 
     def stop(self) -> None:
-        for p in self.procs:
-            p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs)
         self.procs.clear()
 
 

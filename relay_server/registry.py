@@ -447,7 +447,7 @@ class Registry:
         record = self._dashboard_client(name)
         token = secrets.token_urlsafe(32)
         await self.store.set_client_token(name, token)
-        self.clients[name] = _replace(record, token=token)
+        self.clients[name] = dataclasses.replace(record, token=token)
         return token
 
     async def set_client_enabled(self, name: str, enabled: bool) -> None:
@@ -456,7 +456,7 @@ class Registry:
             raise NotFound(f"client {name!r} does not exist")
         if record is not None:  # its session is ended through the change feed
             await self.store.set_client_enabled(name, enabled)
-            self.clients[name] = _replace(record, enabled=enabled)
+            self.clients[name] = dataclasses.replace(record, enabled=enabled)
         elif not enabled:  # a client of the shared token: nothing stored, so end it here
             self.kick(name)
 
@@ -521,7 +521,7 @@ class Registry:
     async def set_tunnel_enabled(self, client: str, name: str, enabled: bool) -> TunnelRecord:
         record = self._defined(client, name)
         await self.store.set_tunnel_enabled(client, name, enabled)
-        updated: TunnelRecord = _replace(record, enabled=enabled)
+        updated = dataclasses.replace(record, enabled=enabled)
         self.defined[(client, name)] = updated
         return updated
 
@@ -723,7 +723,3 @@ def _status(state: TunnelState, refusal: tuple[TunnelRefusal, str] | None) -> st
     if state is TunnelState.REFUSED and refusal is not None:
         return f"refused: {refusal[1]}"
     return state.value
-
-
-def _replace(record: Any, **changes: Any) -> Any:
-    return dataclasses.replace(record, **changes)
