@@ -7,13 +7,14 @@ import logging
 from collections.abc import Callable
 from typing import Any, cast
 
+from relay_client.udp import LocalUdpFlow
 from shared.aio import MuxConnection, StreamBridge
 from shared.burst import BurstLog
 from shared.errors import RemoteProtocolError
 from shared.frames import ResetCode
 from shared.messages import MessageDecoder, StreamOpen, decode_first
 from shared.proxy_protocol import proxy_header
-from shared.tunnel import TunnelSpec
+from shared.tunnel import TunnelKind, TunnelSpec
 
 log = logging.getLogger("relayc")
 _dials: set[asyncio.Task[Any]] = set()
@@ -92,6 +93,16 @@ class IncomingStream:
         if spec is None:
             self._burst_log.warning(f"unknown:{first.tunnel}", "stream for unknown tunnel %r refused", first.tunnel)
             self.mux.reset(self.stream_id, ResetCode.UNKNOWN_TUNNEL)
+            return
+        if spec.type is TunnelKind.UDP:  # a flow of datagrams, to a UDP socket of its own
+            flow = LocalUdpFlow(self.mux, self.stream_id, spec, self._burst_log)
+            self.mux.set_handler(self.stream_id, flow)
+            if rest:
+                flow.on_data(rest)
+            if self._ended:
+                flow.on_end()
+            else:
+                flow.start()
             return
         if spec.proxy_protocol:  # the visitor's address goes first, before any of its bytes
             bridge: StreamBridge = HeaderFirstBridge(self.mux, proxy_header(spec.proxy_protocol, first.visitor,

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from relay_server.frontends.http import HttpFrontend
+from relay_server.frontends.secret import SecretFrontend
 from relay_server.frontends.sni import SniFrontend
 from relay_server.frontends.tcp import TcpFrontend
+from relay_server.frontends.udp import UdpFrontend
 from relay_server.guard import BlockScope, LoginGuard
 from relay_server.listener import ControlListener
 from relay_server.registry import Registry
@@ -41,6 +43,9 @@ class Relayd:
         self.registry = Registry(config, self.store, guard, self.burst_log)
         bind = config.public_bind_addr
         self.registry.add_frontend(TcpFrontend(self.registry.ports, self.burst_log))
+        self.registry.add_frontend(UdpFrontend(self.registry.ports, self.burst_log,
+                                               config.limits.max_udp_flows_per_tunnel))  # fmt: skip
+        self.registry.add_frontend(SecretFrontend(self.registry.find_secret, lambda: self.listener.fingerprint))
         self.http = HttpFrontend(self.registry.domains, bind, config.vhost_http_port, config.vhost_header_timeout)
         self.https = SniFrontend(self.registry.domains, bind, config.vhost_https_port, config.vhost_header_timeout)
         self.registry.add_frontend(self.http)

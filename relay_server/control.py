@@ -49,6 +49,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from relay_server.frontends.secret import SecretFrontend
 from relay_server.guard import Failure
 from relay_server.tunnels import PublicTunnel
 from shared import __version__, auth
@@ -66,6 +67,7 @@ from shared.messages import (
     LoginRefusal,
     Message,
     TunnelAdd,
+    TunnelHealth,
     TunnelPush,
     TunnelPushRefused,
     TunnelRemove,
@@ -132,6 +134,8 @@ class ClientSession:
         self.tunnels: dict[str, PublicTunnel] = {}
         self.refusals: dict[str, tuple[TunnelRefusal, str]] = {}  # tunnel name -> why it is not active (bounded)
         self.visitors_open = 0
+        self.visits_open = 0  # streams this relayc opened to visit secret tunnels
+        self.role = ""  # "visitor": a visitor-only session (relayc connect), no tunnels of its own
         self.connected_at = time.time()
         self.logged_in_at = 0.0
         self._client_nonce = ""
@@ -192,7 +196,11 @@ class ClientSession:
         if not self.ready:  # before login only the control stream may exist: not a client, drop it
             mux.drop(RemoteProtocolError(f"stream {stream_id} opened before login"))
             return None
-        # relayc may not open other streams: nothing on relayd is reachable through the tunnel.
+        # The only other stream a relayc may open is a visit to a secret tunnel (its first message
+        # says which; anything else closes the session).  Nothing on relayd itself is reachable.
+        secret = self.registry.frontends.get(TunnelKind.SECRET)
+        if isinstance(secret, SecretFrontend):
+            return secret.visit_stream(self, mux, stream_id)
         return None
 
     def _go_away(self, mux: MuxConnection, code: int) -> None:
@@ -235,8 +243,10 @@ class ClientSession:
                 self._on_hello(message)
             elif isinstance(message, Login) and state is SessionState.CHALLENGED:
                 self._on_login(message)
-            elif isinstance(message, TunnelAdd) and state is SessionState.READY:
+            elif isinstance(message, TunnelAdd) and state is SessionState.READY and not self.role:
                 self._on_tunnel_add(message)
+            elif isinstance(message, TunnelHealth) and state is SessionState.READY and not self.role:
+                self.registry.set_health(self, message.name, message.healthy, message.error)
             elif isinstance(message, TunnelPushRefused) and state is SessionState.READY:
                 self._on_push_refused(message)
             else:
@@ -250,6 +260,7 @@ class ClientSession:
 
     def _on_hello(self, hello: Hello) -> None:
         self.version = hello.version
+        self.role = hello.role
         try:
             self.name = check_name(hello.name)
         except ValueError as exc:
@@ -281,7 +292,7 @@ class ClientSession:
         guard.record_success(self.remote_addr, self.name)
         self.token_used = token
         old = registry.sessions.get(self.name)
-        if old is not None and old is not self and old.ready:
+        if old is not None and old is not self and old.ready and not self.role:
             self.state = SessionState.CHECKING
             self._spawn(self._settle_name_clash(old, auth.server_proof(token, *args)))
             return
@@ -317,6 +328,10 @@ class ClientSession:
             # disabled, deleted or given a new token while the name clash was being settled
             self._refuse(LoginFailed(reason="wrong token", code=LoginRefusal.WRONG_TOKEN.value))
             return
+        if self.role and not self.registry.visitor_slot(self.name):
+            self._refuse(LoginFailed(reason=f"client {self.name!r} has too many visitor sessions open",
+                                     code=LoginRefusal.TOO_MANY_SESSIONS.value, retry_after=10))  # fmt: skip
+            return
         self.listener.left_preauth(self)
         self.state = SessionState.READY
         self.logged_in_at = time.time()
@@ -324,6 +339,10 @@ class ClientSession:
         self.mux.label = f"client {self.name} ({self.remote_addr})"
         self.cancel_handshake_timer()
         self.send(LoginOk(proof=proof, version=__version__))
+        if self.role:
+            log.info("client %s: visitor session from %s (relayc %s)", self.name, self.remote_addr, self.version or "?")
+            self.registry.register_visitor(self)
+            return
         log.info("client %s logged in from %s (relayc %s)", self.name, self.remote_addr, self.version or "?")
         self.registry.register(self)
 

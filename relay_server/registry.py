@@ -60,12 +60,14 @@ REFUSALS_LOGGED_EACH = 32  # per client name: refusals logged one line each befo
 TOTALS_PER_CLIENT = 1024  # lasting counters kept per client name (inactive ones beyond go, oldest first)
 TOTALS_KEPT = 100_000  # and in all
 MAX_SINCE = 2**40
+VISITOR_SESSIONS_PER_CLIENT = 32  # visitor-only sessions (relayc connect) open at once per client name
 
 
 class TunnelState(str, enum.Enum):
     """Where a tunnel is, as the API shows it (``status`` adds the refusal's text)."""
 
     ACTIVE = "active"
+    SERVICE_DOWN = "service down"  # open, but relayc's health check cannot reach its local service
     PENDING = "pending"  # defined in the dashboard, pushed, not registered yet
     DISABLED = "disabled"
     OFFLINE = "client offline"
@@ -207,6 +209,7 @@ class Registry:
         self.domains = DomainClaims(config.subdomain_host)
         self.frontends: dict[TunnelKind, Frontend] = {}
         self.sessions: dict[str, ClientSession] = {}
+        self.visitor_sessions: dict[str, set[ClientSession]] = {}  # relayc connect: no tunnels, any number
         self.clients: dict[str, ClientRecord] = {}  # made in the dashboard (the store's, cached)
         self.defined: dict[tuple[str, str], TunnelRecord] = {}  # dashboard tunnels (the store's, cached)
         self._lasting = LastingTable(self._forget_totals)
@@ -282,13 +285,48 @@ class Registry:
             if client == name and record.enabled:
                 session.push(record.spec)
 
+    def visitor_slot(self, name: str) -> bool:
+        """Whether client ``name`` may open one more visitor-only session."""
+        return len(self.visitor_sessions.get(name, ())) < VISITOR_SESSIONS_PER_CLIENT
+
+    def register_visitor(self, session: ClientSession) -> None:
+        """A visitor-only session logged in: it visits secret tunnels and holds nothing, so it
+        never conflicts with the client's own session of the same name."""
+        self.visitor_sessions.setdefault(session.name, set()).add(session)
+
+    def find_secret(self, client: str, tunnel: str) -> PublicTunnel | None:
+        """The tunnel ``tunnel`` client ``client`` has open now (for a visit), or None."""
+        session = self.sessions.get(client)
+        return session.tunnels.get(tunnel) if session is not None and session.ready else None
+
+    def set_health(self, session: ClientSession, name: str, healthy: bool, error: str) -> None:
+        """relayc's health check of tunnel ``name`` says its local service is up or down."""
+        tunnel = session.tunnels.get(name)
+        if tunnel is None or tunnel.healthy is healthy:
+            return
+        tunnel.healthy = healthy
+        tunnel.health_error = "" if healthy else error[:256]
+        if healthy:
+            log.info("client %s tunnel %s: local service is up again", session.name, name)
+        else:
+            log.warning("client %s tunnel %s: local service is down: %s", session.name, name, tunnel.health_error)
+
     def session_closed(self, session: ClientSession) -> None:
+        visitors = self.visitor_sessions.get(session.name)
+        if visitors is not None and session in visitors:
+            visitors.discard(session)
+            if not visitors:
+                del self.visitor_sessions[session.name]
+            return
         if self.sessions.get(session.name) is session:
             del self.sessions[session.name]
             self.burst_log.forget(f"tunnel-refused:{session.name}")
             self._emit(ClientOffline(session.name))
 
     def kick(self, client: str) -> bool:
+        """End the client's session and its visitor-only sessions."""
+        for visitor in list(self.visitor_sessions.get(client, ())):
+            visitor.end(GoAwayCode.KICKED)
         session = self.sessions.get(client)
         if session is None:
             return False
@@ -560,15 +598,16 @@ class Registry:
                 self.clients.pop(name, None)
             else:
                 self.clients[name] = record
-            session = self.sessions.get(name)
-            if session is None:
-                return
-            if record is None:  # deleted: a session that logged in with its token goes
-                stale = old is not None or session.token_used != self.config.auth.token
-            else:  # disabled, or given a new token: the session logged in with the old one goes
-                stale = not record.enabled or session.token_used != record.token
-            if stale:
-                self.kick(name)
+            for session in [self.sessions.get(name), *self.visitor_sessions.get(name, ())]:
+                if session is None:
+                    continue
+                if record is None:  # deleted: a session that logged in with its token goes
+                    stale = old is not None or session.token_used != self.config.auth.token
+                else:  # disabled, or given a new token: the session logged in with the old one goes
+                    stale = not record.enabled or session.token_used != record.token
+                if stale:
+                    log.info("client %s: session from %s ended (token no longer valid)", name, session.remote_addr)
+                    session.end(GoAwayCode.KICKED)
             return
         key = (name, change.tunnel)
         tunnel_record = await self.store.tunnel(name, change.tunnel)
@@ -599,6 +638,10 @@ class Registry:
     def public_address(self, spec: TunnelSpec, port: int) -> str:
         if spec.type is TunnelKind.TCP:
             return f"{self.config.public_bind_addr}:{port}"
+        if spec.type is TunnelKind.UDP:
+            return f"{self.config.public_bind_addr}:{port}/udp"
+        if spec.type is TunnelKind.SECRET:
+            return "secret"
         frontend = self.frontends.get(spec.type)
         port = frontend.bound_port if frontend is not None else port
         cfg = self.config
@@ -621,12 +664,14 @@ class Registry:
             for t in session.tunnels.values():
                 key = (cname, t.name)
                 seen.add(key)
+                state = TunnelState.SERVICE_DOWN if t.healthy is False else TunnelState.ACTIVE
                 out.append({
                     "client": cname, **t.spec.to_dict(secrets=False), "remote_port": t.port,
                     "source": (TunnelSource.DASHBOARD if key in self.defined else TunnelSource.CLIENT).value,
-                    "state": TunnelState.ACTIVE.value, "status": TunnelState.ACTIVE.value, "reason": None,
-                    "enabled": True, "public": t.public or self.public_address(t.spec, t.port),
-                    **self._totals(cname, t.name),
+                    "state": state.value, "reason": None, "enabled": True,
+                    "status": f"service down: {t.health_error}" if t.healthy is False else state.value,
+                    "health": None if t.healthy is None else "up" if t.healthy else "down",
+                    "public": t.public or self.public_address(t.spec, t.port), **self._totals(cname, t.name),
                 })  # fmt: skip
         for key, record in self.defined.items():
             if key in seen:
@@ -707,7 +752,9 @@ class Registry:
         return {
             "clients_online": len(self.sessions),
             "clients_total": len(set(self.clients) | set(self.sessions)),
-            "tunnels_active": sum(1 for t in tunnels if t["state"] == TunnelState.ACTIVE.value),
+            "tunnels_active": sum(
+                1 for t in tunnels if t["state"] in (TunnelState.ACTIVE.value, TunnelState.SERVICE_DOWN.value)
+            ),
             "tunnels_total": len(tunnels),
             "conns_open": sum(t["conns_open"] for t in tunnels),
             "bytes_in": sum(t["bytes_in"] for t in tunnels),

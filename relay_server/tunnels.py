@@ -12,7 +12,7 @@ import asyncio
 import enum
 from typing import Any, Protocol
 
-from shared.aio import MuxConnection, StreamBridge, TrafficCounters
+from shared.aio import MuxConnection, StreamHandler, TrafficCounters
 from shared.config import ServerLimits
 from shared.errors import LocalProtocolError
 from shared.limits import SourceFilter, TokenBucket
@@ -24,6 +24,17 @@ from shared.tunnel import TunnelSpec
 # read once before it can be paused (uvloop starts reading as it accepts), so without this a
 # flood of new visitors could still add a read each.
 BUSY_BACKLOG = 64 * 1024 * 1024
+
+
+class Visitor(StreamHandler, Protocol):
+    """What a tunnel joins to its client: a visitor's end of one stream (a TCP connection's
+    bridge, a UDP flow, a secret tunnel's visit)."""
+
+    counters: TrafficCounters | None
+    buckets: tuple[TokenBucket, ...]
+
+    def bind(self, mux: MuxConnection, stream_id: int) -> None: ...
+    def abort(self) -> None: ...
 
 
 class TunnelOwner(Protocol):
@@ -64,8 +75,9 @@ class PublicTunnel:
     the tunnel (after a reconnect) goes on counting where the last one stopped.  ``claim`` is what
     its frontend holds for it (a listener, routes), released by that frontend."""
 
-    __slots__ = ("bind_host", "bucket", "buckets", "claim", "client", "client_max", "counters", "max_connections",
-                 "port", "public", "sources", "spec", "visitors")  # fmt: skip
+    __slots__ = ("bind_host", "bucket", "buckets", "claim", "client", "client_max", "counters", "group",
+                 "health_error", "healthy", "max_connections", "port", "public", "sources", "spec",
+                 "visitors")  # fmt: skip
 
     def __init__(self, client: TunnelOwner, spec: TunnelSpec, limits: ServerLimits, counters: TrafficCounters,
                  bind_host: str) -> None:  # fmt: skip
@@ -76,7 +88,10 @@ class PublicTunnel:
         self.public = ""  # where visitors reach it, as its frontend says
         self.claim: Any = None  # the frontend's: a listener (tcp), the routes claimed (http, https)
         self.counters = counters
-        self.visitors: set[StreamBridge] = set()
+        self.visitors: set[Visitor] = set()
+        self.healthy: bool | None = None  # relayc's health check of the local service (None: none yet)
+        self.health_error = ""
+        self.group: Any = None  # the group it serves in (its frontend's), when spec.group is set
         self.max_connections = min_nonzero(limits.max_connections_per_tunnel, spec.max_connections)
         self.client_max = limits.max_connections_per_client
         rate = min_nonzero(limits.bandwidth_per_tunnel, spec.bandwidth_limit)
@@ -92,7 +107,7 @@ class PublicTunnel:
     def client_name(self) -> str:
         return self.client.name
 
-    def attach(self, bridge: StreamBridge, visitor: str, first: bytes = b"", public: str = "") -> bool:
+    def attach(self, bridge: Visitor, visitor: str, first: bytes = b"", public: str = "") -> bool:
         """Bind a visitor's bridge to this tunnel: open its stream to the client (``stream_open``
         preamble, then ``first``), count it, apply the bandwidth limits.  False if the client's
         session cannot take a new stream (closing, going away).  ``public``: the address of
@@ -118,7 +133,7 @@ class PublicTunnel:
         self.client.visitors_open += 1
         return True
 
-    def detach(self, bridge: StreamBridge) -> None:
+    def detach(self, bridge: Visitor) -> None:
         """A visitor attached by ``attach`` went away."""
         if bridge in self.visitors:
             self.visitors.discard(bridge)

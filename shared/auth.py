@@ -15,6 +15,7 @@ import secrets
 
 _CLIENT_LABEL = b"relay-login-client-v1"
 _SERVER_LABEL = b"relay-login-server-v1"
+_VISIT_LABEL = b"relay-visit-v1"
 
 
 def new_nonce() -> str:
@@ -39,3 +40,11 @@ def server_proof(token: str, name: str, client_nonce: str, server_nonce: str, fi
 def proofs_equal(a: str, b: str) -> bool:
     """Constant-time comparison."""
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+def visit_proof(secret_key: str, visitor: str, client: str, tunnel: str, fingerprint: str) -> str:
+    """What a visitor presents for a secret tunnel's ``secret_key``: an HMAC keyed with it over the
+    visitor's client name, the tunnel and relayd's certificate fingerprint, so the key itself is
+    never sent and a proof is worth nothing to another visitor or another relayd."""
+    msg = _transcript(_VISIT_LABEL, visitor, client, tunnel, fingerprint)
+    return hmac.new(secret_key.encode(), msg, hashlib.sha256).hexdigest()

@@ -101,6 +101,13 @@ def check_host(value: str) -> str:
     return value
 
 
+def check_probe_path(value: str) -> str:
+    """An HTTP health check's path: starts with ``/``, printable ASCII without spaces."""
+    if not value.startswith("/") or not value.isascii() or not value.isprintable() or " " in value:
+        raise ValueError(f"{value[:40]!r} is not a path starting with /")
+    return value
+
+
 def check_printable(value: str) -> str:
     """A value that ends up in a header or a log line: no control characters."""
     if not value.isprintable():

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from shared.checks import (
     check_domain,
+    check_host,
     check_name,
     is_loopback,
 )
@@ -95,6 +96,7 @@ class ServerLimits(Table):
     max_connections_per_client: int = key(0, ge=0)
     bandwidth_per_tunnel: int = key(0, before=parse_rate)
     bandwidth_per_client: int = key(0, before=parse_rate)
+    max_udp_flows_per_tunnel: int = key(1024, ge=1, le=65536)
 
 
 @dataclass(kw_only=True)
@@ -219,6 +221,17 @@ TunnelConfig = TunnelSpec
 
 
 @dataclass(kw_only=True)
+class VisitorConfig(Table):
+    """A ``[[visitors]]`` table: a local port that leads to another client's secret tunnel."""
+
+    client: str = key(check=check_name)  # the client that owns the tunnel
+    tunnel: str = key(check=check_name)
+    secret_key: str = key("", max_len=256)
+    bind_addr: str = key("127.0.0.1", check=check_host)
+    bind_port: int = key(ge=0, le=65535)  # 0: any free port (relayc logs which)
+
+
+@dataclass(kw_only=True)
 class ClientConfig(Table):
     server_addr: str = key("127.0.0.1")
     server_port: int = key(7000, ge=1, le=65535)
@@ -228,6 +241,7 @@ class ClientConfig(Table):
     tls: ClientTLS = key(factory=ClientTLS)
     allow_targets: list[str] = key(["127.0.0.1", "::1", "localhost"], check=check_targets)
     tunnels: list[TunnelConfig] = key([])
+    visitors: list[VisitorConfig] = key([])
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -269,17 +283,24 @@ def _check_semantics(cfg: ServerConfig | ClientConfig, path: str) -> None:
             seen[t.name] = i
         for i, t in enumerate(cfg.tunnels):
             _check_tunnel_kind(t, f"tunnels[{i}]", path)
-        ports: dict[int, int] = {}
+        ports: dict[tuple[TunnelKind, int], int] = {}
         for i, t in enumerate(cfg.tunnels):
-            if t.type is not TunnelKind.TCP:
+            if t.type not in (TunnelKind.TCP, TunnelKind.UDP) or not t.remote_port:
                 continue
-            if t.remote_port and t.remote_port in ports:
+            if (t.type, t.remote_port) in ports:
                 raise ConfigError(
                     path,
                     f"tunnels[{i}].remote_port",
-                    f"{t.remote_port} is already used by tunnels[{ports[t.remote_port]}]",
+                    f"{t.type} port {t.remote_port} is already used by tunnels[{ports[t.type, t.remote_port]}]",
                 )
-            ports[t.remote_port] = i
+            ports[t.type, t.remote_port] = i
+        binds: dict[tuple[str, int], int] = {}
+        for i, v in enumerate(cfg.visitors):
+            if v.bind_port and (v.bind_addr, v.bind_port) in binds:
+                other = binds[v.bind_addr, v.bind_port]
+                raise ConfigError(path, f"visitors[{i}].bind_port",
+                                  f"{v.bind_addr}:{v.bind_port} is already used by visitors[{other}]")  # fmt: skip
+            binds[v.bind_addr, v.bind_port] = i
         if not cfg.auth.token:
             raise ConfigError(path, "auth.token", "empty: set the same token as in relayd.toml [auth]")
         if cfg.tls.enable and cfg.tls.server_fingerprint and cfg.tls.server_name:

@@ -50,6 +50,16 @@ class TokenBucket:
         self.level -= n
         return 0.0 if self.level >= 0 else -self.level / rate
 
+    def try_take(self, n: int, now: float) -> bool:
+        """Take ``n`` only if they fit now (a datagram: sent whole or dropped, never owed)."""
+        rate = self.rate
+        self.level = min(float(rate), self.level + (now - self.stamp) * rate)
+        self.stamp = now
+        if self.level < n:
+            return False
+        self.level -= n
+        return True
+
 
 class SourceFilter:
     """Which visitor addresses may use a tunnel: a list of CIDRs (empty = everyone)."""

@@ -175,6 +175,9 @@ class Hello(_Message):
     name: str = _str(1, 128)
     client_nonce: str = _str(32, 128)
     version: str = _str(0, 64, default="")
+    # "visitor": a session that only visits secret tunnels (``relayc connect``): it registers no
+    # tunnel and never conflicts with the client's own session of the same name
+    role: str = _spec(str, max_len=16, default="", required=False, omit_default=True, choices=("", "visitor"))
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,7 @@ class LoginRefusal(str, enum.Enum):
     BLOCKED = "blocked"  # too many failures: not checked until ``retry_after`` seconds from now
     NAME_IN_USE = "name_in_use"  # a live session holds the name
     BAD_NAME = "bad_name"
+    TOO_MANY_SESSIONS = "too_many_sessions"  # visitor sessions of one client name
 
 
 @dataclass(frozen=True)
@@ -281,6 +285,47 @@ class StreamOpen(_Message):
     public: str = _spec(str, max_len=300, default="", required=False, omit_default=True)
 
 
+@dataclass(frozen=True)
+class TunnelHealth(_Message):
+    """relayc -> relayd: the health check of a tunnel's local service changed its verdict."""
+
+    type: ClassVar[str] = "tunnel_health"
+    name: str = _str(1, 128)
+    healthy: bool = _spec(bool)
+    error: str = _str(0, 1024, default="")
+
+
+@dataclass(frozen=True)
+class VisitOpen(_Message):
+    """visitor relayc -> relayd, the first message on a stream the visitor opens: join it to the
+    secret tunnel ``tunnel`` of client ``client``.  ``proof`` (``shared.auth.visit_proof``) shows
+    the tunnel's secret_key without sending it; "" for a visitor allowed by name."""
+
+    type: ClassVar[str] = "visit_open"
+    client: str = _str(1, 128)
+    tunnel: str = _str(1, 128)
+    proof: str = _str(0, 64, default="")
+
+
+class VisitRefusal(str, enum.Enum):
+    """Why relayd refused a visit (``VisitResult.code``)."""
+
+    NOT_ALLOWED = "not_allowed"  # neither in allow_visitors nor the right secret_key
+    NOT_FOUND = "not_found"  # no such secret tunnel open now (its client offline, or no such name)
+    BUSY = "busy"  # the tunnel's or owner's connection limits
+
+
+@dataclass(frozen=True)
+class VisitResult(_Message):
+    """relayd -> visitor relayc, the first message back on a visit stream; after ``ok`` the
+    stream carries the tunnel's bytes, otherwise relayd ends it."""
+
+    type: ClassVar[str] = "visit_result"
+    ok: bool = _spec(bool)
+    error: str = _str(0, 1024, default="")
+    code: str = _str(0, 32, default="")
+
+
 Message = (
     Hello
     | Challenge
@@ -293,6 +338,9 @@ Message = (
     | TunnelPushRefused
     | TunnelRemove
     | StreamOpen
+    | TunnelHealth
+    | VisitOpen
+    | VisitResult
 )  # what a decoder returns: one of the messages above
 
 MESSAGE_CLASSES: Final[dict[str, type[_Message]]] = {
@@ -309,6 +357,9 @@ MESSAGE_CLASSES: Final[dict[str, type[_Message]]] = {
         TunnelPushRefused,
         TunnelRemove,
         StreamOpen,
+        TunnelHealth,
+        VisitOpen,
+        VisitResult,
     )
 }
 

@@ -25,6 +25,7 @@ from shared.checks import (
     check_locations,
     check_name,
     check_printable,
+    check_probe_path,
     check_sources,
 )
 from shared.limits import parse_rate
@@ -37,6 +38,8 @@ class TunnelKind(str, enum.Enum):
     TCP = "tcp"  # a public TCP port
     HTTP = "http"  # a domain (and locations) on relayd's HTTP vhost port
     HTTPS = "https"  # a domain on relayd's HTTPS vhost port, TLS passed through (routed by SNI)
+    UDP = "udp"  # a public UDP port: datagrams of each visitor address travel as one flow
+    SECRET = "secret"  # no public port: only relayc visitors that are allowed reach it
 
     def __str__(self) -> str:
         return self.value
@@ -44,7 +47,9 @@ class TunnelKind(str, enum.Enum):
 
 HTTP_KINDS: Final = (TunnelKind.HTTP, TunnelKind.HTTPS)
 HTTP_ONLY: Final = (TunnelKind.HTTP,)
-TCP_ONLY: Final = (TunnelKind.TCP,)
+PORT_KINDS: Final = (TunnelKind.TCP, TunnelKind.UDP)  # reached on a public port of their own
+GROUP_KINDS: Final = (TunnelKind.TCP, TunnelKind.HTTP, TunnelKind.HTTPS)  # may be served by a group
+PROBED_KINDS: Final = (TunnelKind.TCP, TunnelKind.HTTP, TunnelKind.HTTPS, TunnelKind.SECRET)  # health checks
 MAX_LIST: Final = 64  # items in any list of a tunnel
 PROBLEM_KEY_MAX: Final = 64  # characters of a key named in a refusal
 PROBLEM_MAX: Final = 512  # characters of a refusal's text
@@ -62,7 +67,7 @@ class TunnelSpec(Table):
     type: TunnelKind = key(TunnelKind.TCP)
     local_ip: str = key("127.0.0.1", check=check_host, meta={"label": "target host on the lab side"})
     local_port: int = key(ge=1, le=65535, meta={"label": "target port on the lab side"})
-    remote_port: int = key(0, ge=0, le=65535, meta=_kinds(TunnelKind.TCP, label="public port (0 = any)"))
+    remote_port: int = key(0, ge=0, le=65535, meta=_kinds(*PORT_KINDS, label="public port (0 = any)"))
     # http and https tunnels: routed by host name on relayd's vhost ports
     subdomain: str = key("", check=check_label, meta=_kinds(*HTTP_KINDS, label="subdomain of subdomain_host"))
     custom_domains: list[str] = key([], max_len=MAX_LIST, check=check_each(check_domain, 253),
@@ -82,6 +87,28 @@ class TunnelSpec(Table):
                                                                   label="PROXY protocol header: v1 or v2"))  # fmt: skip
     allow_sources: list[str] = key([], max_len=MAX_LIST, check=lambda v: check_sources(check_each(str, 64)(v)),
                                    meta={"label": "visitor CIDRs allowed (empty = all)"})  # fmt: skip
+    # udp tunnels: a flow (one visitor address) ends after this long without a datagram
+    udp_idle_timeout: int = key(60, ge=1, le=86400, meta=_kinds(TunnelKind.UDP, label="UDP flow idle timeout (s)"))
+    # secret tunnels: who may visit (client names), or anyone who presents secret_key
+    allow_visitors: list[str] = key([], max_len=MAX_LIST, check=check_each(check_name, 128),
+                                    meta=_kinds(TunnelKind.SECRET, label="clients allowed to visit"))  # fmt: skip
+    secret_key: str = key("", max_len=256, check=check_printable,
+                          meta={**_kinds(TunnelKind.SECRET, label="key a visitor may present instead"),
+                                "secret": True})  # fmt: skip
+    # several clients serving one port or domain: members share group and group_key
+    group: str = key("", check=lambda v: check_name(v) if v else v,
+                     meta=_kinds(*GROUP_KINDS, label="group name (load balancing)"))  # fmt: skip
+    group_key: str = key("", max_len=256, check=check_printable,
+                         meta={**_kinds(*GROUP_KINDS, label="group key (shared by its members)"),
+                               "secret": True})  # fmt: skip
+    # relayc probes the local service; a failing one is taken out of its group, shown as service down
+    health_check: Literal["", "tcp", "http"] = key("", meta=_kinds(*PROBED_KINDS, label="health check: tcp or http"))
+    health_check_path: str = key("/", max_len=1024, check=check_probe_path,
+                                 meta=_kinds(*PROBED_KINDS, label="health check path (http)"))  # fmt: skip
+    health_check_interval: int = key(10, ge=1, le=3600, meta=_kinds(*PROBED_KINDS, label="health check every (s)"))
+    health_check_timeout: int = key(3, ge=1, le=60, meta=_kinds(*PROBED_KINDS, label="health check timeout (s)"))
+    health_check_max_failures: int = key(3, ge=1, le=100,
+                                         meta=_kinds(*PROBED_KINDS, label="failed checks before down"))  # fmt: skip
 
     # --- the edges ------------------------------------------------------------------------------
 
@@ -128,16 +155,23 @@ class TunnelSpec(Table):
             if kinds and kind not in kinds and getattr(self, name) != _default(f):
                 if kind is TunnelKind.HTTPS and TunnelKind.HTTP in kinds:
                     return name, "only for http tunnels (https is passed through untouched)"
-                if kinds == TCP_ONLY:
+                if kinds == PORT_KINDS and kind in HTTP_KINDS:
                     return (
                         name,
-                        f"only for tcp tunnels; a {kind} tunnel is reached by its domain on relayd's vhost port",
+                        f"only for tcp and udp tunnels; a {kind} tunnel is reached by its domain on relayd's "
+                        "vhost port",
                     )
+                if kinds == PORT_KINDS:
+                    return name, "only for tcp and udp tunnels; a secret tunnel has no public port"
                 return name, f'only for {"/".join(k.value for k in kinds)} tunnels (this one is type "{kind}")'
         if kind in HTTP_KINDS and not self.subdomain and not self.custom_domains:
             return "subdomain", f"a {kind} tunnel needs subdomain or custom_domains"
         if bool(self.http_user) != bool(self.http_password):
             return "http_password", "http_user and http_password must be given together"
+        if self.group and not self.group_key:
+            return "group_key", "a group needs group_key, the secret every member of the group shares"
+        if self.group_key and not self.group:
+            return "group", "group_key without group"
         return None
 
 

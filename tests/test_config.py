@@ -53,7 +53,7 @@ def test_server_errors_name_the_key(tmp_path: Path, text: str, key: str, reason:
             '[auth]\ntoken="t"\n[[tunnels]]\nname="a"\nlocal_port=1\n[[tunnels]]\nname="a"\nlocal_port=2',
             "tunnels[1].name",
         ),
-        ('[auth]\ntoken="t"\n[[tunnels]]\nname="a"\nlocal_port=1\ntype="udp"', "tunnels[0].type"),
+        ('[auth]\ntoken="t"\n[[tunnels]]\nname="a"\nlocal_port=1\ntype="quic"', "tunnels[0].type"),
         ('[auth]\ntoken="t"\n[[tunnels]]\nname="a"', "tunnels[0].local_port"),
         ('[auth]\ntoken="t"\n[tls]\nserver_fingerprint="sha256:abc"', "tls.server_fingerprint"),
         ('server_port = 0\n[auth]\ntoken="t"', "server_port"),

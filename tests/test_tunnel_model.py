@@ -28,9 +28,9 @@ def test_relayc_toml_tunnels_are_the_model_and_the_form_lists_every_field() -> N
     listed = field_list()
     assert [f["name"] for f in listed] == names
     by_name = {f["name"]: f for f in listed}
-    assert by_name["remote_port"]["kinds"] == ["tcp"] and by_name["locations"]["kinds"] == ["http"]
+    assert by_name["remote_port"]["kinds"] == ["tcp", "udp"] and by_name["locations"]["kinds"] == ["http"]
     assert by_name["http_password"]["secret"] and by_name["name"]["required"]
-    assert by_name["type"]["choices"] == ["tcp", "http", "https"]
+    assert by_name["type"]["choices"] == ["tcp", "http", "https", "udp", "secret"]
 
 
 def test_values_are_normalized_and_kinds_are_an_enum() -> None:
@@ -46,9 +46,9 @@ def test_values_are_normalized_and_kinds_are_an_enum() -> None:
         ({"subdomain": "x"}, "subdomain", 'this one is type "tcp"'),
         ({"type": "https", "subdomain": "x", "locations": ["/a"]}, "locations", "passed through untouched"),
         ({"type": "http"}, "subdomain", "needs subdomain or custom_domains"),
-        ({"type": "http", "subdomain": "x", "remote_port": 80}, "remote_port", "only for tcp tunnels"),
+        ({"type": "http", "subdomain": "x", "remote_port": 80}, "remote_port", "only for tcp and udp tunnels"),
         ({"type": "http", "subdomain": "x", "http_user": "u"}, "http_password", "given together"),
-        ({"type": "udp"}, "type", "must be one of 'tcp', 'http', 'https'"),
+        ({"type": "quic"}, "type", "must be one of 'tcp', 'http', 'https', 'udp', 'secret'"),
         ({"locations": ["x"]}, "locations", "must start with '/'"),
     ],
 )
