@@ -58,7 +58,7 @@ class SshReverse:
             f"ListenAddress 127.0.0.1:{self.sshd_port}\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "UsePAM no\nAllowTcpForwarding yes\nGatewayPorts no\nStrictModes no\nLogLevel ERROR\n"
-            "MaxSessions 100\nMaxStartups 100\n"
+            "MaxSessions 100\nMaxStartups 100\nSubsystem sftp internal-sftp\n"
         )
         self.sshd = subprocess.Popen([SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")])
         wait_port(self.sshd_port)

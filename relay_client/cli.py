@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import ssl
 import sys
 
 from relay_client.client import Relayc
+from relay_client.visitor import PipePair, VisitBridge, visit_preamble
 from shared.aio import run
+from shared.checks import check_name
 from shared.cli import base_parser, install_stop_handlers, load_or_exit, raise_fd_limit, setup_logging, tune_malloc
 from shared.config import ClientConfig
+from shared.errors import RelayError
+from shared.frames import GoAwayCode
 
 log = logging.getLogger("relayc")
 
@@ -29,10 +35,69 @@ async def serve(relayc: Relayc) -> None:
     log.info("relayc stopped")
 
 
+async def connect(relayc: Relayc, client: str, tunnel: str) -> int:
+    """``relayc connect``: a visitor-only session, one visit, joined to stdin/stdout."""
+    cfg = relayc.config
+    secret_key = next((v.secret_key for v in cfg.visitors if v.client == client and v.tunnel == tunnel), "")
+    try:
+        session = await relayc.open_session(role="visitor")
+    except (OSError, asyncio.TimeoutError, RelayError, ssl.SSLError) as exc:
+        why = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc) or exc.__class__.__name__
+        log.error("relayc connect: cannot reach relayd at %s: %s", relayc.server_key, why)
+        return 1
+    answer: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
+
+    def result(ok: bool, error: str) -> None:
+        if not answer.done():
+            answer.set_result((ok, error))
+
+    bridge = VisitBridge(session.mux, result)
+    pipes = PipePair()
+    try:
+        bridge.open(visit_preamble(cfg.name, client, tunnel, secret_key, session.fingerprint))
+        await pipes.open(bridge)
+        ok, error = await answer
+        if not ok:
+            log.error("relayc connect: %s/%s: %s", client, tunnel, error)
+            return 1
+        await pipes.closed
+        return 0
+    finally:
+        pipes.close()
+        session.mux.close(GoAwayCode.NORMAL)
+
+
+def connect_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="relayc connect",
+        description="Join stdin/stdout to another client's secret tunnel (for ssh's ProxyCommand): only the "
+        "tunnel's bytes go to stdout, messages go to stderr; exit 1 when relayd refuses.",
+        epilog="~/.ssh/config:  Host lab\n  ProxyCommand relayc connect -c ~/.config/relay/relayc.toml lab-gpu-01/%h",
+    )
+    parser.add_argument("-c", "--config", default="relayc.toml", metavar="FILE",
+                        help="this client's relayc.toml (name, token, relayd; [[visitors]] secret_key)")  # fmt: skip
+    parser.add_argument("target", metavar="CLIENT/TUNNEL", help="the owning client's name and its secret tunnel")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    client, _, tunnel = args.target.partition("/")
+    try:
+        check_name(client)
+        check_name(tunnel)
+    except ValueError as exc:
+        parser.error(f"{args.target!r} is not CLIENT/TUNNEL: {exc}")
+    config = load_or_exit("relayc", ClientConfig, args.config)
+    return run(connect(Relayc(config, args.config), client, tunnel))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["connect"]:
+        return connect_main(argv[1:])
     parser = base_parser(
         "relayc", "relay client: connects to relayd and joins visitors to local services", "relayc.toml"
     )
+    parser.epilog = "Also: relayc connect [-c FILE] CLIENT/TUNNEL (stdin/stdout to a secret tunnel, for ssh)."
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     config = load_or_exit("relayc", ClientConfig, args.config)

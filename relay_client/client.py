@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from relay_client.dialer import IncomingStream
+from relay_client.health import HealthChecks
+from relay_client.visitor import VisitorPorts
 from shared import __version__, auth
 from shared.aio import ControlChannel, MuxConnection, StreamHandler
 from shared.burst import BurstLog
@@ -125,6 +127,7 @@ class _ClientSession:
         self.messages: asyncio.Queue[Any] = asyncio.Queue()
         self.control: ControlChannel | None = None
         self.logged_in = False
+        self.fingerprint = ""  # relayd's certificate, as verified ("" without TLS)
         self.mux = MuxConnection(
             client=True,
             keepalive_timeout=relayc.config.keepalive_timeout,
@@ -173,6 +176,8 @@ class Relayc:
         self._stop_event = asyncio.Event()
         self._current: _ClientSession | None = None
         self.connected = asyncio.Event()
+        self.health = HealthChecks(self)
+        self.visitor_ports = VisitorPorts(config.visitors, self.current_visit_target, config.name)
 
     def tunnel_spec(self, name: str) -> TunnelSpec | None:
         spec = self.tunnels.get(name)
@@ -183,6 +188,7 @@ class Relayc:
     async def run(self) -> None:
         """Connect and serve forever, reconnecting with backoff after any failure."""
         backoff = ReconnectDelay()
+        await self.visitor_ports.start()
         while not self._stopping:
             error: BaseException | None = None
             try:
@@ -212,8 +218,9 @@ class Relayc:
             except asyncio.TimeoutError:
                 pass
 
-    async def run_once(self) -> bool:
-        """One session.  Returns True if it logged in (so the backoff starts over)."""
+    async def open_session(self, role: str = "") -> _ClientSession:
+        """Connect, verify relayd and log in (``role="visitor"``: a visitor-only session, which
+        registers nothing and never conflicts with this client's own session)."""
         cfg = self.config
         loop = asyncio.get_running_loop()
         session = _ClientSession(self)
@@ -234,28 +241,44 @@ class Relayc:
             ),
             STEP_TIMEOUT * 2,
         )
+        try:
+            session.fingerprint = self._verify_server(session.mux)
+            await self._login(session, session.fingerprint, role)
+        except BaseException:
+            session.mux.close()
+            raise
+        return session
+
+    async def run_once(self) -> bool:
+        """One session.  Returns True if it logged in (so the backoff starts over)."""
+        session = await self.open_session()
         self._current = session
         for name in self.pushed:
             self.tunnels.pop(name, None)
         self.pushed.clear()
         try:
-            fingerprint = self._verify_server(session.mux)
-            await self._login(session, fingerprint)
             self.connected.set()
             for spec in list(self.tunnels.values()):
                 session.control.send(TunnelAdd(tunnel=spec))  # type: ignore[union-attr]
+            self.health.start(session)
             while True:
                 message = await session.next_message(timeout=None)
                 self._on_message(message)
         except RelayError as exc:
-            if session.logged_in:
-                log.warning("session with relayd ended: %s", exc)
-                return True
-            raise
+            log.warning("session with relayd ended: %s", exc)
+            return True
         finally:
+            self.health.stop()
             self.connected.clear()
             self._current = None
             session.mux.close()
+
+    def current_visit_target(self) -> tuple[MuxConnection, str] | None:
+        """The logged-in session's mux and relayd's fingerprint, for a visit (None: not connected)."""
+        session = self._current
+        if session is None or not session.logged_in or not session.mux.is_open:
+            return None
+        return session.mux, session.fingerprint
 
     def _verify_server(self, mux: MuxConnection) -> str:
         cfg = self.config
@@ -290,14 +313,14 @@ class Relayc:
             )
         return fingerprint
 
-    async def _login(self, session: _ClientSession, fingerprint: str) -> None:
+    async def _login(self, session: _ClientSession, fingerprint: str, role: str = "") -> None:
         cfg = self.config
         mux = session.mux
         control = ControlChannel(mux, session.on_message, lambda: mux.close())
         session.control = control
         client_nonce = auth.new_nonce()
         control.stream_id = mux.open_stream(
-            control, encode_message(Hello(name=cfg.name, version=__version__, client_nonce=client_nonce))
+            control, encode_message(Hello(name=cfg.name, version=__version__, client_nonce=client_nonce, role=role))
         )
         challenge = await session.next_message()
         if not isinstance(challenge, Challenge):
@@ -384,5 +407,6 @@ class Relayc:
         """Stop reconnecting; tell relayd we go away and close the current session."""
         self._stopping = True
         self._stop_event.set()
+        self.visitor_ports.close()
         if self._current is not None:
             self._current.mux.close(GoAwayCode.NORMAL)

@@ -1,0 +1,132 @@
+"""Health checks: relayc probes the local service of each tunnel that asks for it.
+
+``health_check = "tcp"`` connects; ``"http"`` sends ``GET health_check_path`` and wants a status
+line below 500.  A probe runs every ``health_check_interval`` seconds, at most one at a time per
+tunnel, and fails when it takes over ``health_check_timeout``.  The service is *down* after
+``health_check_max_failures`` failures in a row and *up* after one success; relayc tells relayd
+(``tunnel_health``) only when that verdict changes (and the first verdict of each session), and
+relayd takes a down member out of its group and shows the tunnel as "service down".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from shared.messages import TunnelHealth
+from shared.tunnel import TunnelSpec
+
+if TYPE_CHECKING:
+    from relay_client.client import Relayc, _ClientSession
+
+log = logging.getLogger("relayc")
+TICK = 0.5  # how often due probes are looked for
+STATUS_LINE_MAX = 1024
+
+
+async def probe(spec: TunnelSpec) -> str:
+    """ "" if the local service of ``spec`` answers its health check, else why not."""
+    try:
+        return await asyncio.wait_for(_probe(spec), spec.health_check_timeout)
+    except asyncio.TimeoutError:
+        return f"no answer within {spec.health_check_timeout} s"
+    except OSError as exc:
+        return exc.strerror or str(exc) or exc.__class__.__name__
+
+
+async def _probe(spec: TunnelSpec) -> str:
+    reader, writer = await asyncio.open_connection(spec.local_ip, spec.local_port)
+    try:
+        if spec.health_check != "http":
+            return ""
+        host = spec.host_header_rewrite or f"{spec.local_ip}:{spec.local_port}"
+        writer.write(f"GET {spec.health_check_path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: relayc-health\r\n"
+                     "Connection: close\r\n\r\n".encode())  # fmt: skip
+        line = await reader.readline()  # a StreamReader line is bounded by its 64 KiB limit
+        parts = line[:STATUS_LINE_MAX].split()
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            return "not an HTTP answer"
+        status = int(parts[1])
+        return "" if status < 500 else f"HTTP {status} for {spec.health_check_path}"
+    except ValueError:  # a line over the reader's limit
+        return "not an HTTP answer"
+    finally:
+        writer.close()
+
+
+class _State:
+    __slots__ = ("due", "failures", "reported", "running")
+
+    def __init__(self, due: float) -> None:
+        self.due = due
+        self.failures = 0
+        self.reported: bool | None = None  # the verdict relayd was told this session
+        self.running = False
+
+
+class HealthChecks:
+    """The probes of one relayc, for the tunnels of the current session."""
+
+    def __init__(self, relayc: Relayc) -> None:
+        self.relayc = relayc
+        self.session: _ClientSession | None = None
+        self.states: dict[str, _State] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._probes: set[asyncio.Task[Any]] = set()
+
+    def start(self, session: _ClientSession) -> None:
+        self.stop()
+        self.session = session
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for task in list(self._probes):
+            task.cancel()
+        self.states.clear()
+        self.session = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            specs = {name: spec for name, spec in self.relayc.tunnels.items() if spec.health_check}
+            for name in [n for n in self.states if n not in specs]:
+                del self.states[name]
+            for name, spec in specs.items():
+                state = self.states.get(name)
+                if state is None:
+                    state = self.states[name] = _State(now)
+                if state.running or now < state.due:
+                    continue
+                state.running = True
+                state.due = now + spec.health_check_interval
+                task = loop.create_task(self._check(name, spec, state))
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
+            await asyncio.sleep(TICK)
+
+    async def _check(self, name: str, spec: TunnelSpec, state: _State) -> None:
+        try:
+            error = await probe(spec)
+        finally:
+            state.running = False
+        if self.states.get(name) is not state:
+            return  # the tunnel went away meanwhile
+        state.failures = state.failures + 1 if error else 0
+        if error and state.failures < spec.health_check_max_failures:
+            return
+        healthy = not error
+        if state.reported is healthy:
+            return
+        state.reported = healthy
+        if healthy:
+            log.info("tunnel %s: local service %s:%d is up", name, spec.local_ip, spec.local_port)
+        else:
+            log.warning("tunnel %s: local service %s:%d is down: %s", name, spec.local_ip, spec.local_port, error)
+        session = self.session
+        if session is not None and session.control is not None:
+            session.control.send(TunnelHealth(name=name, healthy=healthy, error=error[:1024]))
