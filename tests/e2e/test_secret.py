@@ -99,7 +99,7 @@ def test_relayc_connect_joins_stdin_and_stdout_to_the_tunnel(
     laptop.wait_for(r"logged in to relayd")
     done = connect(laptop_cfg, "lab/echo", PAYLOAD)
     assert done.returncode == 0, done.stderr.decode()
-    first_diff = next((i for i, (x, y) in enumerate(zip(done.stdout, PAYLOAD)) if x != y), None)
+    first_diff = next((i for i, (x, y) in enumerate(zip(done.stdout, PAYLOAD, strict=False)) if x != y), None)
     assert done.stdout == PAYLOAD, (len(done.stdout), first_diff)  # only the tunnel's bytes on stdout
     done = connect(laptop_cfg, "lab/keyed", b"by key, from [[visitors]]")
     assert (done.returncode, done.stdout) == (0, b"by key, from [[visitors]]"), done.stderr.decode()
