@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
+from relay_server.groups import TunnelGroup
 from relay_server.holds import HOLD_SECONDS, RECLAIM_SECONDS, OfflineHolds
 from relay_server.http1 import HttpError, normalize_path
 from shared.config import PortRanges
@@ -162,20 +163,46 @@ class PortClaims:
         """``owner`` logged in again: its reserved ports it does not claim back soon are released."""
         self.holds.owner_returned(owner, now)
 
-    def release(self, tunnel: PublicTunnel, protocol: Transport, port: int, client_gone: bool) -> None:
+    def join(self, tunnel: PublicTunnel, protocol: Transport, port: int) -> TunnelGroup | None:
+        """The group of the holder of ``port`` that ``tunnel`` may join (counted as a port of its
+        client), or None when the holder is not in ``tunnel``'s group; ``TunnelRefused`` when it is
+        in a group of that name that ``tunnel`` does not fit (another key, another place)."""
+        holder = self.holders.get((protocol, port))
+        group = holder.group if holder is not None else None
+        if group is None or group.name != tunnel.spec.group:
+            return None
+        problem = group.problem(tunnel.spec)
+        if problem is not None:
+            raise TunnelRefused(R.PORT_TAKEN, f"port {port} is served by group {group.name!r}: {problem}")
+        name = tunnel.client_name
+        if self.max_per_client and self.count_for(name) >= self.max_per_client:
+            raise TunnelRefused(R.TOO_MANY_PORTS, f"client {name!r} already holds "
+                                f"max_ports_per_client={self.max_per_client} ports")  # fmt: skip
+        self._count[name] = self._count.get(name, 0) + 1
+        return group
+
+    def release(self, tunnel: PublicTunnel, protocol: Transport, port: int, client_gone: bool,
+                heir: PublicTunnel | None = None) -> None:  # fmt: skip
         """Free the tunnel's port: at once when the tunnel was removed or replaced, reserved for
-        its client when the client went away."""
+        its client when the client went away; handed to ``heir`` (a member of its group that goes
+        on serving it) when there is one."""
         key = (protocol, port)
-        if self.holders.get(key) is tunnel:
-            del self.holders[key]
-            name = tunnel.client_name
-            if client_gone:
-                self.holds.hold(key, name, time.monotonic())
-            left = self._count.get(name, 0) - 1
-            if left > 0:
-                self._count[name] = left
+        holder = self.holders.get(key)
+        if holder is not tunnel and (holder is None or holder.group is None or holder.group is not tunnel.group):
+            return  # not counted for this port (a claim that failed, or a port taken over meanwhile)
+        name = tunnel.client_name
+        if holder is tunnel:
+            if heir is not None:
+                self.holders[key] = heir
             else:
-                self._count.pop(name, None)
+                del self.holders[key]
+                if client_gone:
+                    self.holds.hold(key, name, time.monotonic())
+        left = self._count.get(name, 0) - 1
+        if left > 0:
+            self._count[name] = left
+        else:
+            self._count.pop(name, None)
 
 
 _BIND_ATTEMPTS = 200
@@ -253,6 +280,11 @@ class DomainClaims:
         locations = [] if https else list(dict.fromkeys(normalize_location(loc) for loc in tunnel.spec.locations))
         locations = locations or ["/"]
         owner = tunnel.client_name
+        group = self._group_to_join(tunnel, domains, locations, https)
+        if group is not None:
+            group.join(tunnel)
+            tunnel.claim = [(d, tuple(locations)) for d in domains]
+            return domains
         for d in domains:
             claim = self.domains.get(d)
             if claim is None:
@@ -283,23 +315,58 @@ class DomainClaims:
                 for loc in locations:
                     claim.add_location(loc, tunnel)
         tunnel.claim = [(d, tuple(locations)) for d in domains]
+        if tunnel.spec.group:
+            TunnelGroup(tunnel)  # the first member: the others join it
         return domains
+
+    def _group_to_join(self, tunnel: PublicTunnel, domains: list[str], locations: list[str],
+                       https: bool) -> TunnelGroup | None:  # fmt: skip
+        """The group holding every route ``tunnel`` would take, when ``tunnel`` is of it; None when
+        the routes are not held by a group of its name (the usual rules apply)."""
+        name = tunnel.spec.group
+        if not name or not domains:
+            return None
+        group = None
+        for d in domains:
+            claim = self.domains.get(d)
+            holders = [claim.https] if claim is not None and https else \
+                [claim.http.get(loc) for loc in locations] if claim is not None else [None]  # fmt: skip
+            for holder in holders:
+                held = holder.group if holder is not None else None
+                if held is None or held.name != name:
+                    if group is not None:
+                        raise TunnelRefused(R.DOMAIN_TAKEN, f"domain {d} is not served by group {name!r} (its members "
+                                            "must have the same domains and locations)")  # fmt: skip
+                    return None
+                if group is None:
+                    problem = held.problem(tunnel.spec)
+                    if problem is not None:
+                        raise TunnelRefused(R.DOMAIN_TAKEN, f"domain {d} is served by group {name!r}: {problem}")
+                    group = held
+        return group
 
     def remove(self, tunnel: PublicTunnel, client_gone: bool, now: float) -> None:
         """Release the tunnel's routes.  A domain left empty stays reserved for its owner when the
-        client went away; one released on purpose (tunnel removed or replaced) is free at once."""
+        client went away; one released on purpose (tunnel removed or replaced) is free at once.
+        Routes a group member held go to another member of its group."""
         https = tunnel.spec.type is TunnelKind.HTTPS
+        heir = tunnel.group.leave(tunnel) if tunnel.group is not None else None
         for d, locations in tunnel.claim or ():
             claim = self.domains.get(d)
             if claim is None:
                 continue
             if https:
                 if claim.https is tunnel:
-                    claim.https = None
+                    claim.https = heir
             else:
                 for loc in locations:
                     if claim.http.get(loc) is tunnel:
-                        claim.remove_location(loc)
+                        if heir is not None:
+                            claim.http[loc] = heir
+                        else:
+                            claim.remove_location(loc)
+            if heir is not None and claim.owner == tunnel.client_name:
+                claim.owner = heir.client_name
             if claim.empty:
                 del self.domains[d]
                 if client_gone:

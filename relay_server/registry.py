@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from relay_server.claims import DomainClaims, PortClaims, Transport
 from relay_server.frontends.base import Frontend
+from relay_server.groups import same_group
 from relay_server.guard import Block, BlockKind, LoginGuard
 from relay_server.stores.base import Change, ChangeKind, ClientRecord, Store, TrafficDelta, TunnelRecord
 from relay_server.tunnels import PublicTunnel
@@ -537,24 +538,29 @@ class Registry:
             if len(names) >= cap:
                 raise Conflict(f"client {client!r} already has {len(names)} tunnels: max_tunnels_per_client is {cap}",
                                TunnelRefusal.TOO_MANY_TUNNELS)  # fmt: skip
-        if spec.type is TunnelKind.TCP and spec.remote_port:
-            self._check_port_free(client, spec.remote_port)
+        if spec.type in (TunnelKind.TCP, TunnelKind.UDP) and spec.remote_port:
+            self._check_port_free(client, spec)
         record = TunnelRecord(client=client, spec=spec, enabled=True, created=time.time())
         await self.store.add_tunnel(record)
         self.defined[key] = record
         self._lasting.set_evictable(key, False)
         return record
 
-    def _check_port_free(self, client: str, port: int) -> None:
+    def _check_port_free(self, client: str, spec: TunnelSpec) -> None:
+        """``Conflict`` if the port of ``spec`` (tcp or udp) is held or defined by another tunnel
+        (members of one group share theirs)."""
+        port = spec.remote_port
         if port not in self.ports.allowed:
             raise InvalidField("remote_port", f"{port} is not in allow_ports ({self.ports.allowed.text})")
-        holder = self.ports.holder(Transport.TCP, port)
-        if holder is not None:
-            raise Conflict(f"port {port} is already used by client {holder.client_name!r} tunnel {holder.name!r}",
-                           TunnelRefusal.PORT_TAKEN)  # fmt: skip
+        holder = self.ports.holder(Transport(spec.type.value), port)
+        if holder is not None and (holder.group is None or holder.group.problem(spec) is not None):
+            raise Conflict(f"{spec.type} port {port} is already used by client {holder.client_name!r} tunnel "
+                           f"{holder.name!r}", TunnelRefusal.PORT_TAKEN)  # fmt: skip
         for (c, n), record in self.defined.items():
-            if record.spec.type is TunnelKind.TCP and record.spec.remote_port == port:
-                raise Conflict(f"port {port} is already used by client {c!r} tunnel {n!r}", TunnelRefusal.PORT_TAKEN)
+            other = record.spec
+            if other.type is spec.type and other.remote_port == port and not same_group(other, spec):
+                raise Conflict(f"{spec.type} port {port} is already used by client {c!r} tunnel {n!r}",
+                               TunnelRefusal.PORT_TAKEN)  # fmt: skip
 
     async def set_tunnel_enabled(self, client: str, name: str, enabled: bool) -> TunnelRecord:
         record = self._defined(client, name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.aio import MuxConnection, StreamHandler, TrafficCounters
 from shared.config import ServerLimits
@@ -18,6 +18,9 @@ from shared.errors import LocalProtocolError
 from shared.limits import SourceFilter, TokenBucket
 from shared.messages import StreamOpen, encode_message, encode_stream_open
 from shared.tunnel import TunnelSpec
+
+if TYPE_CHECKING:
+    from relay_server.groups import TunnelGroup
 
 # Visitor bytes waiting for a client's credit past which its new visitors are turned away: its
 # visitors are already paused at 16 MiB (control.SEND_BACKLOG_LIMIT), but each new connection is
@@ -56,10 +59,11 @@ class Refusal(enum.Enum):
     CLIENT_FULL = "client_full"  # max_connections_per_client
     CLIENT_BUSY = "client_busy"  # far more waits for the client's credit than it takes in
     OFFLINE = "offline"  # the client's session cannot take a new stream
+    NO_MEMBER = "no_member"  # a group with no member that can take a visitor (offline, failing checks)
 
     @property
     def http_status(self) -> int:
-        return 403 if self is Refusal.SOURCE else 502 if self is Refusal.OFFLINE else 503
+        return 403 if self is Refusal.SOURCE else 502 if self in (Refusal.OFFLINE, Refusal.NO_MEMBER) else 503
 
 
 def min_nonzero(*values: int) -> int:
@@ -91,7 +95,7 @@ class PublicTunnel:
         self.visitors: set[Visitor] = set()
         self.healthy: bool | None = None  # relayc's health check of the local service (None: none yet)
         self.health_error = ""
-        self.group: Any = None  # the group it serves in (its frontend's), when spec.group is set
+        self.group: TunnelGroup | None = None  # the group it serves in, when spec.group is set
         self.max_connections = min_nonzero(limits.max_connections_per_tunnel, spec.max_connections)
         self.client_max = limits.max_connections_per_client
         rate = min_nonzero(limits.bandwidth_per_tunnel, spec.bandwidth_limit)
@@ -102,6 +106,11 @@ class PublicTunnel:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def pick(self) -> PublicTunnel | None:
+        """The tunnel a new visitor of this one's place goes to: itself, or the next member of its
+        group that can take one (None: no member can now)."""
+        return self.group.pick() if self.group is not None else self
 
     @property
     def client_name(self) -> str:
@@ -158,6 +167,8 @@ class PublicTunnel:
             return f"max_connections={self.max_connections} reached"
         if refusal is Refusal.CLIENT_FULL:
             return f"client {self.client.name} reached max_connections_per_client={self.client_max}"
+        if refusal is Refusal.NO_MEMBER:
+            return f"no member of group {self.spec.group!r} can serve it now (offline, or failing health checks)"
         if refusal is Refusal.CLIENT_BUSY:
             return f"client {self.client.name} is not taking in what its visitors send (try again later)"
         return f"client {self.client.name} is not connected"

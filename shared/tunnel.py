@@ -172,6 +172,8 @@ class TunnelSpec(Table):
             return "group_key", "a group needs group_key, the secret every member of the group shares"
         if self.group_key and not self.group:
             return "group", "group_key without group"
+        if self.group and kind in PORT_KINDS and not self.remote_port:
+            return "remote_port", "a group needs a fixed remote_port: its members meet on that port"
         return None
 
 

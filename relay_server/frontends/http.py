@@ -156,12 +156,14 @@ class HttpVisitor(_VhostVisitor):
             if refusal is not None:
                 if refusal is Refusal.OFFLINE:
                     message = f"The tunnel for {host} is offline: its client {tunnel.client.name} is not connected."
+                elif refusal is Refusal.NO_MEMBER:
+                    message = f"No member of the group serving {host} can take it right now."
                 else:
                     message = f"Tunnel {tunnel.name}: {tunnel.refusal_text(refusal, self.visitor_ip)}."
                 self._refuse(refusal.http_status, message)
                 return False
-        elif tunnel is not self.tunnel:
-            return self._switch()
+        elif tunnel is not self.tunnel and (tunnel.group is None or tunnel.group is not self.tunnel.group):
+            return self._switch()  # another tunnel (the same group's next request stays with its member)
         self._requests += 1
         if head.is_upgrade:
             self._answer = AnswerStatusReader()

@@ -7,7 +7,8 @@ from typing import cast
 
 from relay_server.claims import PortClaims, Transport
 from relay_server.frontends.base import Frontend
-from relay_server.tunnels import PublicTunnel
+from relay_server.groups import TunnelGroup
+from relay_server.tunnels import PublicTunnel, Refusal
 from shared.aio import StreamBridge
 from shared.burst import BurstLog
 from shared.tunnel import TunnelKind
@@ -24,6 +25,12 @@ class TcpFrontend(Frontend):
 
     async def claim(self, tunnel: PublicTunnel) -> str:
         loop = asyncio.get_running_loop()
+        spec = tunnel.spec
+        group = self.ports.join(tunnel, PROTOCOL, spec.remote_port) if spec.group else None
+        if group is not None:  # the port is served by this tunnel's group: one more member
+            group.join(tunnel)
+            tunnel.port = spec.remote_port
+            return f"{tunnel.bind_host}:{tunnel.port}"
 
         async def listen(port: int) -> int:
             server = await loop.create_server(lambda: VisitorBridge(tunnel, self.burst_log), tunnel.bind_host, port,
@@ -33,6 +40,8 @@ class TcpFrontend(Frontend):
 
         tunnel.port = await self.ports.claim(tunnel, PROTOCOL, tunnel.spec.remote_port, listen,
                                              lambda: self.stop_accepting(tunnel))  # fmt: skip
+        if spec.group:
+            TunnelGroup(tunnel)  # the first member: it holds the listener, the others join it
         return f"{tunnel.bind_host}:{tunnel.port}"
 
     def stop_accepting(self, tunnel: PublicTunnel) -> None:
@@ -42,8 +51,13 @@ class TcpFrontend(Frontend):
             tunnel.claim = None
 
     def release(self, tunnel: PublicTunnel, client_gone: bool) -> None:
-        self.ports.release(tunnel, PROTOCOL, tunnel.port, client_gone)
-        self.stop_accepting(tunnel)
+        heir = tunnel.group.leave(tunnel) if tunnel.group is not None else None
+        self.ports.release(tunnel, PROTOCOL, tunnel.port, client_gone, heir)
+        if heir is not None:  # the group goes on serving the port: its listener goes to another member
+            if tunnel.claim is not None:
+                heir.claim, tunnel.claim = tunnel.claim, None
+        else:
+            self.stop_accepting(tunnel)
         tunnel.reset_visitors()
 
 
@@ -59,11 +73,17 @@ class VisitorBridge(StreamBridge):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
-        tunnel = self.tunnel
+        routed = self.tunnel
         peer = transport.get_extra_info("peername")
         visitor = f"{peer[0]}:{peer[1]}" if peer else ""
         visitor_ip = str(peer[0]) if peer else ""
-        refusal = tunnel.refusal(visitor_ip)
+        picked = routed.pick()  # itself, or the member of its group whose turn it is
+        refusal: Refusal | None
+        if picked is None:
+            tunnel, refusal = routed, Refusal.NO_MEMBER
+        else:
+            self.tunnel = tunnel = picked
+            refusal = tunnel.refusal(visitor_ip)
         if refusal is not None:
             self.burst_log.warning(
                 f"refuse:{tunnel.client_name}:{tunnel.name}", "client %s tunnel %s: visitor %s refused: %s",

@@ -154,8 +154,12 @@ class _VhostVisitor(StreamBridge):
             transport.write(error_response(status, message, extra_headers))
         transport.close()
 
-    def _attach(self, tunnel: PublicTunnel, first: bytes = b"") -> Refusal | None:
-        """Join this visitor to ``tunnel`` (a stream to its client), or say why not."""
+    def _attach(self, routed: PublicTunnel, first: bytes = b"") -> Refusal | None:
+        """Join this visitor to ``routed`` (or the member of its group whose turn it is): a stream
+        to its client; or say why not."""
+        tunnel = routed.pick()
+        if tunnel is None:
+            return Refusal.NO_MEMBER
         refusal = tunnel.refusal(self.visitor_ip)
         if refusal is not None:
             return refusal

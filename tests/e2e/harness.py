@@ -198,9 +198,10 @@ def relayc_config(
 class TcpServer:
     """A threaded TCP server on 127.0.0.1 running ``handler(conn)`` per connection."""
 
-    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+    def __init__(self, handler: Callable[[socket.socket], None], port: int = 0) -> None:
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # listen again on a port just closed
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(128)
         self.port = int(self.sock.getsockname()[1])
         self.handler = handler
