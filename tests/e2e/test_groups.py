@@ -60,9 +60,9 @@ def test_a_group_spreads_visitors_and_survives_a_member(tmp_path: Path, procs: l
         # a third client with the group's name but not its key is refused, and serves nothing
         intruder = dict(GROUP, group_key="a-guess")
         tunnel = {"name": "web", "local_port": a.port, "remote_port": public, **intruder}
+        refused = rf"tunnel web refused by relayd: port {public} is served by group 'web': group 'web' has another"
         spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [tunnel], name="intruder",
-                                                       filename="intruder.toml")).wait_for(
-            rf"tunnel web refused by relayd: port {public} is served by group 'web': group 'web' has another group_key")  # fmt: skip
+                                                       filename="intruder.toml")).wait_for(refused)  # fmt: skip
         # round robin: both members serve, in turn
         got = answers(public, 6)
         assert sorted(set(got)) == [b"A", b"B"] and got.count(b"A") == 3, got
@@ -95,8 +95,9 @@ def test_a_group_serves_one_domain(tmp_path: Path, procs: list[Proc]) -> None:
         start_relayd(procs, tmp_path, port, dash, vhost_http_port=http, subdomain_host="relay.test")
         for name, server in (("lab-a", a), ("lab-b", b)):
             tunnel = {"name": "app", "type": "http", "local_port": server.port, "subdomain": "app", **GROUP}
-            spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [tunnel], name=name,
-                                                          filename=f"{name}.toml")).wait_for(r"tunnel app: http://")  # fmt: skip
+            member = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [tunnel], name=name,
+                                                                   filename=f"{name}.toml"))  # fmt: skip
+            member.wait_for(r"tunnel app: http://")
         got = [vhost_get(http, "app.relay.test") for _ in range(4)]
         assert {status for status, _ in got} == {200} and sorted({body for _, body in got}) == [b"A", b"B"], got
         # outside the group, the domain is still the first client's
