@@ -202,3 +202,62 @@ def test_every_tunnel_field_from_the_form(tmp_path: Path, procs: list[Proc], hos
     creds = "Basic " + base64.b64encode(b"u:p-browser-1").decode()
     assert vhost_get(vhost, "app.relay.test", {"Authorization": creds}) == (200, b"hello from the lab")
     assert hosts == ["localhost"]
+
+
+def test_secret_and_udp_tunnels_from_the_form(tmp_path: Path, procs: list[Proc]) -> None:
+    """A secret tunnel made in the browser (allow_visitors from "More options") is shown with no
+    public port and reached by the allowed visitor through ``relayc connect``; a udp tunnel made
+    there gets its public UDP port."""
+    import subprocess
+    import sys
+
+    from playwright.sync_api import expect, sync_playwright
+
+    echo = TcpServer(echo_handler)
+    port, dash, udp_port = free_port(), free_port(), free_port()
+    cfg = relayd_config(tmp_path, port, dashboard={"port": dash, "password": PASSWORD})
+    d = Proc("relay_server.cli", cfg)
+    procs.append(d)
+    d.wait_for("dashboard on")
+    c = Proc("relay_client.cli", relayc_config(tmp_path, port, []))
+    procs.append(c)
+    c.wait_for("logged in to relayd")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"http://127.0.0.1:{dash}/login")
+        page.fill("#user", "admin")
+        page.fill("#password", PASSWORD)
+        page.click("#sign-in")
+        page.click("#nav-tunnels")
+        expect(page.locator("#tunnel-client option")).to_have_text(["lab"])
+        page.select_option("#tunnel-type", "secret")
+        expect(page.locator("#tunnel-remote-port")).to_be_hidden()  # no public port, no domain
+        expect(page.locator("#tunnel-domain")).to_be_hidden()
+        page.fill("#tunnel-name", "ssh")
+        page.fill("#tunnel-target", f"127.0.0.1:{echo.port}")
+        page.click("#tunnel-more summary")
+        expect(page.locator('input[data-field="locations"]')).to_be_hidden()
+        expect(page.locator('input[data-field="secret_key"]')).to_have_attribute("type", "password")
+        page.fill('input[data-field="allow_visitors"]', "laptop, tablet")
+        page.click("#add-tunnel-btn")
+        row = page.locator('tr[data-tunnel="lab/ssh"]')
+        expect(row).to_contain_text("active", timeout=10_000)
+        expect(row).to_contain_text("secret (visitors laptop, tablet)")
+        page.select_option("#tunnel-type", "udp")
+        expect(page.locator("#tunnel-remote-port")).to_be_visible()
+        expect(page.locator('input[data-field="allow_visitors"]')).to_be_hidden()
+        expect(page.locator('input[data-field="udp_idle_timeout"]')).to_be_visible()
+        page.fill("#tunnel-name", "dns")
+        page.fill("#tunnel-remote-port", str(udp_port))
+        page.fill("#tunnel-target", f"127.0.0.1:{echo.port}")
+        page.click("#add-tunnel-btn")
+        udp_row = page.locator('tr[data-tunnel="lab/dns"]')
+        expect(udp_row).to_contain_text("active", timeout=10_000)
+        expect(udp_row).to_contain_text(f"127.0.0.1:{udp_port}/udp")
+        browser.close()
+    laptop = relayc_config(tmp_path, port, [], filename="laptop.toml", name="laptop")
+    done = subprocess.run([sys.executable, "-m", "relay_client.cli", "connect", "-c", str(laptop), "lab/ssh"],
+                          input=b"made in the browser", capture_output=True, timeout=30)  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, b"made in the browser"), done.stderr.decode()
+    echo.close()

@@ -134,7 +134,10 @@ async function refreshTunnels() {
     const state = t.status === "active" ? '<span class="ok">active</span>' : `<span class="error">${esc(t.status)}</span>`;
     const btn = (act, label, cls = "plain") => `<button class="${cls}" data-act="${act}" data-key="${esc(key)}">${label}</button>`;
     const actions = t.source === "dashboard" ? btn(t.enabled ? "disable" : "enable", t.enabled ? "Disable" : "Enable") + btn("delete", "Delete", "danger") : '<span class="muted">relayc.toml</span>';
-    return `<tr data-tunnel="${esc(key)}"><td>${esc(t.client)}</td><td>${esc(t.name)}</td><td>${state}</td><td>${esc(t.public || "")}</td>` +
+    const group = t.group ? ` <span class="muted">group ${esc(t.group)}</span>` : "";
+    const health = t.health === "up" ? ' <span class="ok" title="health check passes">&#10003;</span>' : "";
+    return `<tr data-tunnel="${esc(key)}"><td>${esc(t.client)}</td><td>${esc(t.name)} <span class="muted">${esc(t.type)}</span></td>` +
+      `<td class="state">${state}${health}</td><td>${esc(t.public || "")}${group}</td>` +
       `<td>${esc(t.local_ip)}:${t.local_port}</td><td class="bytes-in">${bytes(t.bytes_in)}</td><td class="bytes-out">${bytes(t.bytes_out)}</td>` +
       `<td>${t.conns_open} / ${t.conns_total}</td><td class="since">${sinceText(t.totals_since)}</td><td class="spark">${sparks[key] || ""}</td><td>${actions}</td></tr>`;
   });
@@ -167,16 +170,22 @@ let extraFields = [];
 async function loadTunnelFields() {
   extraFields = (await api("GET", "/api/v1/tunnel-fields")).filter(f => !BASIC.has(f.name));
   $("tunnel-extra").innerHTML = extraFields.map(f => {
+    const label = `<label data-kinds="${esc(f.kinds.join(" "))}">${esc(f.name)}`;
+    if (f.choices) {  // a closed set of values: a select, "" first (the default: off)
+      const options = ["", ...f.choices].map(c => `<option value="${esc(c)}">${esc(c || "(none)")}</option>`).join("");
+      return `${label}<select data-field="${esc(f.name)}" data-type="str" title="${esc(f.label)}">${options}</select></label>`;
+    }
     const type = f.secret ? "password" : f.type === "int" && f.name !== "bandwidth_limit" ? "number" : "text";
     const hint = f.type === "list" ? " (comma-separated)" : "";
-    return `<label data-kinds="${esc(f.kinds.join(" "))}">${esc(f.name)}<input data-field="${esc(f.name)}" ` +
+    return `${label}<input data-field="${esc(f.name)}" ` +
       `data-type="${esc(f.type)}" type="${type}" placeholder="${esc(f.label + hint)}" autocomplete="off"></label>`;
   }).join("");
   showKindFields();
 }
 function showKindFields() {
   const kind = $("tunnel-type").value;
-  $("tunnel-remote-port").hidden = kind !== "tcp"; $("tunnel-domain").hidden = kind === "tcp";
+  const byPort = kind === "tcp" || kind === "udp";
+  $("tunnel-remote-port").hidden = !byPort; $("tunnel-domain").hidden = byPort || kind === "secret";
   for (const label of $("tunnel-extra").querySelectorAll("label")) label.hidden = !label.dataset.kinds.split(" ").includes(kind);
 }
 $("tunnel-type").addEventListener("change", showKindFields);
@@ -186,9 +195,11 @@ $("add-tunnel").addEventListener("submit", async (e) => {
   const cut = target.lastIndexOf(":");
   const body = { client: $("tunnel-client").value, name: $("tunnel-name").value, type: $("tunnel-type").value,
     local_ip: cut > 0 ? target.slice(0, cut).replace(/^\[|\]$/g, "") : "127.0.0.1", local_port: Number(cut > 0 ? target.slice(cut + 1) : target) };
-  if (body.type === "tcp") body.remote_port = Number($("tunnel-remote-port").value || 0);
-  else { const d = $("tunnel-domain").value.trim(); if (d.includes(".")) body.custom_domains = [d]; else body.subdomain = d; }
-  for (const input of $("tunnel-extra").querySelectorAll("input[data-field]")) {
+  if (body.type === "tcp" || body.type === "udp") body.remote_port = Number($("tunnel-remote-port").value || 0);
+  else if (body.type !== "secret") {
+    const d = $("tunnel-domain").value.trim(); if (d.includes(".")) body.custom_domains = [d]; else body.subdomain = d;
+  }
+  for (const input of $("tunnel-extra").querySelectorAll("[data-field]")) {
     const v = input.value.trim();
     if (!v || input.closest("label").hidden) continue;
     const type = input.dataset.type;
@@ -197,7 +208,7 @@ $("add-tunnel").addEventListener("submit", async (e) => {
   }
   try {
     await api("POST", "/api/v1/tunnels", body); $("tunnel-error").textContent = ""; $("tunnel-name").value = "";
-    for (const input of $("tunnel-extra").querySelectorAll("input")) input.value = "";
+    for (const input of $("tunnel-extra").querySelectorAll("[data-field]")) input.value = "";
   }
   catch (err) { $("tunnel-error").textContent = err.message; }
   refresh();
