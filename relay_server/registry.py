@@ -678,6 +678,7 @@ class Registry:
                     "status": f"service down: {t.health_error}" if t.healthy is False else state.value,
                     "health": None if t.healthy is None else "up" if t.healthy else "down",
                     "public": t.public or self.public_address(t.spec, t.port), **self._totals(cname, t.name),
+                    **({"datagrams_dropped": t.dropped} if t.spec.type is TunnelKind.UDP else {}),
                 })  # fmt: skip
         for key, record in self.defined.items():
             if key in seen:

@@ -79,8 +79,8 @@ class PublicTunnel:
     the tunnel (after a reconnect) goes on counting where the last one stopped.  ``claim`` is what
     its frontend holds for it (a listener, routes), released by that frontend."""
 
-    __slots__ = ("bind_host", "bucket", "buckets", "claim", "client", "client_max", "counters", "group",
-                 "health_error", "healthy", "max_connections", "port", "public", "sources", "spec",
+    __slots__ = ("bind_host", "bucket", "buckets", "claim", "client", "client_max", "counters", "dropped",
+                 "group", "health_error", "healthy", "max_connections", "port", "public", "sources", "spec",
                  "visitors")  # fmt: skip
 
     def __init__(self, client: TunnelOwner, spec: TunnelSpec, limits: ServerLimits, counters: TrafficCounters,
@@ -95,6 +95,7 @@ class PublicTunnel:
         self.visitors: set[Visitor] = set()
         self.healthy: bool | None = None  # relayc's health check of the local service (None: none yet)
         self.health_error = ""
+        self.dropped = 0  # datagrams dropped (udp tunnels)
         self.group: TunnelGroup | None = None  # the group it serves in, when spec.group is set
         self.max_connections = min_nonzero(limits.max_connections_per_tunnel, spec.max_connections)
         self.client_max = limits.max_connections_per_client

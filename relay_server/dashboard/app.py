@@ -663,7 +663,8 @@ class Dashboard:
 
     def metrics_text(self) -> str:
         tunnels = self.registry.tunnel_items()
-        active = TunnelState.ACTIVE.value
+        active, down = TunnelState.ACTIVE.value, TunnelState.SERVICE_DOWN.value
+        live = [t for t in tunnels if t["state"] in (active, down)]
 
         def esc(v: str) -> str:
             return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -675,7 +676,8 @@ class Dashboard:
             "# HELP relay_tunnels Tunnels known, by status.",
             "# TYPE relay_tunnels gauge",
             f'relay_tunnels{{status="active"}} {sum(1 for t in tunnels if t["state"] == active)}',
-            f'relay_tunnels{{status="inactive"}} {sum(1 for t in tunnels if t["state"] != active)}',
+            f'relay_tunnels{{status="service_down"}} {sum(1 for t in tunnels if t["state"] == down)}',
+            f'relay_tunnels{{status="inactive"}} {sum(1 for t in tunnels if t["state"] not in (active, down))}',
             "# HELP relay_connections_open Open visitor connections.",
             "# TYPE relay_connections_open gauge",
             f"relay_connections_open {sum(t['conns_open'] for t in tunnels)}",
@@ -694,7 +696,17 @@ class Dashboard:
         ):
             kind = "gauge" if field_name == "conns_open" else "counter"
             out += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
-            for t in tunnels:
-                if t["state"] == active:
-                    out.append(f'{metric}{{client="{esc(t["client"])}",tunnel="{esc(t["name"])}"}} {t[field_name]}')
+            for t in live:
+                out.append(f'{metric}{{client="{esc(t["client"])}",tunnel="{esc(t["name"])}"}} {t[field_name]}')
+        out += ["# HELP relay_tunnel_info Open tunnels: kind, group, and whether relayc's health check passes "
+                "(1 up or unchecked, 0 service down).", "# TYPE relay_tunnel_info gauge"]  # fmt: skip
+        for t in live:
+            out.append(f'relay_tunnel_info{{client="{esc(t["client"])}",tunnel="{esc(t["name"])}",type="{t["type"]}",'
+                       f'group="{esc(t.get("group") or "")}"}} {0 if t["state"] == down else 1}')  # fmt: skip
+        out += ["# HELP relay_udp_datagrams_dropped_total Datagrams of udp tunnels dropped (slow path, limits, "
+                "refused visitors).", "# TYPE relay_udp_datagrams_dropped_total counter"]  # fmt: skip
+        for t in live:
+            if "datagrams_dropped" in t:
+                labels = f'client="{esc(t["client"])}",tunnel="{esc(t["name"])}"'
+                out.append(f"relay_udp_datagrams_dropped_total{{{labels}}} {t['datagrams_dropped']}")
         return "\n".join(out) + "\n"

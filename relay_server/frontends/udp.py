@@ -82,7 +82,6 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.idle_timeout = float(spec.udp_idle_timeout)
         self.flows: dict[tuple[str, int], UdpFlow] = {}
         self.transport: asyncio.DatagramTransport | None = None
-        self.dropped = 0  # datagrams dropped (slow path, limits, refused visitors)
         self._sweeper: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
 
@@ -95,7 +94,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         if flow is None:
             flow = self._new_flow(addr)
             if flow is None:
-                self.dropped += 1
+                self.tunnel.dropped += 1
                 return
         flow.from_visitor(data)
 
@@ -129,7 +128,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def to_visitor(self, addr: tuple[str, int], datagram: bytes) -> bool:
         transport = self.transport
         if transport is None or transport.get_write_buffer_size() > SEND_BACKLOG:  # type: ignore[attr-defined]
-            self.dropped += 1
+            self.tunnel.dropped += 1
             return False
         transport.sendto(datagram, addr)
         return True
@@ -189,7 +188,7 @@ class UdpFlow:
         session = mux.session
         backlog = session.send_buffered(self.stream_id) if session is not None else FLOW_BACKLOG + 1
         if backlog > FLOW_BACKLOG or not self._fits(len(datagram), now):
-            self.endpoint.dropped += 1
+            self.endpoint.tunnel.dropped += 1
             return
         if self.counters is not None:
             self.counters.bytes_in += len(datagram)
@@ -214,7 +213,7 @@ class UdpFlow:
                 if self.counters is not None:
                     self.counters.bytes_out += len(datagram)
             else:
-                self.endpoint.dropped += 1
+                self.endpoint.tunnel.dropped += 1
 
     def on_end(self) -> None:
         self.abort()

@@ -74,6 +74,9 @@ def test_a_group_spreads_visitors_and_survives_a_member(tmp_path: Path, procs: l
         wait_until(lambda: tunnel_item(api, "lab-b", "web").get("state") == "service down", 15,
                    "lab-b to be shown as service down")  # fmt: skip
         assert answers(public, 4) == [b"A"] * 4
+        metrics = api.call("GET", "/metrics")[1]
+        assert 'relay_tunnel_info{client="lab-b",tunnel="web",type="tcp",group="web"} 0' in metrics
+        assert 'relay_tunnel_info{client="lab-a",tunnel="web",type="tcp",group="web"} 1' in metrics
         b = TcpServer(identity(b"B"), port=b_port)
         wait_until(lambda: tunnel_item(api, "lab-b", "web").get("state") == "active", 15, "lab-b to be back")
         assert sorted(set(answers(public, 4))) == [b"A", b"B"]

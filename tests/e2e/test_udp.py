@@ -136,6 +136,10 @@ def test_idle_flows_time_out_and_the_flow_cap_holds(tmp_path: Path, dns: DnsServ
         sources_before = set(dns.sources)
         assert resolve(a, public, 5) == DnsServer.ADDRESS  # a new flow: relayc opened a new socket
         assert len(dns.sources - sources_before) == 1
+        assert tunnel_item(api, "lab", "dns")["datagrams_dropped"] == 1  # the refused visitor's query
+        metrics = api.call("GET", "/metrics")[1]
+        assert 'relay_udp_datagrams_dropped_total{client="lab",tunnel="dns"} 1' in metrics
+        assert 'relay_tunnel_info{client="lab",tunnel="dns",type="udp",group=""} 1' in metrics
     finally:
         for s in (a, b, third):
             s.close()
