@@ -18,10 +18,13 @@ tunnel, proof}``; relayd reads it (at most ``VISIT_PREAMBLE_MAX`` bytes), and:
     {ok}`` on the visitor's stream; any refusal is ``visit_result {ok: false, code, error}`` and
     the visitor's stream is ended.
 
+A stream that does not start with a well-formed ``visit_open`` is reset (``NOT_ALLOWED``), as any
+other stream a relayc opens always was; the session goes on.
+
 From then on the two streams are joined (``JoinedEnd``): bytes go across as they come; credit
 for what one side sends is returned only while the other side's send buffer and session are not
 backed up, so relayd holds at most one window per direction.  A FIN is carried across as a FIN,
-a reset as a reset.  Any other stream a relayc opens is refused, as before.
+a reset as a reset.
 """
 
 from __future__ import annotations
@@ -122,14 +125,22 @@ class VisitStream:
                     return
                 message, rest = messages[0], self._decoder.take_rest()
         except RemoteProtocolError as exc:
-            mux.consume(sid, len(data))
-            mux.fail(RemoteProtocolError(f"stream {sid}: {exc}"))
+            self._not_a_visit(str(exc), len(data))
+            return
+        if not isinstance(message, VisitOpen):
+            self._not_a_visit(f"expected visit_open first, got {message.type}", len(data))
             return
         mux.consume(sid, len(data))  # the rest goes to the owner at once, with stream_open
-        if not isinstance(message, VisitOpen):
-            mux.fail(RemoteProtocolError(f"stream {sid}: expected visit_open first, got {message.type}"))
-            return
         self._visit(message, rest)
+
+    def _not_a_visit(self, why: str, n: int) -> None:
+        """Not a visit: the stream is reset as any other stream a relayc opens; the session goes on."""
+        session = self.session
+        session.registry.burst_log.warning(f"visit:{session.name}", "client %s (%s): stream %d reset: %s",
+                                           session.name, session.remote_addr, self.stream_id, why[:200])  # fmt: skip
+        self.mux.consume(self.stream_id, n)
+        self.mux.reset(self.stream_id, ResetCode.NOT_ALLOWED)
+        self._uncount()
 
     def _visit(self, visit: VisitOpen, rest: bytes) -> None:
         session, mux, sid = self.session, self.mux, self.stream_id
