@@ -55,7 +55,11 @@ async def connect(relayc: Relayc, client: str, tunnel: str) -> int:
     pipes = PipePair()
     try:
         bridge.open(visit_preamble(cfg.name, client, tunnel, secret_key, session.fingerprint))
-        await pipes.open(bridge)
+        try:
+            await pipes.open(bridge)
+        except (ValueError, OSError) as exc:  # a regular file is not a pipe, socket or terminal
+            log.error("relayc connect: stdin and stdout must be pipes, sockets or a terminal: %s", exc)
+            return 1
         ok, error = await answer
         if not ok:
             log.error("relayc connect: %s/%s: %s", client, tunnel, error)

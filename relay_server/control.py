@@ -49,7 +49,6 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from relay_server.frontends.secret import SecretFrontend
 from relay_server.guard import Failure
 from relay_server.tunnels import PublicTunnel
 from shared import __version__, auth
@@ -198,10 +197,7 @@ class ClientSession:
             return None
         # The only other stream a relayc may open is a visit to a secret tunnel (its first message
         # says which; anything else closes the session).  Nothing on relayd itself is reachable.
-        secret = self.registry.frontends.get(TunnelKind.SECRET)
-        if isinstance(secret, SecretFrontend):
-            return secret.visit_stream(self, mux, stream_id)
-        return None
+        return self.registry.peer_stream(self, mux, stream_id)
 
     def _go_away(self, mux: MuxConnection, code: int) -> None:
         log.info("client %s: going away (%s)", self.name or self.remote_addr, go_away_name(code))

@@ -44,7 +44,7 @@ from relay_server.groups import same_group
 from relay_server.guard import Block, BlockKind, LoginGuard
 from relay_server.stores.base import Change, ChangeKind, ClientRecord, Store, TrafficDelta, TunnelRecord
 from relay_server.tunnels import PublicTunnel
-from shared.aio import TrafficCounters
+from shared.aio import MuxConnection, StreamHandler, TrafficCounters
 from shared.burst import BurstLog
 from shared.config import ServerConfig
 from shared.errors import Conflict, InvalidField, NotFound, TunnelRefusal, TunnelRefused
@@ -294,6 +294,15 @@ class Registry:
         """A visitor-only session logged in: it visits secret tunnels and holds nothing, so it
         never conflicts with the client's own session of the same name."""
         self.visitor_sessions.setdefault(session.name, set()).add(session)
+
+    def peer_stream(self, session: ClientSession, mux: MuxConnection, stream_id: int) -> StreamHandler | None:
+        """The handler of a stream a logged-in relayc opened (a visit), from the first frontend
+        that serves such streams; None: the stream is reset."""
+        for frontend in self.frontends.values():
+            handler = frontend.peer_stream(session, mux, stream_id)
+            if handler is not None:
+                return handler
+        return None
 
     def find_secret(self, client: str, tunnel: str) -> PublicTunnel | None:
         """The tunnel ``tunnel`` client ``client`` has open now (for a visit), or None."""

@@ -18,8 +18,8 @@ from shared.tunnel import TunnelKind
 def tunnel(client: str, name: str, kind: str = "http", subdomain: str = "", domains: tuple[str, ...] = (),
            locations: tuple[str, ...] = ()) -> Any:  # fmt: skip
     spec = SimpleNamespace(type=TunnelKind(kind), subdomain=subdomain, custom_domains=domains, locations=locations,
-                           name=name)  # fmt: skip
-    return SimpleNamespace(spec=spec, client_name=client, name=name, claim=None)
+                           name=name, group="")  # fmt: skip
+    return SimpleNamespace(spec=spec, client_name=client, name=name, claim=None, group=None)
 
 
 def test_a_domain_belongs_to_its_first_client_on_http_and_https() -> None:

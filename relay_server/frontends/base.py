@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 from shared.tunnel import TunnelKind
 
 if TYPE_CHECKING:
+    from relay_server.control import ClientSession
     from relay_server.tunnels import PublicTunnel
+    from shared.aio import MuxConnection, StreamHandler
 
 
 class Frontend(abc.ABC):
@@ -39,6 +41,11 @@ class Frontend(abc.ABC):
 
     async def stop(self) -> None:  # noqa: B027
         """Close what ``start`` opened."""
+
+    def peer_stream(self, session: ClientSession, mux: MuxConnection, stream_id: int) -> StreamHandler | None:
+        """A stream a logged-in relayc opened: its handler, if this frontend serves such streams
+        (secret tunnels' visits); None (the default) leaves it to the others, then it is reset."""
+        return None
 
     @property
     def bound_port(self) -> int:

@@ -69,7 +69,7 @@ class SecretFrontend(Frontend):
     def release(self, tunnel: PublicTunnel, client_gone: bool) -> None:
         tunnel.reset_visitors()
 
-    def visit_stream(self, session: ClientSession, mux: MuxConnection, stream_id: int) -> VisitStream | None:
+    def peer_stream(self, session: ClientSession, mux: MuxConnection, stream_id: int) -> VisitStream | None:
         """A stream a logged-in relayc opened: a visit, unless it has too many open."""
         if session.visits_open >= VISITS_PER_SESSION:
             return None
