@@ -140,3 +140,36 @@ async def test_group_members_share_a_port_and_hand_it_over() -> None:
     assert ports.count_for("lab-a") == 0 and ports.count_for("lab-b") == 1
     ports.release(second, Transport.TCP, 6000, client_gone=True, heir=group.leave(second))
     assert ports.holder(Transport.TCP, 6000) is None and ports.count_for("lab-b") == 0
+
+
+def test_a_udp_flow_drops_datagrams_instead_of_buffering_them() -> None:
+    """relayd's side of a flow: past FLOW_BACKLOG bytes waiting for relayc's credit, or past the
+    bandwidth limit, a visitor's datagram is dropped (counted), never queued."""
+    from relay_server.frontends.udp import FLOW_BACKLOG, UdpFlow
+    from shared.limits import TokenBucket
+
+    class Loop:
+        now = 100.0
+
+        def time(self) -> float:
+            return self.now
+
+    waiting = {7: 0}
+    sent: list[bytes] = []
+    session = SimpleNamespace(send_buffered=lambda sid: waiting[sid])
+    mux = SimpleNamespace(session=session, send=lambda sid, data: sent.append(data), consume=lambda sid, n: None)
+    tunnel = SimpleNamespace(dropped=0)
+    endpoint = SimpleNamespace(loop=Loop(), tunnel=tunnel)
+    flow = UdpFlow(endpoint, ("127.0.0.1", 5000))  # type: ignore[arg-type]
+    flow.bind(mux, 7)  # type: ignore[arg-type]
+    flow.from_visitor(b"q" * 100)
+    assert sent == [encode_datagram(b"q" * 100)] and tunnel.dropped == 0
+    waiting[7] = FLOW_BACKLOG + 1  # relayc is not taking them in
+    for _ in range(1000):
+        flow.from_visitor(b"q" * 100)
+    assert len(sent) == 1 and tunnel.dropped == 1000
+    waiting[7] = 0
+    flow.buckets = (TokenBucket(250, endpoint.loop.now),)  # 250 bytes/s: two datagrams fit now
+    for _ in range(3):
+        flow.from_visitor(b"q" * 100)
+    assert len(sent) == 3 and tunnel.dropped == 1001
