@@ -36,6 +36,11 @@ plus figures of its own:
      of 1 byte each (6 bytes per byte), in ~600-byte writes, again and again.
   G  dashboard password guessing with HTTP Basic: 40 threads against 1, and whether the right
      password is still accepted right after the parallel guessing.
+  H  secret-tunnel visitor withholding credit: a relayc has a secret tunnel (allow_visitors = ["evil"])
+     to a service that pours up to 1 GiB into every connection as fast as it can; a raw client logs
+     in as "evil", opens 20 visits (visit_open) and never returns credit for them, reading its
+     connection (H-credit) or not reading at all (H-noread); how much the service got out before it
+     stalled (``poured_mib``: what relayc, relayd and the kernel's buffers took in between).
 
 Safety: a relayd growing by more than ``--rss-cap-mib`` (default 1024) ends the attack early; the
 figure is then a lower bound and ``rss_capped`` is 1.  Everything listens on 127.0.0.1 with ports
@@ -593,6 +598,8 @@ class RawSession:
     told to.  With ``grant_control`` False it never returns credit for what relayd sends on the
     control stream (it never calls ``consume``)."""
 
+    HEAD_BYTES = 4096
+
     def __init__(self, port: int, source_ip: str = "127.0.0.1", grant_control: bool = True) -> None:
         raw = socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(source_ip, 0))
         self.sock = tls_client_context().wrap_socket(raw)
@@ -602,6 +609,8 @@ class RawSession:
         self.stream = JsonStream()
         self.messages: list[dict[str, Any]] = []
         self.events: list[Event] = []
+        self.received: dict[int, int] = {}  # bytes delivered on the streams opened with ``open``
+        self.heads: dict[int, bytearray] = {}  # their first ``HEAD_BYTES`` bytes
         self.write_lock = threading.Lock()
         self.closed = False
         self.flush()
@@ -647,10 +656,25 @@ class RawSession:
                 self.messages += self.stream.feed(ev.data)
                 if self.grant_control:
                     self.session.consume(1, len(ev.data))
-            elif not isinstance(ev, DataReceived):
+            elif isinstance(ev, DataReceived):
+                head = self.heads.get(ev.stream_id)
+                if head is not None:  # a stream opened with ``open``: counted, never consumed
+                    self.received[ev.stream_id] += len(ev.data)
+                    if len(head) < self.HEAD_BYTES:
+                        head += ev.data[: self.HEAD_BYTES - len(head)]
+            else:
                 self.events.append(ev)
         self.flush()
         return True
+
+    def open(self, data: bytes) -> int:
+        """Open a stream (odd id) starting with ``data``; what relayd sends on it is counted in
+        ``received`` and its start kept in ``heads``, and no credit is ever returned for it."""
+        sid = self.session.open_stream(data)
+        self.received[sid] = 0
+        self.heads[sid] = bytearray()
+        self.flush()
+        return sid
 
     def next_message(self, timeout: float = 15.0) -> dict[str, Any] | None:
         deadline = time.monotonic() + timeout
@@ -1511,6 +1535,197 @@ def attack_g(
     return figs
 
 
+# --- H: a visitor of a secret tunnel that withholds credit -----------------------------------------
+
+
+class Pourer:
+    """A local service that sends zeros to every connection it accepts (up to ``max_conns``) as fast
+    as the kernel takes them, up to ``per_conn`` bytes each, until ``stop()``.  ``sent[i]``: what the
+    kernel took for the i-th connection; ``last_progress``: when any connection last sent a byte."""
+
+    def __init__(self, per_conn: int, max_conns: int) -> None:
+        self.per_conn = per_conn
+        self.max_conns = max_conns
+        self.sent: list[int] = []
+        self.closed: list[bool] = []
+        self.last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(64)
+        self.srv.settimeout(0.2)
+        self.port = int(self.srv.getsockname()[1])
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set() and len(self.sent) < self.max_conns:
+            try:
+                conn, _ = self.srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # the listening socket was closed: stop() ran
+            self.sent.append(0)
+            self.closed.append(False)
+            t = threading.Thread(target=self._pour, args=(conn, len(self.sent) - 1), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _pour(self, conn: socket.socket, i: int) -> None:
+        junk = memoryview(bytes(MIB))
+        conn.settimeout(0.2)
+        try:
+            while self.sent[i] < self.per_conn and not self._stop.is_set():
+                try:
+                    n = conn.send(junk[: min(len(junk), self.per_conn - self.sent[i])])
+                except TimeoutError:
+                    continue  # the kernel's buffers are full: relayc is not reading
+                except OSError:
+                    self.closed[i] = True
+                    return
+                self.sent[i] += n
+                self.last_progress = time.monotonic()
+        finally:
+            conn.close()
+
+    def all_done(self) -> bool:
+        return len(self.sent) >= self.max_conns and all(
+            n >= self.per_conn or closed for n, closed in zip(self.sent, self.closed, strict=True)
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.srv.close()
+        self._acceptor.join(5)
+        for t in self._threads:
+            t.join(5)
+
+
+def first_message(buf: bytes | bytearray) -> dict[str, Any] | None:
+    """The first control message (length-prefixed JSON) at the start of ``buf``, if it is all there."""
+    if len(buf) < 4:
+        return None
+    n = int.from_bytes(buf[:4], "big")
+    if len(buf) < 4 + n:
+        return None
+    obj = json.loads(bytes(buf[4 : 4 + n]))
+    return obj if isinstance(obj, dict) else {"not an object": obj}
+
+
+def attack_h(
+    code_dir: Path = ROOT,
+    *,
+    reading: bool = True,
+    visits: int = 20,
+    pour_bytes: int = 1 << 30,
+    block_s: float = 3.0,
+    limit_s: float = 60.0,
+    rss_cap_mib: float = 1024,
+) -> dict[str, Any]:
+    """H: a relayc ("owner") has a secret tunnel (allow_visitors = ["evil"]) to a service that pours
+    up to ``pour_bytes`` into every connection; a raw client logs in as "evil", opens ``visits``
+    visits (streams starting with visit_open) and never returns credit for them: with ``reading``
+    it reads its connection (so relayd's writes never block) but never consumes, otherwise it stops
+    reading once the visit_results are in (sending keepalive frames).  The pouring runs until no
+    connection sent a byte for ``block_s`` s: what the service got out is what relayd, relayc and
+    the kernel's buffers took in between (``owner_rss_growth_mib``: relayc's part of it)."""
+    with lab(code_dir, "H") as world:
+        d, port = world.relayd()
+        probe = world.probe(port)
+        pourer = Pourer(pour_bytes, visits)
+        stop = threading.Event()
+        reader: threading.Thread | None = None
+        keepalive: Keepalive | None = None
+        c: RawSession | None = None
+        try:
+            cfg = write_toml(
+                world.tmp / "owner-relayc.toml",
+                {
+                    "server_addr": "127.0.0.1",
+                    "server_port": port,
+                    "name": "owner",
+                    "auth": {"token": TOKEN},
+                    "tunnels": [
+                        {"name": "pour", "type": "secret", "local_port": pourer.port, "allow_visitors": ["evil"]}
+                    ],
+                },
+            )
+            owner = world.spawn("relay_client.cli", cfg)
+            owner.need(r"tunnel pour: secret", 30)
+            c = RawSession(port)
+            c.login("evil")
+            owner_meter = Meter(owner.pid).start()
+            meter = Meter(d.pid, probe, rss_cap_mib).start()
+            deadline = meter.t0 + limit_s
+            visit_open = control_message({"type": "visit_open", "client": "owner", "tunnel": "pour", "proof": ""})
+            sids = [c.open(visit_open) for _ in range(visits)]
+            answers: dict[int, dict[str, Any]] = {}
+            answer_until = time.monotonic() + 15
+            while len(answers) < visits and time.monotonic() < answer_until and c.pump(0.2):
+                for sid in sids:
+                    if sid not in answers and (m := first_message(c.heads[sid])) is not None:
+                        answers[sid] = m
+            ok = sum(1 for m in answers.values() if m.get("type") == "visit_result" and m.get("ok") is True)
+            if not ok:
+                raise RuntimeError(f"H: no visit admitted (answers {list(answers.values())[:3]}); relayd:\n{d.tail()}")
+            if reading:
+
+                def read_forever() -> None:  # reads everything, consumes nothing on the visits
+                    while not stop.is_set() and c is not None and c.pump(0.2):
+                        c.events.clear()
+
+                reader = threading.Thread(target=read_forever, daemon=True)
+                reader.start()
+            else:
+                keepalive = Keepalive(c)
+            # relayc connects to the service for every admitted visit; then the pouring runs until it stalls
+            connect_until = min(deadline, time.monotonic() + 15)
+            while len(pourer.sent) < ok and time.monotonic() < connect_until and not meter.capped.is_set():
+                time.sleep(0.05)
+            outcome = "stalled"
+            while True:
+                now = time.monotonic()
+                if meter.capped.is_set() or now > deadline:
+                    outcome = "stopped"
+                    break
+                if pourer.all_done():
+                    outcome = "done"
+                    break
+                if now - pourer.last_progress >= block_s:
+                    break
+                time.sleep(0.05)
+            stalled_after = pourer.last_progress - meter.t0
+            settle(d.pid, 10, meter.capped)
+            figs = meter.stop()
+            figs["owner_rss_growth_mib"] = owner_meter.stop()["rss_growth_mib"]
+        finally:
+            stop.set()
+            if reader is not None:
+                reader.join(5)
+            if keepalive is not None:
+                keepalive.stop()
+            if c is not None:
+                c.close()
+            pourer.stop()
+        poured = sum(pourer.sent)
+        received = sum(c.received.values())
+        figs["visits"] = visits
+        figs["visits_ok"] = ok
+        figs["reading"] = int(reading)
+        figs["pour_conns"] = len(pourer.sent)
+        figs["poured_mib"] = round(poured / MIB, 2)
+        figs["poured_mib_per_visit_max"] = round(max(pourer.sent, default=0) / MIB, 2)
+        figs["pour_limit_mib"] = round(pour_bytes / MIB, 1)
+        figs["visitor_received_mib"] = round(received / MIB, 2)
+        figs["outcome"] = outcome
+        figs["stalled_after_s"] = round(stalled_after, 2)
+        figs["owner_alive"] = int(owner.popen.poll() is None)
+        figs["relayd_alive"] = int(d.popen.poll() is None)
+        return figs
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 
@@ -1526,6 +1741,7 @@ def plan(quick: bool, rss_cap_mib: float) -> list[tuple[str, Callable[[Path], di
         e: dict[str, Any] = {"n_http": 200, "n_tcp": 40, "remove_wait_s": 20}
         f: dict[str, Any] = {"conns": 8, "hello_size": 3000, "duration_s": 3}
         g: dict[str, Any] = {"threads": 8, "duration_s": 3}
+        h: dict[str, Any] = {"visits": 4, "pour_bytes": 256 * MIB, "limit_s": 20, "rss_cap_mib": cap}
     else:
         a = {"rss_cap_mib": cap}
         b = {"rss_cap_mib": cap}
@@ -1535,6 +1751,7 @@ def plan(quick: bool, rss_cap_mib: float) -> list[tuple[str, Callable[[Path], di
         e = {}
         f = {}
         g = {}
+        h = {"rss_cap_mib": cap}
     return [
         ("A-ping", lambda cd: attack_a(cd, kind="ping", **a)),
         ("A-streams", lambda cd: attack_a(cd, kind="streams", **a)),
@@ -1549,6 +1766,8 @@ def plan(quick: bool, rss_cap_mib: float) -> list[tuple[str, Callable[[Path], di
         ("F", lambda cd: attack_f(cd, **f)),
         ("F-natural", lambda cd: attack_f(cd, **{**f, "hello_size": 0})),
         ("G", lambda cd: attack_g(cd, **g)),
+        ("H-credit", lambda cd: attack_h(cd, reading=True, **h)),
+        ("H-noread", lambda cd: attack_h(cd, reading=False, **h)),
     ]
 
 

@@ -181,3 +181,31 @@ def test_g_parallel_password_guesses_get_no_more_tries_and_lead_to_a_block() -> 
             problems.append(f"G: {figs['par_checked']} guesses checked with 40 in parallel against "
                             f"{figs['ser_checked']} serially in the same time")  # fmt: skip
     assert not problems, report(problems, {"G": figs})
+
+
+@pytest.mark.slow
+def test_h_visitor_withholding_credit_from_a_secret_tunnel_is_bounded() -> None:
+    """A service behind a secret tunnel pours up to 1 GiB into each of 20 visits whose visitor (a
+    raw client logged in as an allowed name) never returns credit, reading its connection or not
+    reading at all.  The pouring stalls after a few windows and socket buffers per visit: far below
+    64 MiB per visit, so relayd did not take it in."""
+    visits = 20
+    results = {
+        f"H-{kind}": attacks.attack_h(
+            CODE_DIR, reading=kind == "credit", visits=visits, pour_bytes=1 << 30, limit_s=40, rss_cap_mib=RSS_CAP_MIB
+        )
+        for kind in ("credit", "noread")
+    }
+    problems = [p for name, figs in results.items() for p in bound_problems(name, figs)]
+    for name, figs in results.items():
+        if "error" in figs:
+            continue
+        if figs["visits_ok"] != visits or figs["pour_conns"] != visits:
+            problems.append(f"{name}: {figs['visits_ok']} of {visits} visits admitted, "
+                            f"{figs['pour_conns']} reached the service")  # fmt: skip
+        if figs["poured_mib"] <= 0:
+            problems.append(f"{name}: the service sent nothing: the visits carried no bytes")
+        if figs["outcome"] != "stalled" or figs["poured_mib"] >= 64 * visits:
+            problems.append(f"{name}: the service poured {figs['poured_mib']} MiB into {visits} visits "
+                            f"(outcome {figs['outcome']}), bound {64 * visits} MiB")  # fmt: skip
+    assert not problems, report(problems, results)
