@@ -381,6 +381,11 @@ class DomainClaims:
         claim = self.domains.get(host)
         return claim.match(path) if claim is not None else None
 
+    def serves_http(self, host: str) -> bool:
+        """Whether an http tunnel has a route on ``host`` (relayd may terminate TLS for it)."""
+        claim = self.domains.get(host)
+        return claim is not None and bool(claim.http)
+
     def match_https(self, host: str) -> PublicTunnel | None:
         claim = self.domains.get(host)
         return claim.https if claim is not None else None

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from relay_server.certs import CertStore
+from relay_server.certs import load as certs_load
 from relay_server.frontends.http import HttpFrontend
 from relay_server.frontends.secret import SecretFrontend
 from relay_server.frontends.sni import SniFrontend
@@ -21,6 +25,7 @@ from shared.aio import LoopLagMonitor, run
 from shared.burst import BurstLog
 from shared.cli import base_parser, install_stop_handlers, load_or_exit, raise_fd_limit, setup_logging, tune_malloc
 from shared.config import ServerConfig, resolve_path
+from shared.errors import ConfigError
 
 log = logging.getLogger("relayd")
 
@@ -50,6 +55,10 @@ class Relayd:
         self.https = SniFrontend(self.registry.domains, bind, config.vhost_https_port, config.vhost_header_timeout)
         self.registry.add_frontend(self.http)
         self.registry.add_frontend(self.https)
+        self.certs = load_certificates(config, self.config_path)
+        if self.certs.files or config.acme.enable:
+            self.https.terminate_with(self.certs, self.http)
+            self.http.certs = self.certs
         self.listener = ControlListener(config, self.config_path, self.state_dir, self.registry)
         self.dashboard: Any = None
         self._traffic_task: asyncio.Task[None] | None = None
@@ -73,6 +82,7 @@ class Relayd:
         await self.registry.load()
         for frontend in self.registry.frontends.values():
             await frontend.start()
+        self.http.https_port = self.https.bound_port
         await self.listener.start()
         if self.config.dashboard is not None:
             from relay_server.dashboard.app import Dashboard, NodeInfo  # FastAPI is imported only when used
@@ -100,6 +110,23 @@ class Relayd:
             log.exception("could not record the last traffic")
         await self.registry.close()
         await self.store.close()
+
+
+def load_certificates(config: ServerConfig, config_path: Path) -> CertStore:
+    """The ``[[certificates]]`` of relayd.toml, loaded; ``ConfigError`` naming the key of one that
+    cannot be served (not PEM, a key that does not match)."""
+    certs = CertStore()
+    for i, files in enumerate(config.certificates):
+        try:
+            served = certs_load(resolve_path(config_path, files.cert_file), resolve_path(config_path, files.key_file),
+                                "file")  # fmt: skip
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            raise ConfigError(str(config_path), f"certificates[{i}].cert_file",
+                              f"cannot serve {files.cert_file!r} with {files.key_file!r}: {exc}") from None  # fmt: skip
+        certs.add_file(served)
+        log.info("certificate %s for %s (until %s)", files.cert_file, ", ".join(served.names),
+                 time.strftime("%Y-%m-%d", time.gmtime(served.not_after)))  # fmt: skip
+    return certs
 
 
 async def serve(relayd: Relayd) -> None:
@@ -150,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     raise_fd_limit()
     tune_malloc()
-    relayd = Relayd(config, args.config)
+    try:
+        relayd = Relayd(config, args.config)
+    except ConfigError as exc:
+        print(f"relayd: configuration error: {exc}", file=sys.stderr)
+        return 2
     try:
         run(serve(relayd))
     except OSError as exc:

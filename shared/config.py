@@ -12,12 +12,13 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from shared.checks import (
     check_domain,
     check_host,
     check_name,
+    check_printable,
     is_loopback,
 )
 from shared.errors import ConfigError
@@ -126,6 +127,34 @@ class DashboardConfig(Table):
 
 
 @dataclass(kw_only=True)
+class CertificateFiles(Table):
+    """A ``[[certificates]]`` table: a certificate chain and its key (PEM), served on
+    ``vhost_https_port`` for every name it covers (wildcards too), in preference to ACME."""
+
+    cert_file: str = key()
+    key_file: str = key()
+
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+@dataclass(kw_only=True)
+class AcmeConfig(Table):
+    """``[acme]``: certificates for http tunnels' domains from an ACME CA (RFC 8555)."""
+
+    enable: bool = key(False)
+    email: str = key("", max_len=254, check=check_printable)
+    directory_url: str = key(LETS_ENCRYPT, max_len=2048,
+                             check=lambda v: v if v.startswith(("https://", "http://")) else _bad_url(v))  # fmt: skip
+    ca_file: str = key("")  # the CA bundle that verifies the ACME server (a private CA, a test server)
+    challenge: Literal["tls-alpn-01", "http-01"] = key("tls-alpn-01")
+
+
+def _bad_url(value: str) -> str:
+    raise ValueError(f"{value[:60]!r} is not an https:// URL")
+
+
+@dataclass(kw_only=True)
 class ServerConfig(Table):
     bind_addr: str = key("127.0.0.1")
     bind_port: int = key(7000, ge=0, le=65535)
@@ -144,6 +173,8 @@ class ServerConfig(Table):
     tls: ServerTLS = key(factory=ServerTLS)
     limits: ServerLimits = key(factory=ServerLimits)
     dashboard: DashboardConfig | None = key(None)  # on when the [dashboard] table is present
+    acme: AcmeConfig = key(factory=AcmeConfig)
+    certificates: list[CertificateFiles] = key([])
 
     @property
     def port_ranges(self) -> PortRanges:
@@ -320,6 +351,17 @@ def _check_semantics(cfg: ServerConfig | ClientConfig, path: str) -> None:
         )
     if cfg.dashboard is not None:
         _check_dashboard(cfg.dashboard, path)
+    if cfg.acme.enable:
+        port_key = "vhost_https_port" if cfg.acme.challenge == "tls-alpn-01" else "vhost_http_port"
+        if not getattr(cfg, port_key):
+            raise ConfigError(path, "acme.challenge", f"{cfg.acme.challenge} is answered on {port_key}, which is 0 "
+                              f"(off): set {port_key}, or choose the other challenge")  # fmt: skip
+        if not cfg.vhost_https_port:
+            raise ConfigError(path, "acme.enable", "certificates are served on vhost_https_port, which is 0 (off)")
+    for i, files in enumerate(cfg.certificates):
+        for name in ("cert_file", "key_file"):
+            if not resolve_path(path, getattr(files, name)).is_file():
+                raise ConfigError(path, f"certificates[{i}].{name}", f"{getattr(files, name)!r}: no such file")
     if not is_loopback(cfg.bind_addr) and cfg.auth.token in EXAMPLE_TOKENS:
         raise ConfigError(
             path,

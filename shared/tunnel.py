@@ -79,6 +79,8 @@ class TunnelSpec(Table):
                              meta={**_kinds(*HTTP_ONLY, label="basic auth password"), "secret": True})  # fmt: skip
     host_header_rewrite: str = key("", max_len=253, check=check_host_rewrite,
                                    meta=_kinds(*HTTP_ONLY, label="Host header sent to the app"))  # fmt: skip
+    # plain HTTP answers 308 to https:// while relayd holds a valid certificate for the domain
+    https_redirect: bool = key(False, meta=_kinds(*HTTP_ONLY, label="redirect http to https"))
     # limits, enforced by relayd (its own [limits] can only make them stricter)
     max_connections: int = key(0, ge=0, le=2**31, meta={"label": "max connections (0 = no limit)"})
     bandwidth_limit: int = key(0, before=parse_rate, le=2**62, meta={"label": "bandwidth, e.g. 10MB (per second)"})
@@ -199,7 +201,8 @@ def field_list() -> list[dict[str, Any]]:
         default = _default(f)
         if isinstance(default, enum.Enum):
             default = default.value
-        kind = "list" if getattr(tp, "__origin__", None) is list else "int" if tp is int else "str"
+        kind = "list" if getattr(tp, "__origin__", None) is list else "int" if tp is int else \
+            "bool" if tp is bool else "str"  # fmt: skip
         choices = [k.value for k in TunnelKind] if tp is TunnelKind else None
         if get_origin(tp) is Literal:
             choices = [c for c in get_args(tp) if c]

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from relay_server.certs import CertStore
+from relay_server.claims import DomainClaims
 from relay_server.frontends.vhost import VhostFrontend, _VhostVisitor, error_response, host_of
 from relay_server.http1 import AnswerStatusReader, Body, HttpError, RequestHead, RequestReader, Tunnel
 from relay_server.tunnels import Refusal
@@ -36,17 +38,33 @@ class HttpFrontend(VhostFrontend):
     kind = TunnelKind.HTTP
     port_key = "vhost_http_port"
 
-    def visitor(self) -> HttpVisitor:
-        return HttpVisitor(self)
+    def __init__(self, domains: DomainClaims, bind_addr: str, port: int, header_timeout: float) -> None:
+        super().__init__(domains, bind_addr, port, header_timeout)
+        self.certs: CertStore | None = None  # set when relayd terminates TLS for http tunnels
+        self.https_port = 0  # where it does (the https vhost frontend's bound port)
+
+    def visitor(self, scheme: str = "http") -> HttpVisitor:
+        return HttpVisitor(self, scheme)
+
+    def https_location(self, host: str, target: str) -> str | None:
+        """``https://host[:port]/target`` while relayd serves ``host`` over HTTPS with a valid
+        certificate, else None (an https_redirect must never lead to a broken page)."""
+        if self.certs is None or not self.https_port or self.certs.find(host) is None:
+            return None
+        port = "" if self.https_port == 443 else f":{self.https_port}"
+        return f"https://{host}{port}{target if target.startswith('/') else '/'}"
 
 
 class HttpVisitor(_VhostVisitor):
-    """One visitor connection on the HTTP vhost port."""
+    """One visitor connection on the HTTP vhost port (or, ``scheme="https"``, a connection on the
+    HTTPS vhost port whose TLS relayd terminated)."""
 
-    __slots__ = ("_answer", "_requests", "_switching", "reader")
+    __slots__ = ("_answer", "_requests", "_switching", "reader", "scheme")
 
-    def __init__(self, frontend: VhostFrontend) -> None:
+    def __init__(self, frontend: HttpFrontend, scheme: str = "http") -> None:
         super().__init__(frontend)
+        self.frontend: HttpFrontend = frontend
+        self.scheme = scheme
         self.reader = RequestReader()
         self._switching = False  # a request routed elsewhere: finish this tunnel's answer, then close
         self._requests = 0  # requests forwarded on this connection
@@ -141,6 +159,11 @@ class HttpVisitor(_VhostVisitor):
             return False
         spec = tunnel.spec
         headers = head.headers
+        if spec.https_redirect and self.scheme == "http":
+            location = self.frontend.https_location(host, head.target)
+            if location is not None:
+                self._refuse(308, f"This site is served over HTTPS: {location}", (f"Location: {location}",))
+                return False
         if spec.http_user:
             if not _basic_auth_ok(head.get("authorization"), spec.http_user, spec.http_password):
                 self._refuse(401, "This tunnel needs a user name and password.",
@@ -167,7 +190,7 @@ class HttpVisitor(_VhostVisitor):
         self._requests += 1
         if head.is_upgrade:
             self._answer = AnswerStatusReader()
-        forwarded = _rewrite(head, headers, host_header, self.visitor_ip, spec.host_header_rewrite)
+        forwarded = _rewrite(head, headers, host_header, self.visitor_ip, spec.host_header_rewrite, self.scheme)
         StreamBridge.data_received(self, forwarded)
         return True
 
@@ -185,12 +208,13 @@ class HttpVisitor(_VhostVisitor):
 _FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
 
 
-def _rewrite(head: RequestHead, headers: list[tuple[str, str]], host: str, visitor_ip: str, host_rewrite: str) -> bytes:
+def _rewrite(head: RequestHead, headers: list[tuple[str, str]], host: str, visitor_ip: str, host_rewrite: str,
+             scheme: str = "http") -> bytes:  # fmt: skip
     index = head.index
     if headers is head.headers and not host_rewrite and head.raw and index.keys().isdisjoint(_FORWARDED):
         # The usual request: nothing to drop or change, so the head goes on as received (the
         # parser checked every line) with relayd's X-Forwarded-* lines added.
-        added = f"X-Forwarded-For: {visitor_ip}\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: {host}\r\n\r\n"
+        added = f"X-Forwarded-For: {visitor_ip}\r\nX-Forwarded-Proto: {scheme}\r\nX-Forwarded-Host: {host}\r\n\r\n"
         return head.raw + added.encode("latin-1")
     out: list[tuple[str, str]] = []
     forwarded_for = ""
@@ -205,7 +229,7 @@ def _rewrite(head: RequestHead, headers: list[tuple[str, str]], host: str, visit
         else:
             out.append((k, v))
     out.append(("X-Forwarded-For", f"{forwarded_for}, {visitor_ip}" if forwarded_for else visitor_ip))
-    out.append(("X-Forwarded-Proto", "http"))
+    out.append(("X-Forwarded-Proto", scheme))
     out.append(("X-Forwarded-Host", host))
     return head.encode(out)
 

@@ -4,9 +4,15 @@ the visitor's TLS ClientHello and passed through untouched (relayd holds no cert
 from __future__ import annotations
 
 import logging
+import ssl
+from typing import cast
 
+from relay_server.certs import CertStore
+from relay_server.claims import DomainClaims
+from relay_server.frontends.http import HttpFrontend
 from relay_server.frontends.vhost import VhostFrontend, _VhostVisitor
 from relay_server.sni import ClientHelloReader, SniError
+from relay_server.tls_terminator import TlsTerminator
 from shared.aio import StreamBridge
 from shared.tunnel import TunnelKind
 
@@ -14,11 +20,31 @@ log = logging.getLogger("relay_server.vhost")
 
 
 class SniFrontend(VhostFrontend):
+    """https tunnels passed through by server name; and, with a certificate store and the http
+    frontend set (``terminate_with``), http tunnels' domains served over HTTPS by relayd."""
+
     kind = TunnelKind.HTTPS
     port_key = "vhost_https_port"
 
+    def __init__(self, domains: DomainClaims, bind_addr: str, port: int, header_timeout: float) -> None:
+        super().__init__(domains, bind_addr, port, header_timeout)
+        self.certs: CertStore | None = None
+        self.http: HttpFrontend | None = None
+
+    def terminate_with(self, certs: CertStore, http: HttpFrontend) -> None:
+        self.certs = certs
+        self.http = http
+
     def visitor(self) -> SniVisitor:
         return SniVisitor(self)
+
+    def termination(self, name: str) -> ssl.SSLContext | None:
+        """The TLS context to terminate a connection for ``name`` with, when an http tunnel serves
+        that domain and relayd holds a valid certificate for it; else None."""
+        if self.certs is None or self.http is None or not self.domains.serves_http(name):
+            return None
+        served = self.certs.find(name)
+        return served.context if served is not None else None
 
 
 class SniVisitor(_VhostVisitor):
@@ -51,8 +77,16 @@ class SniVisitor(_VhostVisitor):
             return
         self._cancel_timer()
         self._hello = None
-        tunnel = self.frontend.domains.match_https(name)
+        frontend = cast(SniFrontend, self.frontend)
+        tunnel = frontend.domains.match_https(name)
         if tunnel is None:
+            context = frontend.termination(name)
+            if context is not None and frontend.http is not None and self.transport is not None:
+                # an http tunnel's domain: relayd terminates TLS and serves it as HTTP
+                self._done = True  # this protocol is done: the terminator takes the socket over
+                inner = frontend.http.visitor(scheme="https")
+                TlsTerminator(self.transport, context, inner, frontend.header_timeout).start(hello.received())
+                return
             log.debug("https vhost: no tunnel for %s (from %s)", name, self.visitor)
             self._refuse(0, "")
             return

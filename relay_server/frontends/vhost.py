@@ -25,6 +25,7 @@ _STATUS_TEXT = {
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
+    308: "Permanent Redirect",
     404: "Not Found",
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
