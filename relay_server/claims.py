@@ -381,6 +381,10 @@ class DomainClaims:
         claim = self.domains.get(host)
         return claim.match(path) if claim is not None else None
 
+    def http_domains(self) -> list[tuple[str, str]]:
+        """(domain, owner) of every domain an http tunnel has a route on."""
+        return [(name, claim.owner) for name, claim in self.domains.items() if claim.http]
+
     def serves_http(self, host: str) -> bool:
         """Whether an http tunnel has a route on ``host`` (relayd may terminate TLS for it)."""
         claim = self.domains.get(host)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from relay_server.acme import AcmeManager
 from relay_server.certs import CertStore
 from relay_server.certs import load as certs_load
 from relay_server.frontends.http import HttpFrontend
@@ -19,13 +20,14 @@ from relay_server.frontends.tcp import TcpFrontend
 from relay_server.frontends.udp import UdpFrontend
 from relay_server.guard import BlockScope, LoginGuard
 from relay_server.listener import ControlListener
-from relay_server.registry import Registry
+from relay_server.registry import Registry, TunnelOpened
 from relay_server.stores.sqlite import SqliteStore
 from shared.aio import LoopLagMonitor, run
 from shared.burst import BurstLog
 from shared.cli import base_parser, install_stop_handlers, load_or_exit, raise_fd_limit, setup_logging, tune_malloc
 from shared.config import ServerConfig, resolve_path
 from shared.errors import ConfigError
+from shared.tunnel import TunnelKind
 
 log = logging.getLogger("relayd")
 
@@ -59,6 +61,15 @@ class Relayd:
         if self.certs.files or config.acme.enable:
             self.https.terminate_with(self.certs, self.http)
             self.http.certs = self.certs
+        self.acme: AcmeManager | None = None
+        if config.acme.enable:
+            self.acme = AcmeManager(config.acme, self.config_path, self.state_dir, self.certs, self.registry.domains,
+                                    config.max_tunnels_per_client)  # fmt: skip
+            self.http.acme_tokens = self.acme.http_tokens
+            self.https.alpn_contexts = self.acme.alpn_contexts
+            acme = self.acme
+            self.registry.subscribe(lambda e: acme.poke() if isinstance(e, TunnelOpened) and e.kind is TunnelKind.HTTP
+                                    else None)  # fmt: skip
         self.listener = ControlListener(config, self.config_path, self.state_dir, self.registry)
         self.dashboard: Any = None
         self._traffic_task: asyncio.Task[None] | None = None
@@ -83,19 +94,27 @@ class Relayd:
         for frontend in self.registry.frontends.values():
             await frontend.start()
         self.http.https_port = self.https.bound_port
+        if self.acme is not None:
+            self.acme.start()
         await self.listener.start()
         if self.config.dashboard is not None:
             from relay_server.dashboard.app import Dashboard, NodeInfo  # FastAPI is imported only when used
 
-            node = NodeInfo(self.config.bind_addr, self.listener.port, self.listener.fingerprint)
+            node = NodeInfo(self.config.bind_addr, self.listener.port, self.listener.fingerprint, self.certificates)
             self.dashboard = Dashboard(self.registry, node, self.loop_lag, self.config.dashboard, self.state_dir,
                                        self.config_path)  # fmt: skip
             await self.dashboard.start()
         self._traffic_task = asyncio.get_running_loop().create_task(self.registry.record_traffic_forever())
         self.loop_lag.start()
 
+    def certificates(self) -> list[dict[str, Any]]:
+        """The API's view of the certificates served on vhost_https_port."""
+        return self.certs.items(self.acme.wanted() if self.acme is not None else [])
+
     async def shutdown(self, grace: float = 5.0) -> None:
         self.listener.stop_accepting()
+        if self.acme is not None:
+            await self.acme.stop()
         for frontend in self.registry.frontends.values():
             await frontend.stop()
         if self.dashboard is not None:

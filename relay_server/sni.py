@@ -40,6 +40,7 @@ MAX_HELLO_RECORDS: Final = 1024
 # Raw chunks shorter than this are appended to a bytearray instead of being kept as list items:
 # a visitor sending one byte per read would otherwise cost a list slot (and object) per byte.
 _SMALL_CHUNK: Final = 512
+ACME_TLS_ALPN: Final = b"acme-tls/1"
 _HOST_BYTES: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-."
 
 
@@ -50,7 +51,7 @@ class SniError(Exception):
 class ClientHelloReader:
     """Sans-IO reader of one connection's ClientHello; see the module docstring."""
 
-    __slots__ = ("_done", "_handshake", "_header", "_need", "_raw", "_record_left", "_records", "_seen")
+    __slots__ = ("_done", "_handshake", "_header", "_need", "_raw", "_record_left", "_records", "_seen", "acme_alpn")
 
     def __init__(self) -> None:
         self._raw: list[bytes | bytearray] = []
@@ -61,6 +62,7 @@ class ClientHelloReader:
         self._handshake = bytearray()  # the ClientHello's bytes so far, header included
         self._need = 0  # the ClientHello's full length, once its 4-byte header is in (0 before)
         self._done = False
+        self.acme_alpn = False  # the hello offers ALPN "acme-tls/1": an ACME TLS-ALPN-01 validation
 
     def feed(self, data: bytes | bytearray | memoryview) -> str | None:
         """Take the next bytes; return None for more, the server name, or raise ``SniError``.
@@ -136,7 +138,8 @@ class ClientHelloReader:
                 if self._need > MAX_CLIENT_HELLO:
                     raise SniError("ClientHello too large")
             if len(handshake) == self._need:
-                return _parse_client_hello(bytes(handshake[4:]))
+                name, self.acme_alpn = _parse_client_hello(bytes(handshake[4:]))
+                return name
         return None
 
 
@@ -150,7 +153,10 @@ def _u16(b: bytes, pos: int) -> int:
     return b[pos] << 8 | b[pos + 1]  # IndexError if truncated, unlike int.from_bytes of a slice
 
 
-def _parse_client_hello(body: bytes) -> str:
+def _parse_client_hello(body: bytes) -> tuple[str, bool]:
+    """(server name, whether ALPN offers acme-tls/1)."""
+    name: str | None = None
+    acme_alpn = False
     try:
         pos = 2 + 32  # legacy_version, random
         pos += 1 + body[pos]  # session id
@@ -171,12 +177,31 @@ def _parse_client_hello(body: bytes) -> str:
             pos += 4
             if pos + ext_len > end:
                 raise SniError("ClientHello extension overruns")
-            if ext_type == 0:  # server_name
-                return _server_name(body[pos : pos + ext_len])
+            if ext_type == 0 and name is None:  # server_name
+                name = _server_name(body[pos : pos + ext_len])
+            elif ext_type == 16:  # application_layer_protocol_negotiation
+                acme_alpn = _offers(body[pos : pos + ext_len], ACME_TLS_ALPN)
             pos += ext_len
     except IndexError:
         raise SniError("truncated ClientHello") from None
-    raise SniError("ClientHello carries no server name (SNI)")
+    if name is None:
+        raise SniError("ClientHello carries no server name (SNI)")
+    return name, acme_alpn
+
+
+def _offers(ext: bytes, protocol: bytes) -> bool:
+    """Whether an ALPN extension's body lists ``protocol`` (RFC 7301 section 3.1)."""
+    if len(ext) < 2 or 2 + _u16(ext, 0) != len(ext):
+        raise SniError("ALPN extension length mismatch")
+    p = 2
+    while p < len(ext):
+        n = ext[p]
+        if n == 0 or p + 1 + n > len(ext):
+            raise SniError("ALPN protocol name overruns")
+        if ext[p + 1 : p + 1 + n] == protocol:
+            return True
+        p += 1 + n
+    return False
 
 
 def _server_name(ext: bytes) -> str:

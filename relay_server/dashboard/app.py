@@ -211,6 +211,8 @@ class NodeInfo:
     bind_addr: str
     port: int
     fingerprint: str  # "" when TLS is off
+    # the certificates served on vhost_https_port, one item per name (pending ACME names too)
+    certificates: Callable[[], list[dict[str, Any]]] = lambda: []
 
 
 class Dashboard:
@@ -563,6 +565,12 @@ class Dashboard:
         @app.get("/api/v1/tunnels")
         async def tunnels(_: str = auth) -> list[dict[str, Any]]:
             return registry.tunnel_items()
+
+        @app.get("/api/v1/certificates")
+        async def certificates(_: str = auth) -> list[dict[str, Any]]:
+            """One item per name served over HTTPS by relayd, pending ACME names included:
+            ``{domain, not_after, issuer, source: "acme" | "file", last_error}``."""
+            return self.node.certificates()
 
         @app.get("/api/v1/tunnel-fields")
         async def tunnel_fields(_: str = auth) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from shared.aio import StreamBridge
 from shared.tunnel import TunnelKind
 
 T = TypeVar("T")
+ACME_CHALLENGE = "/.well-known/acme-challenge/"
 
 
 class HttpFrontend(VhostFrontend):
@@ -42,6 +43,7 @@ class HttpFrontend(VhostFrontend):
         super().__init__(domains, bind_addr, port, header_timeout)
         self.certs: CertStore | None = None  # set when relayd terminates TLS for http tunnels
         self.https_port = 0  # where it does (the https vhost frontend's bound port)
+        self.acme_tokens: dict[str, str] = {}  # HTTP-01 challenges being validated: token -> answer
 
     def visitor(self, scheme: str = "http") -> HttpVisitor:
         return HttpVisitor(self, scheme)
@@ -141,6 +143,16 @@ class HttpVisitor(_VhostVisitor):
         super().on_reset(code)
 
     def _route(self, head: RequestHead) -> bool:
+        tokens = self.frontend.acme_tokens
+        if tokens and head.target.startswith(ACME_CHALLENGE):  # before routing, auth and redirects
+            answer = tokens.get(head.target[len(ACME_CHALLENGE) :])
+            if answer is not None and self.transport is not None:
+                self._done = self._replied = True
+                body = answer.encode()
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                                     b"Connection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                self.transport.close()
+                return False
         router = self.frontend.domains
         host_header = head.get("host")
         if head.target.startswith(("http://", "https://")):  # absolute form: its authority wins

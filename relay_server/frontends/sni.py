@@ -3,6 +3,7 @@ the visitor's TLS ClientHello and passed through untouched (relayd holds no cert
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from typing import cast
@@ -30,6 +31,7 @@ class SniFrontend(VhostFrontend):
         super().__init__(domains, bind_addr, port, header_timeout)
         self.certs: CertStore | None = None
         self.http: HttpFrontend | None = None
+        self.alpn_contexts: dict[str, ssl.SSLContext] = {}  # TLS-ALPN-01 challenges: name -> context
 
     def terminate_with(self, certs: CertStore, http: HttpFrontend) -> None:
         self.certs = certs
@@ -78,6 +80,14 @@ class SniVisitor(_VhostVisitor):
         self._cancel_timer()
         self._hello = None
         frontend = cast(SniFrontend, self.frontend)
+        if hello.acme_alpn and self.transport is not None:  # an ACME CA validating a name (RFC 8737)
+            alpn = frontend.alpn_contexts.get(name)
+            self._done = True
+            if alpn is None:
+                self._refuse(0, "")
+            else:
+                TlsTerminator(self.transport, alpn, _HandshakeOnly(), frontend.header_timeout).start(hello.received())
+            return
         tunnel = frontend.domains.match_https(name)
         if tunnel is None:
             context = frontend.termination(name)
@@ -92,3 +102,10 @@ class SniVisitor(_VhostVisitor):
             return
         if self._attach(tunnel, hello.received()) is not None:
             self._refuse(0, "")
+
+
+class _HandshakeOnly(asyncio.Protocol):
+    """A TLS-ALPN-01 validation: the handshake is the answer; then the connection is closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
