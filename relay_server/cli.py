@@ -66,6 +66,7 @@ class Relayd:
             self.acme = AcmeManager(config.acme, self.config_path, self.state_dir, self.certs, self.registry.domains,
                                     config.max_tunnels_per_client)  # fmt: skip
             self.http.acme_tokens = self.acme.http_tokens
+            self.http.acme_enabled = True
             self.https.alpn_contexts = self.acme.alpn_contexts
             acme = self.acme
             self.registry.subscribe(lambda e: acme.poke() if isinstance(e, TunnelOpened) and e.kind is TunnelKind.HTTP

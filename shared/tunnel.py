@@ -81,6 +81,8 @@ class TunnelSpec(Table):
                                    meta=_kinds(*HTTP_ONLY, label="Host header sent to the app"))  # fmt: skip
     # plain HTTP answers 308 to https:// while relayd holds a valid certificate for the domain
     https_redirect: bool = key(False, meta=_kinds(*HTTP_ONLY, label="redirect http to https"))
+    # Strict-Transport-Security on the first answer of each HTTPS connection relayd terminates
+    hsts: bool = key(False, meta=_kinds(*HTTP_ONLY, label="HSTS (browsers insist on https)"))
     # limits, enforced by relayd (its own [limits] can only make them stricter)
     max_connections: int = key(0, ge=0, le=2**31, meta={"label": "max connections (0 = no limit)"})
     bandwidth_limit: int = key(0, before=parse_rate, le=2**62, meta={"label": "bandwidth, e.g. 10MB (per second)"})

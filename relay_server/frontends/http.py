@@ -27,12 +27,14 @@ from relay_server.certs import CertStore
 from relay_server.claims import DomainClaims
 from relay_server.frontends.vhost import VhostFrontend, _VhostVisitor, error_response, host_of
 from relay_server.http1 import AnswerStatusReader, Body, HttpError, RequestHead, RequestReader, Tunnel
-from relay_server.tunnels import Refusal
+from relay_server.tunnels import PublicTunnel, Refusal
 from shared.aio import StreamBridge
 from shared.tunnel import TunnelKind
 
 T = TypeVar("T")
 ACME_CHALLENGE = "/.well-known/acme-challenge/"
+HSTS_LINE = b"Strict-Transport-Security: max-age=31536000\r\n"  # one year, the usual value
+STATUS_LINE_MAX = 8192
 
 
 class HttpFrontend(VhostFrontend):
@@ -44,9 +46,21 @@ class HttpFrontend(VhostFrontend):
         self.certs: CertStore | None = None  # set when relayd terminates TLS for http tunnels
         self.https_port = 0  # where it does (the https vhost frontend's bound port)
         self.acme_tokens: dict[str, str] = {}  # HTTP-01 challenges being validated: token -> answer
+        self.acme_enabled = False  # every domain will be served over HTTPS once its certificate is in
 
     def visitor(self, scheme: str = "http") -> HttpVisitor:
         return HttpVisitor(self, scheme)
+
+    async def claim(self, tunnel: PublicTunnel) -> str:
+        """Where visitors reach ``tunnel``: its https:// URLs first where relayd serves HTTPS for
+        the domain (a certificate file covers it, or ACME is on), then its http:// ones."""
+        public = await super().claim(tunnel)
+        if self.certs is None or not self.https_port:
+            return public
+        port = "" if self.https_port == 443 else f":{self.https_port}"
+        https = [f"https://{d}{port}" for d, _ in tunnel.claim or ()
+                 if self.acme_enabled or self.certs.from_file(d) is not None]  # fmt: skip
+        return ", ".join([*https, public])
 
     def https_location(self, host: str, target: str) -> str | None:
         """``https://host[:port]/target`` while relayd serves ``host`` over HTTPS with a valid
@@ -61,12 +75,13 @@ class HttpVisitor(_VhostVisitor):
     """One visitor connection on the HTTP vhost port (or, ``scheme="https"``, a connection on the
     HTTPS vhost port whose TLS relayd terminated)."""
 
-    __slots__ = ("_answer", "_requests", "_switching", "reader", "scheme")
+    __slots__ = ("_answer", "_hsts", "_requests", "_switching", "reader", "scheme")
 
     def __init__(self, frontend: HttpFrontend, scheme: str = "http") -> None:
         super().__init__(frontend)
         self.frontend: HttpFrontend = frontend
         self.scheme = scheme
+        self._hsts: bytes | None = None  # the first answer's bytes until its status line is in
         self.reader = RequestReader()
         self._switching = False  # a request routed elsewhere: finish this tunnel's answer, then close
         self._requests = 0  # requests forwarded on this connection
@@ -116,6 +131,28 @@ class HttpVisitor(_VhostVisitor):
             self._update_reading()
 
     def on_data(self, data: bytes | memoryview) -> None:
+        if self._hsts is None:
+            self._from_app(data)
+            return
+        # the first answer on an HTTPS connection of an hsts tunnel: Strict-Transport-Security
+        # goes in after its status line (browsers keep the policy from one answer)
+        held = self._hsts + data
+        cut = held.find(b"\r\n")
+        if cut < 0 and len(held) < STATUS_LINE_MAX:
+            self._hsts = held  # credit for it is returned once it is passed on
+            return
+        self._hsts = None
+        if cut < 0 or held[9:10] == b"1":  # no status line after all, or 1xx: leave it alone
+            self._from_app(held)
+            return
+        self._from_app(held[: cut + 2])
+        if self.transport is not None and not self._done:
+            self.transport.write(HSTS_LINE)
+        self._from_app(held[cut + 2 :])
+
+    def _from_app(self, data: bytes | memoryview) -> None:
+        if not data:
+            return
         answer = self._answer
         if answer is None:
             super().on_data(data)
@@ -187,6 +224,8 @@ class HttpVisitor(_VhostVisitor):
             # Upgrade later on goes to a new connection, like a request for another tunnel.
             return self._switch()
         if self.tunnel is None:
+            if spec.hsts and self.scheme == "https":
+                self._hsts = b""
             refusal = self._attach(tunnel)
             if refusal is not None:
                 if refusal is Refusal.OFFLINE:

@@ -110,7 +110,7 @@ def test_certificates_are_issued_served_and_renewed(challenge: str, tmp_path: Pa
         tunnels = [{"name": "app", "type": "http", "local_port": app.port, "subdomain": "app"},
                    {"name": "tls", "type": "https", "local_port": lab_tls.port, "subdomain": "tls"}]  # fmt: skip
         c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, tunnels))
-        c.wait_for(r"tunnel app: http://app\.relay\.test")
+        c.wait_for(r"tunnel app: https://app\.relay\.test:\d+, http://app\.relay\.test")
         api = Api(dash)
         wait_until(lambda: certificate_items(api).get("app.relay.test", {}).get("not_after") is not None, 60,
                    lambda: f"a certificate for app.relay.test (API: {certificate_items(api)}; relayd:\n"
@@ -167,7 +167,7 @@ def test_a_failed_issuance_leaves_http_working_and_is_reported(tmp_path: Path, p
         d.wait_for("listening for relayc")
         tunnel = {"name": "app", "type": "http", "local_port": app.port, "subdomain": "app", "https_redirect": True}
         c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [tunnel]))
-        c.wait_for(r"tunnel app: http://app\.relay\.test")
+        c.wait_for(r"tunnel app: https://app\.relay\.test:\d+, http://app\.relay\.test")
         api = Api(dash)
         wait_until(lambda: certificate_items(api).get("app.relay.test", {}).get("last_error"), 30,
                    lambda: f"the failure to be reported (API: {certificate_items(api)})")  # fmt: skip

@@ -1,5 +1,6 @@
 """HTTPS termination at relayd with certificates from files (``[[certificates]]``): an http
-tunnel's domain is served over HTTPS on vhost_https_port (X-Forwarded-Proto https, WebSockets),
+tunnel's domain is served over HTTPS on vhost_https_port (X-Forwarded-Proto https, WebSockets,
+HSTS with ``hsts``),
 while an https (passthrough) tunnel on the same port keeps its own TLS untouched; plain HTTP
 redirects with ``https_redirect``; a certificate that cannot be served stops relayd with exit 2
 naming the key."""
@@ -110,11 +111,18 @@ def test_http_tunnels_over_https_with_certificate_files(tmp_path: Path, procs: l
         d.wait_for(r"certificate wildcard\.crt for \*\.relay\.test")
         d.wait_for("listening for relayc")
         tunnels = [
-            {"name": "app", "type": "http", "local_port": app.port, "subdomain": "app", "https_redirect": True},
+            {
+                "name": "app",
+                "type": "http",
+                "local_port": app.port,
+                "subdomain": "app",
+                "https_redirect": True,
+                "hsts": True,
+            },
             {"name": "tls", "type": "https", "local_port": lab_tls.port, "subdomain": "tls"},
         ]
         c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, tunnels))
-        c.wait_for(r"tunnel app: http://app\.relay\.test")
+        c.wait_for(r"tunnel app: https://app\.relay\.test:\d+, http://app\.relay\.test")
         c.wait_for(r"tunnel tls: https://tls\.relay\.test")
         # the http tunnel over HTTPS, verified against relayd's certificate
         tls, answer = https_request(https_port, "app.relay.test", relay_ca[2],
@@ -122,7 +130,8 @@ def test_http_tunnels_over_https_with_certificate_files(tmp_path: Path, procs: l
         while chunk := tls.recv(4096):
             answer += chunk
         tls.close()
-        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"proto=https"), answer
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\nStrict-Transport-Security: max-age=31536000\r\n"), answer
+        assert answer.endswith(b"\r\nContent-Length: 11\r\nConnection: close\r\n\r\nproto=https"), answer
         # a WebSocket through it
         tls, answer = https_request(https_port, "app.relay.test", relay_ca[2],
                                     b"GET /ws HTTP/1.1\r\nHost: app.relay.test\r\nUpgrade: websocket\r\n"
