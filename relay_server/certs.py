@@ -102,7 +102,7 @@ class CertStore:
     def items(self, names: list[str]) -> list[dict[str, Any]]:
         """One item per name (those asked for, plus those with a certificate): for the API."""
         out: dict[str, dict[str, Any]] = {}
-        for name in [*names, *self.acme, *self.pending, *(n for n in self.files if not n.startswith("*."))]:
+        for name in [*names, *self.acme, *self.pending, *self.files]:
             if name in out:
                 continue
             served = self.from_file(name) or self.acme.get(name)

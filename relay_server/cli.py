@@ -110,7 +110,8 @@ class Relayd:
 
     def certificates(self) -> list[dict[str, Any]]:
         """The API's view of the certificates served on vhost_https_port."""
-        return self.certs.items(self.acme.wanted() if self.acme is not None else [])
+        served = [d for d, _ in self.registry.domains.http_domains() if self.certs.from_file(d) is not None]
+        return self.certs.items(served + (self.acme.wanted() if self.acme is not None else []))
 
     async def shutdown(self, grace: float = 5.0) -> None:
         self.listener.stop_accepting()

@@ -261,3 +261,57 @@ def test_secret_and_udp_tunnels_from_the_form(tmp_path: Path, procs: list[Proc])
                           input=b"made in the browser", capture_output=True, timeout=30)  # fmt: skip
     assert (done.returncode, done.stdout) == (0, b"made in the browser"), done.stderr.decode()
     echo.close()
+
+
+def test_an_app_over_https_through_relayd(tmp_path: Path, procs: list[Proc]) -> None:
+    """The browser opens an http tunnel's app by name over HTTPS, relayd terminating TLS with a
+    certificate from a file; the dashboard's tunnel lists the https URL and the certificate; the
+    HSTS header reaches the browser; an hsts tunnel's plain http:// URL is answered with 308."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.e2e.test_https_termination import app_handler, issue, make_ca
+
+    ca = make_ca(tmp_path, "relay-test-ca")
+    cert_file, key_file = issue(tmp_path, ca, ["*.relay.test"], "wildcard")
+    app = TcpServer(app_handler)
+    port, dash, http_port, https_port = free_port(), free_port(), free_port(), free_port()
+    cfg = relayd_config(tmp_path, port, dashboard={"port": dash, "password": PASSWORD}, vhost_http_port=http_port,
+                        vhost_https_port=https_port, subdomain_host="relay.test",
+                        certificates=[{"cert_file": cert_file.name, "key_file": key_file.name}])  # fmt: skip
+    d = Proc("relay_server.cli", cfg)
+    procs.append(d)
+    d.wait_for("dashboard on")
+    tunnel = {"name": "app", "type": "http", "local_port": app.port, "subdomain": "app", "https_redirect": True,
+              "hsts": True}  # fmt: skip
+    c = Proc("relay_client.cli", relayc_config(tmp_path, port, [tunnel]))
+    procs.append(c)
+    c.wait_for("tunnel app: https://")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP *.relay.test 127.0.0.1"])  # fmt: skip
+        # the throwaway CA is not in chromium's store: TLS errors are ignored for the page, and the
+        # certificate's issuer is checked from what the browser saw
+        context = browser.new_context(ignore_https_errors=True)
+        page = context.new_page()
+        response = page.goto(f"https://app.relay.test:{https_port}/")
+        assert response is not None and response.status == 200
+        expect(page.locator("body")).to_have_text("proto=https")
+        details = response.security_details()
+        assert details is not None and details.get("issuer") == "relay-test-ca", details
+        assert response.headers.get("strict-transport-security") == "max-age=31536000"
+        page.goto(f"http://127.0.0.1:{dash}/login")
+        page.fill("#user", "admin")
+        page.fill("#password", PASSWORD)
+        page.click("#sign-in")
+        page.click("#nav-tunnels")
+        row = page.locator('tr[data-tunnel="lab/app"]')
+        expect(row).to_contain_text(f"https://app.relay.test:{https_port}", timeout=10_000)
+        cert_row = page.locator('#certs-table tr[data-domain="app.relay.test"]')
+        expect(cert_row).to_contain_text("file")
+        expect(cert_row.locator(".until")).to_contain_text("UTC")
+        browser.close()
+    with socket.create_connection(("127.0.0.1", http_port), timeout=10) as s:
+        s.sendall(b"GET /x HTTP/1.1\r\nHost: app.relay.test\r\n\r\n")
+        head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 308") and f"https://app.relay.test:{https_port}/x".encode() in head
+    app.close()

@@ -149,6 +149,17 @@ async function refreshTunnels() {
   }
   if (!clientsCache.length) await refreshClients();
   if (!extraFields.length) await loadTunnelFields();
+  await refreshCertificates();
+}
+async function refreshCertificates() {
+  const certs = await api("GET", "/api/v1/certificates");
+  $("certs-card").hidden = !certs.length;
+  $("certs-table").tBodies[0].innerHTML = certs.map(c => {
+    const until = c.not_after ? sinceText(c.not_after) : '<span class="muted">pending</span>';
+    const error = c.last_error ? `<span class="error">${esc(c.last_error)}</span>` : "";
+    return `<tr data-domain="${esc(c.domain)}"><td>${esc(c.domain)}</td><td>${esc(c.source)}</td><td class="until">${until}</td>` +
+      `<td>${esc(c.issuer || "")}</td><td>${error}</td></tr>`;
+  }).join("");
 }
 $("tunnels-table").addEventListener("click", async (e) => {
   const b = e.target.closest("button[data-act]"); if (!b) return;
@@ -175,6 +186,10 @@ async function loadTunnelFields() {
       const options = ["", ...f.choices].map(c => `<option value="${esc(c)}">${esc(c || "(none)")}</option>`).join("");
       return `${label}<select data-field="${esc(f.name)}" data-type="str" title="${esc(f.label)}">${options}</select></label>`;
     }
+    if (f.type === "bool") {
+      return `<label data-kinds="${esc(f.kinds.join(" "))}" class="check"><input data-field="${esc(f.name)}" ` +
+        `data-type="bool" type="checkbox" title="${esc(f.label)}">${esc(f.name)}</label>`;
+    }
     const type = f.secret ? "password" : f.type === "int" && f.name !== "bandwidth_limit" ? "number" : "text";
     const hint = f.type === "list" ? " (comma-separated)" : "";
     return `${label}<input data-field="${esc(f.name)}" ` +
@@ -200,15 +215,17 @@ $("add-tunnel").addEventListener("submit", async (e) => {
     const d = $("tunnel-domain").value.trim(); if (d.includes(".")) body.custom_domains = [d]; else body.subdomain = d;
   }
   for (const input of $("tunnel-extra").querySelectorAll("[data-field]")) {
-    const v = input.value.trim();
-    if (!v || input.closest("label").hidden) continue;
     const type = input.dataset.type;
+    if (input.closest("label").hidden) continue;
+    if (type === "bool") { if (input.checked) body[input.dataset.field] = true; continue; }
+    const v = input.value.trim();
+    if (!v) continue;
     body[input.dataset.field] = type === "list" ? v.split(",").map(x => x.trim()).filter(Boolean)
       : type === "int" && /^\d+$/.test(v) ? Number(v) : v;
   }
   try {
     await api("POST", "/api/v1/tunnels", body); $("tunnel-error").textContent = ""; $("tunnel-name").value = "";
-    for (const input of $("tunnel-extra").querySelectorAll("[data-field]")) input.value = "";
+    for (const input of $("tunnel-extra").querySelectorAll("[data-field]")) { input.value = ""; input.checked = false; }
   }
   catch (err) { $("tunnel-error").textContent = err.message; }
   refresh();
