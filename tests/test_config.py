@@ -36,6 +36,18 @@ def test_examples_load_and_document_every_key() -> None:
         ('allow_ports = "7000-6000"\n[auth]\ntoken="t"', "allow_ports", "low <= high"),
         ('[auth]\ntoken="t"\n[tls]\ncert_file="a.pem"', "tls.key_file", "together"),
         ("[auth]\ntokn='x'", "auth.tokn", "unknown key"),
+        ('[auth]\ntoken="t"\n[acme]\nenable=true', "acme.challenge", "tls-alpn-01 is answered on vhost_https_port"),
+        (
+            'vhost_https_port=8443\n[auth]\ntoken="t"\n[acme]\nenable=true\nchallenge="http-01"',
+            "acme.challenge",
+            "http-01 is answered on vhost_http_port, which is 0",
+        ),
+        ('[auth]\ntoken="t"\n[acme]\nchallenge="dns-01"', "acme.challenge", "must be one of"),
+        (
+            '[auth]\ntoken="t"\n[[certificates]]\ncert_file="nope.pem"\nkey_file="nope.key"',
+            "certificates[0].cert_file",
+            "no such file",
+        ),
     ],
 )
 def test_server_errors_name_the_key(tmp_path: Path, text: str, key: str, reason: str) -> None:
