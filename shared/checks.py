@@ -125,3 +125,29 @@ def check_each(check: Callable[[str], str], max_len: int) -> Callable[[list[str]
         return [check(item) for item in values]
 
     return checked
+
+
+def split_host_port(value: str, default_port: int) -> tuple[str, int]:
+    """``"host"``, ``"host:port"`` or ``"[v6]:port"`` -> (host, port); ValueError when malformed."""
+    text = value.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{value!r} is not host or host:port")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    check_host(host)
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r}: the port must be 1-65535")
+    return host, int(port_text)
+
+
+def check_address(value: str) -> str:
+    """``"host"`` or ``"host:port"`` (the port defaults elsewhere)."""
+    split_host_port(value, 1)
+    return value

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from shared.checks import (
+    check_address,
     check_domain,
     check_host,
     check_name,
@@ -155,9 +156,25 @@ def _bad_url(value: str) -> str:
 
 
 @dataclass(kw_only=True)
+class StoreConfig(Table):
+    """``[store]``: where relayd keeps clients, tunnels and traffic.  No url: the embedded SQLite
+    file in ``state_dir``; ``postgresql://...``: a PostgreSQL database several nodes share."""
+
+    url: str = key("", max_len=2048, check=lambda v: v if not v or v.startswith(("postgresql://", "postgres://"))
+                   else _bad_store_url(v))  # fmt: skip
+
+
+def _bad_store_url(value: str) -> str:
+    raise ValueError(f"{value[:40]!r}... is not a postgresql:// URL (leave url out for the embedded SQLite)")
+
+
+@dataclass(kw_only=True)
 class ServerConfig(Table):
     bind_addr: str = key("127.0.0.1")
     bind_port: int = key(7000, ge=0, le=65535)
+    # where relayc reaches this node, "host" or "host:port" (default: bind_addr and bind_port); in
+    # a cluster, what the other nodes tell relayc about this one
+    public_addr: str = key("", max_len=300, check=lambda v: check_address(v) if v else v)
     proxy_bind_addr: str = key("")
     state_dir: str = key("relayd-state")
     allow_ports: str = key("1024-65535", check=check_port_ranges)
@@ -174,6 +191,7 @@ class ServerConfig(Table):
     limits: ServerLimits = key(factory=ServerLimits)
     dashboard: DashboardConfig | None = key(None)  # on when the [dashboard] table is present
     acme: AcmeConfig = key(factory=AcmeConfig)
+    store: StoreConfig = key(factory=StoreConfig)
     certificates: list[CertificateFiles] = key([])
 
     @property
@@ -183,6 +201,15 @@ class ServerConfig(Table):
     @property
     def public_bind_addr(self) -> str:
         return self.proxy_bind_addr or self.bind_addr
+
+    def public_address(self, bound_port: int = 0) -> str:
+        """``host:port`` where relayc reaches this node (``public_addr``, else bind_addr and the
+        port bound)."""
+        from shared.checks import split_host_port
+
+        host, port = split_host_port(self.public_addr, bound_port or self.bind_port) if self.public_addr else \
+            (self.bind_addr, bound_port or self.bind_port)  # fmt: skip
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- relayc -------------------------------------------------------------------------------------

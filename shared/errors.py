@@ -98,6 +98,10 @@ class TunnelRefused(RelayError):
         self.reason = reason
 
 
+class StoreUnavailable(RelayError):
+    """The shared database cannot be reached now: changes are refused until it is back."""
+
+
 class NotFound(RelayError):
     """A command named a client or tunnel that does not exist."""
 

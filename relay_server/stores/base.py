@@ -79,6 +79,17 @@ class TrafficDelta:
 class ChangeKind(str, enum.Enum):
     CLIENT = "client"  # a dashboard client was created, changed or deleted
     TUNNEL = "tunnel"  # a dashboard tunnel was defined, changed or deleted
+    ALL = "all"  # changes may have been missed (the feed was down): read everything again
+
+
+@dataclass(frozen=True)
+class Member:
+    """A relayd node of a cluster sharing one database: where its clients reach it."""
+
+    addr: str  # public_addr, "host:port"
+    fingerprint: str  # its TLS certificate's SHA-256 ("" without TLS)
+    started: float
+    heartbeat: float
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,10 @@ ChangeListener = Callable[[Change], None]
 
 
 class Store(abc.ABC):
-    """The async interface every store implements (``stores.sqlite`` is the embedded default)."""
+    """The async interface every store implements (``stores.sqlite`` is the embedded default,
+    ``stores.postgres`` the one several nodes share)."""
+
+    shared = False  # several relayd nodes use it (a cluster)
 
     def __init__(self) -> None:
         self._listeners: list[ChangeListener] = []
@@ -187,3 +201,24 @@ class Store(abc.ABC):
     ) -> tuple[int, list[tuple[int, int, int]]]:
         """(step, [(bucket start, bytes_in, bytes_out), ...]) from ``since``: per-minute buckets
         when ``since`` is within MINUTE_KEEP, hourly ones otherwise; "" matches every name."""
+
+    # --- the cluster (a store only one node uses has no other members) -------------------------
+
+    async def heartbeat(self, addr: str, fingerprint: str, started: float) -> None:  # noqa: B027
+        """Say this node (at ``addr``) is alive."""
+
+    async def members(self, max_age: float) -> list[Member]:
+        """The nodes whose heartbeat is younger than ``max_age`` seconds."""
+        return []
+
+    async def leave(self, addr: str) -> None:  # noqa: B027
+        """This node stops (its member entry goes)."""
+
+    async def choose_port(self, client: str, tunnel: str, transport: str, port: int) -> int:
+        """The port of a ``remote_port = 0`` tunnel, chosen once for all nodes: ``port`` if no node
+        chose one before, else the one chosen."""
+        return port
+
+    async def chosen_port(self, client: str, tunnel: str, transport: str) -> int:
+        """The port chosen before for that tunnel by any node (0: none yet)."""
+        return 0
