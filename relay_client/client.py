@@ -33,11 +33,13 @@ from relay_client.visitor import VisitorPorts
 from shared import __version__, auth
 from shared.aio import ControlChannel, MuxConnection, StreamHandler
 from shared.burst import BurstLog
+from shared.checks import split_host_port
 from shared.config import ClientConfig, TargetPolicy, resolve_path
 from shared.errors import AuthError, RelayError, RemoteProtocolError, TrustError
 from shared.frames import GoAwayCode, go_away_name
 from shared.messages import (
     Challenge,
+    ClusterMembers,
     Hello,
     Login,
     LoginFailed,
@@ -122,8 +124,9 @@ class KnownServers:
 class _ClientSession:
     """One attempt: a connection from TLS handshake to close."""
 
-    def __init__(self, relayc: Relayc) -> None:
+    def __init__(self, relayc: Relayc, link: NodeLink) -> None:
         self.relayc = relayc
+        self.link = link
         self.messages: asyncio.Queue[Any] = asyncio.Queue()
         self.control: ControlChannel | None = None
         self.logged_in = False
@@ -162,33 +165,27 @@ class _ClientSession:
         return message
 
 
-class Relayc:
-    def __init__(self, config: ClientConfig, config_path: str | Path) -> None:
-        self.config = config
-        self.config_path = Path(config_path)
-        self.tunnels: dict[str, TunnelSpec] = {t.name: t for t in config.tunnels}
-        self.pushed: set[str] = set()  # names of tunnels relayd pushed (sent again after each login)
-        self.targets = TargetPolicy(config.allow_targets)
-        self.burst_log = BurstLog(log)
-        self.known = KnownServers(resolve_path(config_path, KNOWN_SERVERS_FILE))
-        self.server_key = f"{config.server_addr}:{config.server_port}"
+class NodeLink:
+    """One relayd node: its own session loop (connect, verify, log in, register every tunnel,
+    serve; reconnect with backoff).  A single relayd is one link; a cluster is one link per node.
+    ``pin``: the fingerprint a cluster's member list gave for a node relayc learned of."""
+
+    def __init__(self, relayc: Relayc, host: str, port: int, pin: str = "", learned: bool = False) -> None:
+        self.relayc = relayc
+        self.host = host
+        self.port = port
+        self.pin = pin
+        self.learned = learned
+        self.server_key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.pushed: set[str] = set()  # tunnels this node pushed (sent again after each login)
+        self.current: _ClientSession | None = None
         self._stopping = False
         self._stop_event = asyncio.Event()
-        self._current: _ClientSession | None = None
-        self.connected = asyncio.Event()
-        self.health = HealthChecks(self)
-        self.visitor_ports = VisitorPorts(config.visitors, self.current_visit_target, config.name)
-
-    def tunnel_spec(self, name: str) -> TunnelSpec | None:
-        spec = self.tunnels.get(name)
-        if spec is not None and name in self.pushed and not self.targets.allows(spec.local_ip, spec.local_port):
-            return None  # checked at push time already; checked again right before any dial
-        return spec
+        self.task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         """Connect and serve forever, reconnecting with backoff after any failure."""
         backoff = ReconnectDelay()
-        await self.visitor_ports.start()
         while not self._stopping:
             error: BaseException | None = None
             try:
@@ -205,14 +202,14 @@ class Relayc:
                     log.warning("cannot connect to relayd at %s: %s", self.server_key, message)
             except Exception:
                 served = False
-                log.exception("unexpected error in the session with relayd; reconnecting")
+                log.exception("unexpected error in the session with relayd at %s; reconnecting", self.server_key)
             if self._stopping:
                 break
             delay = backoff.next(served, error) * random.uniform(0.8, 1.2)
             if isinstance(error, AuthError) and error.code:
                 log.warning("relayd refused the login (%s): reconnecting in %.0f s", error.code, delay)
             else:
-                log.info("reconnecting in %.1f s", delay)
+                log.info("reconnecting in %.1f s (relayd at %s)", delay, self.server_key)
             try:
                 await asyncio.wait_for(self._stop_event.wait(), delay)
             except asyncio.TimeoutError:
@@ -221,20 +218,20 @@ class Relayc:
     async def open_session(self, role: str = "") -> _ClientSession:
         """Connect, verify relayd and log in (``role="visitor"``: a visitor-only session, which
         registers nothing and never conflicts with this client's own session)."""
-        cfg = self.config
+        cfg = self.relayc.config
         loop = asyncio.get_running_loop()
-        session = _ClientSession(self)
+        session = _ClientSession(self.relayc, self)
         ssl_ctx: ssl.SSLContext | None = None
         server_hostname: str | None = None
         if cfg.tls.enable:
-            ca_file = str(resolve_path(self.config_path, cfg.tls.ca_file)) if cfg.tls.ca_file else ""
+            ca_file = str(resolve_path(self.relayc.config_path, cfg.tls.ca_file)) if cfg.tls.ca_file else ""
             ssl_ctx = client_context(cfg.tls.server_name, ca_file)
-            server_hostname = cfg.tls.server_name or cfg.server_addr
+            server_hostname = cfg.tls.server_name or self.host
         await asyncio.wait_for(
             loop.create_connection(
                 lambda: session.mux,
-                cfg.server_addr,
-                cfg.server_port,
+                self.host,
+                self.port,
                 ssl=ssl_ctx,
                 server_hostname=server_hostname,
                 ssl_handshake_timeout=STEP_TIMEOUT if ssl_ctx else None,
@@ -251,37 +248,34 @@ class Relayc:
 
     async def run_once(self) -> bool:
         """One session.  Returns True if it logged in (so the backoff starts over)."""
+        relayc = self.relayc
         session = await self.open_session()
-        self._current = session
-        for name in self.pushed:
-            self.tunnels.pop(name, None)
-        self.pushed.clear()
+        self.current = session
+        relayc.unpush_all(self)
         try:
-            self.connected.set()
-            for spec in list(self.tunnels.values()):
+            relayc.link_up(self)
+            for spec in list(relayc.own_tunnels.values()):
                 session.control.send(TunnelAdd(tunnel=spec))  # type: ignore[union-attr]
-            self.health.start(session)
+            relayc.health.report_to(session)
             while True:
                 message = await session.next_message(timeout=None)
                 self._on_message(message)
         except RelayError as exc:
-            log.warning("session with relayd ended: %s", exc)
+            log.warning("session with relayd at %s ended: %s", self.server_key, exc)
             return True
         finally:
-            self.health.stop()
-            self.connected.clear()
-            self._current = None
+            self.current = None
+            relayc.link_down(self)
             session.mux.close()
 
-    def current_visit_target(self) -> tuple[MuxConnection, str] | None:
-        """The logged-in session's mux and relayd's fingerprint, for a visit (None: not connected)."""
-        session = self._current
-        if session is None or not session.logged_in or not session.mux.is_open:
-            return None
-        return session.mux, session.fingerprint
+    @property
+    def logged_in(self) -> bool:
+        session = self.current
+        return session is not None and session.logged_in and session.mux.is_open
 
     def _verify_server(self, mux: MuxConnection) -> str:
-        cfg = self.config
+        relayc = self.relayc
+        cfg = relayc.config
         if not cfg.tls.enable:
             log.warning("TLS is disabled (tls.enable = false): relayd is not verified and traffic is readable")
             return ""
@@ -293,28 +287,32 @@ class Relayc:
         fingerprint = fingerprint_of_der(der)
         if cfg.tls.server_name:
             return fingerprint  # chain and name were verified by the TLS handshake
-        if cfg.tls.server_fingerprint:
-            if fingerprint != cfg.tls.server_fingerprint:
+        pins = [self.pin] if self.pin else cfg.tls.server_fingerprint
+        if pins:
+            if fingerprint not in pins:
+                source = f"the cluster's member list ({self.pin})" if self.pin else \
+                    f"tls.server_fingerprint {', '.join(pins)} in {relayc.config_path}"  # fmt: skip
                 raise TrustError(
                     f"relayd at {self.server_key} presented certificate {fingerprint}, which does not match "
-                    f"tls.server_fingerprint {cfg.tls.server_fingerprint} in {self.config_path}: refusing to log in. "
+                    f"{source}: refusing to log in. "
                     "If relayd's certificate was replaced on purpose, set tls.server_fingerprint to the "
                     "fingerprint relayd logs at start."
                 )
             return fingerprint
-        known = self.known.get(self.server_key)
+        known = relayc.known.get(self.server_key)
         if known is not None and known != fingerprint:
             raise TrustError(
                 f"the certificate of relayd at {self.server_key} CHANGED: it is now {fingerprint}, but {known} "
-                f"is remembered in {self.known.path}: refusing to log in (someone may be intercepting). "
+                f"is remembered in {relayc.known.path}: refusing to log in (someone may be intercepting). "
                 f"If relayd's certificate was regenerated on purpose, compare with the fingerprint relayd logs "
-                f"at start, then delete the line for {self.server_key} from {self.known.path} or set "
+                f"at start, then delete the line for {self.server_key} from {relayc.known.path} or set "
                 "tls.server_fingerprint."
             )
         return fingerprint
 
     async def _login(self, session: _ClientSession, fingerprint: str, role: str = "") -> None:
-        cfg = self.config
+        relayc = self.relayc
+        cfg = relayc.config
         mux = session.mux
         control = ControlChannel(mux, session.on_message, lambda: mux.close())
         session.control = control
@@ -330,9 +328,9 @@ class Relayc:
         answer = await session.next_message()
         if isinstance(answer, LoginFailed):
             if answer.code == LoginRefusal.NAME_IN_USE.value:
-                hint = f"another relayc runs as {cfg.name!r}; set a unique name in {self.config_path}"
+                hint = f"another relayc runs as {cfg.name!r}; set a unique name in {relayc.config_path}"
             elif answer.code == LoginRefusal.BAD_NAME.value:
-                hint = f"check name in {self.config_path}"
+                hint = f"check name in {relayc.config_path}"
             else:
                 hint = "check auth.token against relayd.toml"
             raise AuthError(
@@ -344,51 +342,168 @@ class Relayc:
             raise RemoteProtocolError(f"expected login_ok from relayd, got {answer.type}")
         if not auth.proofs_equal(answer.proof, auth.server_proof(cfg.auth.token, *args)):
             raise TrustError(f"relayd at {self.server_key} accepted the login but could not prove it knows the token")
-        if cfg.tls.enable and not cfg.tls.server_name and not cfg.tls.server_fingerprint:
-            if self.known.get(self.server_key) is None:
-                self.known.remember(self.server_key, fingerprint)
+        if cfg.tls.enable and not cfg.tls.server_name and not cfg.tls.server_fingerprint and not self.pin:
+            if relayc.known.get(self.server_key) is None:
+                relayc.known.remember(self.server_key, fingerprint)
                 log.warning(
                     "trusting relayd at %s on first use: %s (remembered in %s)",
                     self.server_key,
                     fingerprint,
-                    self.known.path,
+                    relayc.known.path,
                 )
         session.logged_in = True
         log.info("logged in to relayd %s at %s as %r", answer.version or "?", self.server_key, cfg.name)
+        if answer.members and not role:
+            relayc.cluster_members(self, answer.members)
 
     def _on_message(self, message: Message) -> None:
+        relayc = self.relayc
         if isinstance(message, TunnelPush):
-            self._on_push(message.tunnel)
+            relayc.on_push(self, message.tunnel)
             return
         if isinstance(message, TunnelRemove):
-            if message.name in self.pushed:
-                self.pushed.discard(message.name)
-                self.tunnels.pop(message.name, None)
-                log.info("tunnel %s: removed by relayd", message.name)
+            relayc.unpush(self, message.name)
+            return
+        if isinstance(message, ClusterMembers):
+            relayc.cluster_members(self, message.members)
             return
         if isinstance(message, TunnelStatus):
-            spec = self.tunnels.get(message.name)
+            spec = relayc.tunnel_spec(message.name)
+            where = f" (relayd at {self.server_key})" if len(relayc.links) > 1 else ""
             if message.ok:
                 target = f"{spec.local_ip}:{spec.local_port}" if spec else "?"
                 if message.url:
-                    log.info("tunnel %s: %s -> %s", message.name, message.url, target)
+                    log.info("tunnel %s: %s -> %s%s", message.name, message.url, target, where)
                 else:
-                    log.info("tunnel %s: relayd port %d -> %s", message.name, message.remote_port, target)
+                    log.info("tunnel %s: relayd port %d -> %s%s", message.name, message.remote_port, target, where)
             else:
-                log.error("tunnel %s refused by relayd: %s", message.name, message.error)
+                log.error("tunnel %s refused by relayd: %s%s", message.name, message.error, where)
         else:
             raise RemoteProtocolError(f"unexpected {message.type} message from relayd")
 
-    def _on_push(self, spec: TunnelSpec | InvalidTunnel) -> None:
+    def stop(self) -> None:
+        """Stop reconnecting; tell relayd we go away and close the current session."""
+        self._stopping = True
+        self._stop_event.set()
+        if self.current is not None:
+            self.current.mux.close(GoAwayCode.NORMAL)
+
+
+class Relayc:
+    """One relayc: its tunnels, its visitors and health checks, and a ``NodeLink`` per relayd node
+    (``server_addr``, plus the nodes a cluster's member list names)."""
+
+    def __init__(self, config: ClientConfig, config_path: str | Path) -> None:
+        self.config = config
+        self.config_path = Path(config_path)
+        self.own_tunnels: dict[str, TunnelSpec] = {t.name: t for t in config.tunnels}
+        self.pushed_specs: dict[str, TunnelSpec] = {}  # tunnels some node pushed, by name
+        self.targets = TargetPolicy(config.allow_targets)
+        self.burst_log = BurstLog(log)
+        self.known = KnownServers(resolve_path(config_path, KNOWN_SERVERS_FILE))
+        self.links: dict[str, NodeLink] = {}
+        for address in config.server_addr:
+            host, port = split_host_port(address, config.server_port)
+            link = NodeLink(self, host, port)
+            self.links.setdefault(link.server_key, link)
+        self.server_key = next(iter(self.links))  # the first configured node (for messages)
+        self._stopping = False
+        self.connected = asyncio.Event()  # some link is logged in
+        self.health = HealthChecks(self)
+        self.visitor_ports = VisitorPorts(config.visitors, self.current_visit_target, config.name)
+
+    @property
+    def tunnels(self) -> dict[str, TunnelSpec]:
+        """Every tunnel this relayc serves: its own and those pushed (and still pushed) by relayd."""
+        return {**self.pushed_specs, **self.own_tunnels}
+
+    def tunnel_spec(self, name: str) -> TunnelSpec | None:
+        spec = self.own_tunnels.get(name)
+        if spec is not None:
+            return spec
+        spec = self.pushed_specs.get(name)
+        if spec is not None and not self.targets.allows(spec.local_ip, spec.local_port):
+            return None  # checked at push time already; checked again right before any dial
+        return spec
+
+    async def run(self) -> None:
+        """Serve through every node forever."""
+        await self.visitor_ports.start()
+        for link in list(self.links.values()):
+            self._start(link)
+        while not self._stopping:
+            tasks = [link.task for link in self.links.values() if link.task is not None]
+            if not tasks:
+                return
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for key, link in list(self.links.items()):
+                if link.task is not None and link.task.done() and link.learned:
+                    del self.links[key]
+
+    def _start(self, link: NodeLink) -> None:
+        link.task = asyncio.get_running_loop().create_task(link.run())
+
+    async def open_session(self, role: str = "") -> _ClientSession:
+        """A session with the first configured node (``relayc connect``)."""
+        return await self.links[self.server_key].open_session(role)
+
+    def link_up(self, link: NodeLink) -> None:
+        self.connected.set()
+
+    def link_down(self, link: NodeLink) -> None:
+        if not any(other.logged_in for other in self.links.values() if other is not link):
+            self.connected.clear()
+
+    def logged_in_sessions(self) -> list[_ClientSession]:
+        return [link.current for link in self.links.values() if link.current is not None and link.logged_in]
+
+    def current_visit_target(self) -> tuple[MuxConnection, str] | None:
+        """A logged-in session's mux and relayd's fingerprint, for a visit (None: not connected)."""
+        for session in self.logged_in_sessions():
+            return session.mux, session.fingerprint
+        return None
+
+    # --- the cluster ----------------------------------------------------------------------------
+
+    def cluster_members(self, via: NodeLink, members: tuple[str, ...] | list[str]) -> None:
+        """A node's list of the cluster's live nodes ("host:port sha256:..."): keep a session with
+        each (trusting each certificate because a verified node named it); stop those relayc
+        learned of that are not listed any more (configured ones are kept, retried)."""
+        listed: dict[str, tuple[str, int, str]] = {}
+        for entry in members:
+            address, _, fingerprint = entry.partition(" ")
+            try:
+                host, port = split_host_port(address, self.config.server_port)
+            except ValueError:
+                log.warning("relayd at %s listed a malformed member %r; ignored", via.server_key, entry[:100])
+                continue
+            key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            listed[key] = (host, port, fingerprint)
+        if self._stopping:
+            return
+        for key, (host, port, fingerprint) in listed.items():
+            if key not in self.links:
+                log.info("cluster: relayd at %s told of node %s (%s); connecting", via.server_key, key, fingerprint)
+                link = self.links[key] = NodeLink(self, host, port, pin=fingerprint, learned=True)
+                self._start(link)
+        for key, link in list(self.links.items()):
+            if link.learned and key not in listed and link is not via:
+                log.info("cluster: node %s left the cluster; closing its session", key)
+                link.stop()
+
+    # --- pushed tunnels -------------------------------------------------------------------------
+
+    def on_push(self, link: NodeLink, spec: TunnelSpec | InvalidTunnel) -> None:
         """A tunnel defined on relayd: dial targets outside allow_targets are refused before any dial."""
-        control = self._current.control if self._current else None
+        session = link.current
+        control = session.control if session else None
         if control is None:
             return
         if isinstance(spec, InvalidTunnel):  # from a relayd with other rules than ours
             log.warning("tunnel %s pushed by relayd refused: %s", spec.name, spec.problem)
             control.send(TunnelPushRefused(name=spec.name, error=spec.problem))
             return
-        if spec.name in self.tunnels and spec.name not in self.pushed:
+        if spec.name in self.own_tunnels:
             reason = f"a tunnel named {spec.name!r} is already defined in {self.config_path.name}"
         elif not self.targets.allows(spec.local_ip, spec.local_port):
             reason = (f"target {spec.local_ip}:{spec.local_port} is not in allow_targets of "
@@ -399,14 +514,28 @@ class Relayc:
             log.warning("tunnel %s pushed by relayd refused: %s", spec.name, reason)
             control.send(TunnelPushRefused(name=spec.name, error=reason))
             return
-        self.tunnels[spec.name] = spec
-        self.pushed.add(spec.name)
+        self.pushed_specs[spec.name] = spec
+        link.pushed.add(spec.name)
         control.send(TunnelAdd(tunnel=spec))
 
+    def unpush(self, link: NodeLink, name: str) -> None:
+        if name in link.pushed:
+            link.pushed.discard(name)
+            if not any(name in other.pushed for other in self.links.values()):
+                self.pushed_specs.pop(name, None)
+            log.info("tunnel %s: removed by relayd", name)
+
+    def unpush_all(self, link: NodeLink) -> None:
+        """A node's session starts over: what it pushed will be pushed again."""
+        for name in list(link.pushed):
+            link.pushed.discard(name)
+            if not any(name in other.pushed for other in self.links.values()):
+                self.pushed_specs.pop(name, None)
+
     def stop(self) -> None:
-        """Stop reconnecting; tell relayd we go away and close the current session."""
+        """Stop reconnecting; tell every relayd we go away and close the sessions."""
         self._stopping = True
-        self._stop_event.set()
         self.visitor_ports.close()
-        if self._current is not None:
-            self._current.mux.close(GoAwayCode.NORMAL)
+        self.health.stop()
+        for link in self.links.values():
+            link.stop()

@@ -4,7 +4,7 @@
 line below 500.  A probe runs every ``health_check_interval`` seconds, at most one at a time per
 tunnel, and fails when it takes over ``health_check_timeout``.  The service is *down* after
 ``health_check_max_failures`` failures in a row and *up* after one success; relayc tells relayd
-(``tunnel_health``) only when that verdict changes (and the first verdict of each session), and
+(``tunnel_health``) only when that verdict changes (every session is told the verdicts known when it logs in), and
 relayd takes a down member out of its group and shows the tunnel as "service down".
 """
 
@@ -56,29 +56,33 @@ async def _probe(spec: TunnelSpec) -> str:
 
 
 class _State:
-    __slots__ = ("due", "failures", "reported", "running")
+    __slots__ = ("due", "error", "failures", "reported", "running")
 
     def __init__(self, due: float) -> None:
         self.due = due
         self.failures = 0
-        self.reported: bool | None = None  # the verdict relayd was told this session
+        self.reported: bool | None = None  # the verdict relayd was told
+        self.error = ""
         self.running = False
 
 
 class HealthChecks:
-    """The probes of one relayc, for the tunnels of the current session."""
+    """The probes of one relayc, for its tunnels; verdicts go to every relayd session (a cluster
+    has one per node), and a session that starts is told the verdicts known so far."""
 
     def __init__(self, relayc: Relayc) -> None:
         self.relayc = relayc
-        self.session: _ClientSession | None = None
         self.states: dict[str, _State] = {}
         self._task: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[Any]] = set()
 
-    def start(self, session: _ClientSession) -> None:
-        self.stop()
-        self.session = session
-        self._task = asyncio.get_running_loop().create_task(self._run())
+    def report_to(self, session: _ClientSession) -> None:
+        """A session logged in: tell it the verdicts known, and make sure probes run."""
+        for name, state in self.states.items():
+            if state.reported is not None and session.control is not None:
+                session.control.send(TunnelHealth(name=name, healthy=state.reported, error=state.error[:1024]))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
     def stop(self) -> None:
         if self._task is not None:
@@ -87,7 +91,6 @@ class HealthChecks:
         for task in list(self._probes):
             task.cancel()
         self.states.clear()
-        self.session = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -122,11 +125,11 @@ class HealthChecks:
         healthy = not error
         if state.reported is healthy:
             return
-        state.reported = healthy
+        state.reported, state.error = healthy, error
         if healthy:
             log.info("tunnel %s: local service %s:%d is up", name, spec.local_ip, spec.local_port)
         else:
             log.warning("tunnel %s: local service %s:%d is down: %s", name, spec.local_ip, spec.local_port, error)
-        session = self.session
-        if session is not None and session.control is not None:
-            session.control.send(TunnelHealth(name=name, healthy=healthy, error=error[:1024]))
+        for session in self.relayc.logged_in_sessions():
+            if session.control is not None:
+                session.control.send(TunnelHealth(name=name, healthy=healthy, error=error[:1024]))

@@ -21,15 +21,20 @@ from relay_server.frontends.udp import UdpFrontend
 from relay_server.guard import BlockScope, LoginGuard
 from relay_server.listener import ControlListener
 from relay_server.registry import Registry, TunnelOpened
+from relay_server.stores.base import Store
+from relay_server.stores.postgres import PostgresStore
 from relay_server.stores.sqlite import SqliteStore
 from shared.aio import LoopLagMonitor, run
 from shared.burst import BurstLog
 from shared.cli import base_parser, install_stop_handlers, load_or_exit, raise_fd_limit, setup_logging, tune_malloc
 from shared.config import ServerConfig, resolve_path
-from shared.errors import ConfigError
+from shared.errors import ConfigError, StoreUnavailable
+from shared.messages import ClusterMembers
 from shared.tunnel import TunnelKind
 
 log = logging.getLogger("relayd")
+HEARTBEAT_EVERY = 3.0  # seconds between a cluster node's heartbeats
+MEMBER_MAX_AGE = 10.0  # a node whose heartbeat is older is not a live member
 
 
 class Relayd:
@@ -43,7 +48,10 @@ class Relayd:
         self.state_dir = resolve_path(config_path, config.state_dir)
         self.burst_log = BurstLog(log)
         self.loop_lag = LoopLagMonitor()
-        self.store = SqliteStore(self.state_dir / "relayd.db")
+        self.store: Store = PostgresStore(config.store.url) if config.store.url else \
+            SqliteStore(self.state_dir / "relayd.db")  # fmt: skip
+        self.started = time.time()
+        self._heartbeat_task: asyncio.Task[None] | None = None
         a = config.auth
         guard = LoginGuard(BlockScope.RELAYC, window=a.failure_window, block_after=a.block_after_failures,
                            block_seconds=a.block_seconds)  # fmt: skip
@@ -106,7 +114,36 @@ class Relayd:
                                        self.config_path)  # fmt: skip
             await self.dashboard.start()
         self._traffic_task = asyncio.get_running_loop().create_task(self.registry.record_traffic_forever())
+        if self.store.shared:
+            await self.heartbeat()
+            self._heartbeat_task = asyncio.get_running_loop().create_task(self.heartbeat_forever())
         self.loop_lag.start()
+
+    @property
+    def public_address(self) -> str:
+        return self.config.public_address(self.listener.port)
+
+    async def heartbeat(self) -> None:
+        """Say this node is alive; learn which others are (for relayc's login answer)."""
+        try:
+            await self.store.heartbeat(self.public_address, self.listener.fingerprint, self.started)
+            members = await self.store.members(MEMBER_MAX_AGE)
+        except StoreUnavailable as exc:
+            log.warning("cluster: %s (members as last known: %d)", exc, len(self.registry.members))
+            return
+        before = {(m.addr, m.fingerprint) for m in self.registry.members}
+        self.registry.members = members
+        if {(m.addr, m.fingerprint) for m in members} != before:
+            log.info("cluster: %d live nodes: %s", len(members), ", ".join(m.addr for m in members))
+            message = ClusterMembers(members=tuple(f"{m.addr} {m.fingerprint}" for m in members[:64]))
+            for session in list(self.registry.sessions.values()):
+                if session.ready:
+                    session.send(message)
+
+    async def heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_EVERY)
+            await self.heartbeat()
 
     def certificates(self) -> list[dict[str, Any]]:
         """The API's view of the certificates served on vhost_https_port."""
@@ -115,6 +152,12 @@ class Relayd:
 
     async def shutdown(self, grace: float = 5.0) -> None:
         self.listener.stop_accepting()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            try:
+                await self.store.leave(self.public_address)
+            except StoreUnavailable:
+                pass  # its heartbeat ages out instead
         if self.acme is not None:
             await self.acme.stop()
         for frontend in self.registry.frontends.values():

@@ -334,7 +334,8 @@ class ClientSession:
         self.mux.output_limit = 0  # from now on a backed-up connection pauses its reading instead
         self.mux.label = f"client {self.name} ({self.remote_addr})"
         self.cancel_handshake_timer()
-        self.send(LoginOk(proof=proof, version=__version__))
+        members = tuple(f"{m.addr} {m.fingerprint}" for m in self.registry.members[:64])
+        self.send(LoginOk(proof=proof, version=__version__, members=members))
         if self.role:
             log.info("client %s: visitor session from %s (relayc %s)", self.name, self.remote_addr, self.version or "?")
             self.registry.register_visitor(self)

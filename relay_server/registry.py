@@ -42,12 +42,12 @@ from relay_server.claims import DomainClaims, PortClaims, Transport
 from relay_server.frontends.base import Frontend
 from relay_server.groups import same_group
 from relay_server.guard import Block, BlockKind, LoginGuard
-from relay_server.stores.base import Change, ChangeKind, ClientRecord, Store, TrafficDelta, TunnelRecord
+from relay_server.stores.base import Change, ChangeKind, ClientRecord, Member, Store, TrafficDelta, TunnelRecord
 from relay_server.tunnels import PublicTunnel
 from shared.aio import MuxConnection, StreamHandler, TrafficCounters
 from shared.burst import BurstLog
 from shared.config import ServerConfig
-from shared.errors import Conflict, InvalidField, NotFound, TunnelRefusal, TunnelRefused
+from shared.errors import Conflict, InvalidField, NotFound, StoreUnavailable, TunnelRefusal, TunnelRefused
 from shared.frames import GoAwayCode
 from shared.schema import SchemaError, key_path
 from shared.tunnel import TunnelKind, TunnelSpec
@@ -219,6 +219,7 @@ class Registry:
         self._listeners: list[Callable[[Event], None]] = []
         self._refusal_logs: dict[str, int] = {}  # client name -> refusals logged one by one
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.members: list[Member] = []  # the cluster's live nodes (the store's, refreshed by the heartbeat)
 
     # --- wiring ---------------------------------------------------------------------------------
 
@@ -367,6 +368,7 @@ class Registry:
             # a dashboard tunnel relayd removed (disabled, deleted) while this add was on its way
             raise TunnelRefused(TunnelRefusal.NAME_TAKEN, f"tunnel {spec.name!r} is a dashboard tunnel that is not "
                                 "enabled for this client now")  # fmt: skip
+        spec = await self._cluster_port(session.name, spec)
         lasting = self._lasting.get(key)
         known = lasting is not None
         if lasting is None:  # kept only once the tunnel is open: a refused one leaves nothing behind
@@ -375,6 +377,12 @@ class Registry:
         self._went_live(key)
         try:
             tunnel.public = await frontend.claim(tunnel)
+            if self.store.shared and spec.type in (TunnelKind.TCP, TunnelKind.UDP) and not spec.remote_port:
+                chosen = await self.store.choose_port(session.name, spec.name, spec.type.value, tunnel.port)
+                if chosen != tunnel.port:  # another node chose first meanwhile: take that one
+                    frontend.release(tunnel, client_gone=False)
+                    tunnel.spec = dataclasses.replace(spec, remote_port=chosen)
+                    tunnel.public = await frontend.claim(tunnel)
         except BaseException:
             self._went_inactive(key)
             raise
@@ -387,6 +395,18 @@ class Registry:
         session.tunnels[spec.name] = tunnel
         self._emit(TunnelOpened(session.name, spec.name, spec.type, tunnel.public))
         return tunnel
+
+    async def _cluster_port(self, client: str, spec: TunnelSpec) -> TunnelSpec:
+        """In a cluster, a ``remote_port = 0`` tcp/udp tunnel gets the port some node chose for it
+        before (the same on every node); elsewhere ``spec`` as it is."""
+        if not self.store.shared or spec.type not in (TunnelKind.TCP, TunnelKind.UDP) or spec.remote_port:
+            return spec
+        try:
+            chosen = await self.store.chosen_port(client, spec.name, spec.type.value)
+        except StoreUnavailable as exc:
+            raise TunnelRefused(TunnelRefusal.CANNOT_LISTEN, f"remote_port = 0 needs the database to agree on a "
+                                f"port with the other nodes: {exc}") from None  # fmt: skip
+        return dataclasses.replace(spec, remote_port=chosen) if chosen else spec
 
     def close_tunnel(self, tunnel: PublicTunnel, client_gone: bool) -> None:
         """Release what the tunnel's frontend holds for it and reset its visitors."""
@@ -605,6 +625,14 @@ class Registry:
 
     async def _apply(self, change: Change) -> None:
         """Make the live state follow what the store now holds for ``change``'s subject."""
+        if change.kind is ChangeKind.ALL:  # changes may have been missed: every subject, again
+            subjects = {*self.clients, *(c.name for c in await self.store.clients())}
+            keys = {*self.defined, *((t.client, t.spec.name) for t in await self.store.tunnels())}
+            for client in sorted(subjects):
+                await self._apply(Change(ChangeKind.CLIENT, client))
+            for client, tunnel in sorted(keys):
+                await self._apply(Change(ChangeKind.TUNNEL, client, tunnel))
+            return
         name = change.client
         if change.kind is ChangeKind.CLIENT:
             record = await self.store.client(name)

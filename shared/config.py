@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 from shared.checks import (
     check_address,
     check_domain,
+    check_each,
     check_host,
     check_name,
     check_printable,
@@ -223,7 +224,10 @@ class ClientAuth(Table):
 @dataclass(kw_only=True)
 class ClientTLS(Table):
     enable: bool = key(True)
-    server_fingerprint: str = key("", check=lambda v: normalize_fingerprint(v) if v else "")
+    # pins: one fingerprint, or a list (a cluster's nodes); nodes learned from the cluster's member
+    # list are trusted through a node verified with these
+    server_fingerprint: list[str] = key([], before=lambda v: ([v] if v else []) if isinstance(v, str) else v,
+                                        max_len=64, check=lambda v: [normalize_fingerprint(f) for f in v])  # fmt: skip
     server_name: str = key("")
     ca_file: str = key("")
 
@@ -291,7 +295,9 @@ class VisitorConfig(Table):
 
 @dataclass(kw_only=True)
 class ClientConfig(Table):
-    server_addr: str = key("127.0.0.1")
+    # one relayd, or several nodes of a cluster: "host" or "host:port" each (server_port by default)
+    server_addr: list[str] = key(["127.0.0.1"], before=lambda v: [v] if isinstance(v, str) else v, max_len=64,
+                                 check=check_each(check_address, 300))  # fmt: skip
     server_port: int = key(7000, ge=1, le=65535)
     name: str = key(factory=socket.gethostname, check=check_name)
     keepalive_timeout: float = key(30.0, ge=1.0, le=600.0)

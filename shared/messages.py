@@ -203,6 +203,10 @@ class LoginOk(_Message):
     type: ClassVar[str] = "login_ok"
     proof: str = _str(64, 64)
     version: str = _str(0, 64, default="")
+    # a cluster's live nodes, "host:port sha256:..." each: relayc keeps a session to every one,
+    # trusting each certificate because this authenticated answer names it
+    members: tuple[str, ...] = _spec(list, default=(), required=False, omit_default=True, max_len=400,
+                                     max_items=64)  # fmt: skip
 
 
 class LoginRefusal(str, enum.Enum):
@@ -286,6 +290,15 @@ class StreamOpen(_Message):
 
 
 @dataclass(frozen=True)
+class ClusterMembers(_Message):
+    """relayd -> relayc: the cluster's live nodes changed ("host:port sha256:..." each, as in
+    ``login_ok.members``)."""
+
+    type: ClassVar[str] = "cluster_members"
+    members: tuple[str, ...] = _spec(list, default=(), required=False, max_len=400, max_items=64)
+
+
+@dataclass(frozen=True)
 class TunnelHealth(_Message):
     """relayc -> relayd: the health check of a tunnel's local service changed its verdict."""
 
@@ -339,6 +352,7 @@ Message = (
     | TunnelRemove
     | StreamOpen
     | TunnelHealth
+    | ClusterMembers
     | VisitOpen
     | VisitResult
 )  # what a decoder returns: one of the messages above
@@ -358,6 +372,7 @@ MESSAGE_CLASSES: Final[dict[str, type[_Message]]] = {
         TunnelRemove,
         StreamOpen,
         TunnelHealth,
+        ClusterMembers,
         VisitOpen,
         VisitResult,
     )

@@ -89,7 +89,19 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
 def test_fingerprint_forms_are_normalized(tmp_path: Path) -> None:
     fp = "AB:" * 31 + "AB"
     cfg = load_config(ClientConfig, write(tmp_path, f'[auth]\ntoken="t"\n[tls]\nserver_fingerprint="SHA256:{fp}"'))
-    assert cfg.tls.server_fingerprint == "sha256:" + "ab" * 32
+    assert cfg.tls.server_fingerprint == ["sha256:" + "ab" * 32]  # one pin, or a list (a cluster)
+    cfg = load_config(
+        ClientConfig,
+        write(
+            tmp_path,
+            f'server_addr = ["a.example", "b.example:7001"]\n[auth]\n'
+            f'token="t"\n[tls]\nserver_fingerprint=["SHA256:{fp}"]',
+        ),
+    )
+    assert cfg.server_addr == ["a.example", "b.example:7001"] and cfg.tls.server_fingerprint == ["sha256:" + "ab" * 32]
+    with pytest.raises(ConfigError) as info:
+        load_config(ClientConfig, write(tmp_path, 'server_addr = ["a.example:99999"]\n[auth]\ntoken="t"'))
+    assert info.value.key == "server_addr"
 
 
 def test_port_ranges() -> None:

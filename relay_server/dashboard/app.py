@@ -52,7 +52,7 @@ from relay_server.passwords import verify_password
 from relay_server.registry import Event, Registry, TunnelRefusedEvent, TunnelState
 from shared.checks import check_name, is_loopback
 from shared.config import resolve_path
-from shared.errors import Conflict, InvalidField, NotFound
+from shared.errors import Conflict, InvalidField, NotFound, StoreUnavailable
 from shared.tunnel import field_list
 
 if TYPE_CHECKING:
@@ -448,6 +448,11 @@ class Dashboard:
         @app.exception_handler(NotFound)
         async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
             return JSONResponse({"detail": str(exc)}, status_code=404)
+
+        @app.exception_handler(StoreUnavailable)
+        async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+            detail = f"{exc}: changes are refused until it is back (running tunnels are not affected)"
+            return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
 
         @app.exception_handler(InvalidField)
         async def _invalid(request: Request, exc: InvalidField) -> JSONResponse:
