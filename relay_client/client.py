@@ -205,6 +205,9 @@ class NodeLink:
                 log.exception("unexpected error in the session with relayd at %s; reconnecting", self.server_key)
             if self._stopping:
                 break
+            if self.learned and self.server_key not in self.relayc.last_members:
+                log.info("cluster: node %s is not a member any more; no more attempts to connect", self.server_key)
+                break
             delay = backoff.next(served, error) * random.uniform(0.8, 1.2)
             if isinstance(error, AuthError) and error.code:
                 log.warning("relayd refused the login (%s): reconnecting in %.0f s", error.code, delay)
@@ -388,6 +391,10 @@ class NodeLink:
         if self.current is not None:
             self.current.mux.close(GoAwayCode.NORMAL)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
 
 class Relayc:
     """One relayc: its tunnels, its visitors and health checks, and a ``NodeLink`` per relayd node
@@ -402,6 +409,7 @@ class Relayc:
         self.burst_log = BurstLog(log)
         self.known = KnownServers(resolve_path(config_path, KNOWN_SERVERS_FILE))
         self.links: dict[str, NodeLink] = {}
+        self.last_members: set[str] = set()  # the nodes the last member list named
         for address in config.server_addr:
             host, port = split_host_port(address, config.server_port)
             link = NodeLink(self, host, port)
@@ -437,7 +445,7 @@ class Relayc:
                 return
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for key, link in list(self.links.items()):
-                if link.task is not None and link.task.done() and link.learned:
+                if link.task is not None and link.task.done() and link.learned and self.links.get(key) is link:
                     del self.links[key]
 
     def _start(self, link: NodeLink) -> None:
@@ -481,14 +489,18 @@ class Relayc:
             listed[key] = (host, port, fingerprint)
         if self._stopping:
             return
+        self.last_members = set(listed)
         for key, (host, port, fingerprint) in listed.items():
-            if key not in self.links:
+            known = self.links.get(key)
+            if known is None or known.stopping:
                 log.info("cluster: relayd at %s told of node %s (%s); connecting", via.server_key, key, fingerprint)
                 link = self.links[key] = NodeLink(self, host, port, pin=fingerprint, learned=True)
                 self._start(link)
         for key, link in list(self.links.items()):
-            if link.learned and key not in listed and link is not via:
-                log.info("cluster: node %s left the cluster; closing its session", key)
+            # a learned node missing from the list goes only if relayc has no live session with it:
+            # a list made while the database was down may miss nodes that are fine
+            if link.learned and key not in listed and not link.logged_in and not link.stopping:
+                log.info("cluster: node %s left the cluster; no more attempts to connect", key)
                 link.stop()
 
     # --- pushed tunnels -------------------------------------------------------------------------

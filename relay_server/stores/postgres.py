@@ -128,7 +128,7 @@ class PostgresStore(Store):
 
         self._loop = asyncio.get_running_loop()
         try:
-            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4, timeout=COMMAND_TIMEOUT,
+            self._pool = await asyncpg.create_pool(self.url, min_size=0, max_size=4, timeout=COMMAND_TIMEOUT,
                                                    command_timeout=COMMAND_TIMEOUT)  # fmt: skip
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"cannot connect to the database at {_safe(self.url)}: {_reason(exc)}") from None
