@@ -6,21 +6,30 @@
 Starts everything itself on 127.0.0.1: iperf3 and a tiny HTTP server as targets, relayd and relayc
 (TLS on, the real commands), and for the baseline a private sshd with throwaway keys plus
 ``ssh -N -R``.  Prints one table; every relay figure is also given as a ratio to ssh -R and to the
-direct path measured in the same run.  Rows 1-4 and 6 are measured in interleaved rounds and the
+direct path measured in the same run.  Rows 1-4, 6 and 7 are measured in interleaved rounds and the
 table gives medians (see ``interleaved``).  A missing tool is reported with its Debian package and
 its row skipped, never faked.
 
 The "bare" column is two bare uvloop forwarders with TLS between them (bench/forwarder.py): no
 multiplexer, no authentication, one TLS connection per visitor.  It is the least a two-process
 Python relay with TLS does per request, so relay/bare near 1 in rows 3 and 6 says the cost left is
-the interpreter, the syscalls and TLS, not relay's layers.  Rows 3, 4 and 6 also give the CPU the
-tunnel's own processes spent per request (from /proc), steadier than requests/s on a busy machine.
+the interpreter, the syscalls and TLS, not relay's layers.  Rows 3, 4, 6 and 7 also give the CPU
+the tunnel's own processes spent per request (from /proc), steadier than requests/s on a busy machine.
 
 The "haproxy" column is the same two-hop shape in C: two haproxy processes (one thread each, tcp
 mode) with verified TLS between them, one TLS connection per visitor.  It is what an event-driven
 C proxy with OpenSSL does on the same machine in the same run, so haproxy/ssh shows which ratios
 to ssh -R are within reach of any user-space TLS relay here.  Like bare, it pays a TLS handshake
 per new connection (row 4) and holds a TLS connection per visitor (row 5 leaves both out).
+
+Row 7 is keep-alive requests over HTTPS by name (``web.bench.test``, a throwaway CA and wildcard
+certificate made in the temporary directory): relayd terminates TLS on its vhost_https_port and
+sends plain HTTP over its multiplexed connection to relayc, which dials the HTTP target; in the
+haproxy column one more haproxy (one thread, mode http, ``http-reuse always``, adding the same
+X-Forwarded-* lines) terminates TLS in front of the same target; direct is plain HTTP to the
+target, as in row 3; ssh -R and bare have no row 7.  Its CPU per request is relayd's + relayc's,
+and that haproxy's: the relay/haproxy column compares them.  bench/https_vhost.py tells how wrk
+is made to send the name (SNI and Host) while connecting to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -47,10 +57,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.https_vhost import WRK_LOOPBACK_LUA, Certificate, haproxy_terminator_config, make_certificate
 from bench.ssh_reverse import SshReverse, wait_port
 from bench.ssh_reverse import available as ssh_available
 
 TOKEN = "bench-token-0123456789abcdef"
+HTTPS_NAME = "web.bench.test"  # row 7: the http tunnel "web" by name over HTTPS (bench/https_vhost.py)
 
 
 def free_port() -> int:
@@ -82,14 +94,21 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def wrk_with_cpu(
-    path: Path_, port: int, seconds: float, close: bool, host: str = "", conns: int = 10
+    path: Path_,
+    port: int,
+    seconds: float,
+    close: bool,
+    host: str = "",
+    conns: int = 10,
+    url: str = "",
+    script: Path | None = None,
 ) -> dict[str, float]:
     """``wrk`` through ``path``, plus the CPU its tunnel processes spent per request (microseconds).
 
     On a shared machine requests/s swing with the neighbours; CPU per request is much steadier, so
     it is the figure to compare across commits."""
     before = cpu_seconds(path.pids)
-    r = wrk(port, seconds, close, host, conns)
+    r = wrk(port, seconds, close, host, conns, url, script)
     spent = cpu_seconds(path.pids) - before
     r["cpu_us"] = spent / (r["rps"] * max(1, int(seconds))) * 1e6 if path.pids and r["rps"] else float("nan")
     return r
@@ -164,8 +183,14 @@ def python_bulk(port: int, seconds: float, reverse: bool, parallel: int = 1) -> 
     return total[0] * 8 / (time.monotonic() - t0) / 1e9
 
 
-def wrk(port: int, seconds: float, close: bool, host: str = "", conns: int = 10) -> dict[str, float]:
-    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{max(1, int(seconds))}s", "--latency", f"http://127.0.0.1:{port}/"]
+def wrk(
+    port: int, seconds: float, close: bool, host: str = "", conns: int = 10, url: str = "", script: Path | None = None
+) -> dict[str, float]:
+    """``url`` replaces ``http://127.0.0.1:port/`` (row 7: an https:// URL with a name, which
+    ``script`` makes wrk connect to 127.0.0.1; see bench/https_vhost.py)."""
+    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{max(1, int(seconds))}s", "--latency", url or f"http://127.0.0.1:{port}/"]
+    if script is not None:
+        cmd[1:1] = ["-s", str(script)]
     if close:
         cmd[1:1] = ["-H", "Connection: close"]
     if host:
@@ -237,6 +262,9 @@ class Bench:
         self.paths: list[Path_] = []
         self.relay = Path_("relay")
         self.vhost_port = 0
+        self.vhost_https_port = 0
+        self.haproxy_https: Path_ | None = None  # row 7: one haproxy terminating TLS (mode http)
+        self._certificate: Certificate | None = None
         self.rss_after_bulk: dict[str, float] = {}
 
     def spawn(self, cmd: list[str], log: str) -> subprocess.Popen[bytes]:
@@ -292,6 +320,14 @@ class Bench:
             path.pids += [a.pid, b.pid]
         self.paths.append(path)
 
+    def certificate(self) -> Certificate:
+        """Row 7's throwaway CA and ``*.bench.test`` certificate, made on first use in the bench's
+        temporary directory (relayd's ``[[certificates]]`` and haproxy's ``ssl crt``)."""
+        if self._certificate is None:
+            self._certificate = make_certificate(self.tmp / "https", ["*.bench.test"])
+            (self.tmp / "https" / "wrk-loopback.lua").write_text(WRK_LOOPBACK_LUA)
+        return self._certificate
+
     def start_haproxy(self) -> None:
         """Two haproxy processes per target with verified TLS between them: the C counterpart of bare."""
         haproxy = shutil.which("haproxy")
@@ -322,15 +358,26 @@ class Bench:
                 wait_port(inner if side == "in" else outer)
             path.ports[name] = outer
         self.paths.append(path)
+        # row 7: one more haproxy, terminating TLS in http mode in front of the HTTP target
+        https = free_port()
+        cfg = self.tmp / "haproxy" / "https.cfg"
+        cfg.write_text(haproxy_terminator_config(https, self.certificate().combined, self.targets["http"]))
+        proc = self.spawn([haproxy, "-db", "-f", str(cfg)], "haproxy-https.log")
+        wait_port(https)
+        self.haproxy_https = Path_("haproxy", {"https": https}, [proc.pid])
 
     def start_relay(self) -> None:
         control = free_port()
-        self.vhost_port = free_port()
+        self.vhost_port, self.vhost_https_port = free_port(), free_port()
+        cert = self.certificate()
         (self.tmp / "relayd.toml").write_text(
             f'bind_addr = "127.0.0.1"\nbind_port = {control}\nstate_dir = "state"\n'
-            f'vhost_http_port = {self.vhost_port}\nsubdomain_host = "bench.test"\n[auth]\ntoken = "{TOKEN}"\n'
+            f"vhost_http_port = {self.vhost_port}\nvhost_https_port = {self.vhost_https_port}\n"
+            f'subdomain_host = "bench.test"\n[auth]\ntoken = "{TOKEN}"\n'
             # the dashboard on, as a user would run it: idle RSS is measured with it
             f'[dashboard]\naddr = "127.0.0.1"\nport = {free_port()}\npassword = "{secrets.token_urlsafe(16)}"\n'
+            # row 7: relayd terminates TLS for the http tunnel "web" on vhost_https_port
+            f'[[certificates]]\ncert_file = "{cert.cert_file}"\nkey_file = "{cert.key_file}"\n'
         )
         tunnels = ""
         for name, port in self.targets.items():
@@ -394,7 +441,7 @@ def main() -> int:
     ap.add_argument("--no-bare", action="store_true", help="leave out the 'bare' column")
     ap.add_argument("--no-haproxy", action="store_true", help="leave out the 'haproxy' column")
     ap.add_argument("--wrk-conns", type=int, default=10,
-                    help="connections wrk keeps in flight in rows 3, 4 and 6 (default 10)")  # fmt: skip
+                    help="connections wrk keeps in flight in rows 3, 4, 6 and 7 (default 10)")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved rounds per row; the table gives medians (default 3)")  # fmt: skip
     args = ap.parse_args()
@@ -509,7 +556,7 @@ def measure(b: Bench) -> list[dict[str, Any]]:
             got = interleaved(b.paths, rounds, lambda p, c=close: wrk_with_cpu(p, p.ports["http"], d, c, conns=wc))
             rows += _request_rows(label, got, p50=not close, p99=not close)
     else:
-        b.missing["wrk"] = "wrk not installed (apt-get install wrk): rows 3 and 4 skipped"
+        b.missing["wrk"] = "wrk not installed (apt-get install wrk): rows 3, 4, 6 and 7 skipped"
     n = b.args.conns
     mem: dict[str, Any] = {"row": f"5. memory per held conn ({n} conns)", "unit": "KiB", "higher_is_better": False}
     fails: dict[str, Any] = {"row": f"5. failed of {n} held conns", "unit": "count", "higher_is_better": False}
@@ -528,7 +575,47 @@ def measure(b: Bench) -> list[dict[str, Any]]:
 
         got = interleaved(b.paths, rounds, through_vhost)
         rows += _request_rows("6. keep-alive requests, http vhost", got, p50=False, p99=True)
+        rows += https_rows(b)
     return rows
+
+
+def https_rows(b: Bench) -> list[dict[str, Any]]:
+    """Row 7: keep-alive requests to the HTTP target over HTTPS by name, TLS terminated by relayd
+    (vhost_https_port, then the multiplexed connection to relayc) or by one haproxy (mode http,
+    one thread); direct is plain HTTP to the target, as in row 3."""
+    d, wc = b.args.duration, b.args.wrk_conns
+    cert = b.certificate()
+    script = b.tmp / "https" / "wrk-loopback.lua"
+    direct = next(p for p in b.paths if p.name == "direct")
+    paths = [direct, Path_("relay", {"https": b.vhost_https_port}, b.relay.pids)]
+    if b.haproxy_https is not None:
+        paths.insert(1, b.haproxy_https)
+    for path in paths[1:]:
+        check_https(path.ports["https"], HTTPS_NAME, cert.ca_file)
+
+    def one(path: Path_) -> dict[str, float]:
+        if path.name == "direct":
+            return wrk_with_cpu(path, path.ports["http"], d, False, conns=wc)
+        port = path.ports["https"]
+        return wrk_with_cpu(path, port, d, False, conns=wc, url=f"https://{HTTPS_NAME}:{port}/", script=script)
+
+    got = interleaved(paths, b.args.rounds, one)
+    return _request_rows("7. keep-alive requests, https vhost", got, p50=False, p99=True)
+
+
+def check_https(port: int, name: str, ca_file: Path) -> None:
+    """One request over HTTPS to ``name`` on 127.0.0.1:``port``, the certificate verified: the
+    target's answer must come back, so wrk never measures an error page or a refused handshake."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with context.wrap_socket(sock, server_hostname=name) as tls:
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+        answer = b""
+        while not answer.endswith(b"\r\n\r\nok"):  # the target's whole answer (10 s timeout)
+            chunk = tls.recv(4096)
+            if not chunk:
+                raise RuntimeError(f"https://{name}:{port}/ answered {answer!r}, not the target's 'ok'")
+            answer += chunk
 
 
 def _request_rows(label: str, got: dict[str, list[dict[str, float]]], p50: bool, p99: bool) -> list[dict[str, Any]]:
@@ -559,7 +646,7 @@ def describe_machine() -> str:
 def print_table(rows: list[dict[str, Any]]) -> None:
     cols = ["direct", "ssh -R", "haproxy", "bare", "relay"]
     head = f"{'row':<44}{'unit':>7}" + "".join(f"{c:>10}" for c in cols)
-    head += f"{'relay/ssh':>11}{'haproxy/ssh':>13}{'relay/bare':>12}{'relay/direct':>14}"
+    head += f"{'relay/ssh':>11}{'haproxy/ssh':>13}{'relay/bare':>12}{'relay/direct':>14}{'relay/haproxy':>15}"
     print(head)
     print("-" * len(head))
 
@@ -574,6 +661,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         relay, ssh = r.get("relay"), r.get("ssh -R")
         line += f"{ratio(relay, ssh):>11}{ratio(r.get('haproxy'), ssh):>13}"
         line += f"{ratio(relay, r.get('bare')):>12}{ratio(relay, r.get('direct')):>14}"
+        line += f"{ratio(relay, r.get('haproxy')):>15}"
         print(line)
 
 
