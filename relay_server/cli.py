@@ -57,12 +57,14 @@ class Relayd:
                            block_seconds=a.block_seconds)  # fmt: skip
         self.registry = Registry(config, self.store, guard, self.burst_log)
         bind = config.public_bind_addr
-        self.registry.add_frontend(TcpFrontend(self.registry.ports, self.burst_log))
+        cluster = bool(config.store.url)  # nodes on one host share public and vhost ports (SO_REUSEPORT)
+        self.registry.add_frontend(TcpFrontend(self.registry.ports, self.burst_log, reuse_port=cluster))
         self.registry.add_frontend(UdpFrontend(self.registry.ports, self.burst_log,
                                                config.limits.max_udp_flows_per_tunnel))  # fmt: skip
         self.registry.add_frontend(SecretFrontend(self.registry.find_secret, lambda: self.listener.fingerprint))
         self.http = HttpFrontend(self.registry.domains, bind, config.vhost_http_port, config.vhost_header_timeout)
         self.https = SniFrontend(self.registry.domains, bind, config.vhost_https_port, config.vhost_header_timeout)
+        self.http.reuse_port = self.https.reuse_port = cluster
         self.registry.add_frontend(self.http)
         self.registry.add_frontend(self.https)
         self.certs = load_certificates(config, self.config_path)
@@ -109,7 +111,8 @@ class Relayd:
         if self.config.dashboard is not None:
             from relay_server.dashboard.app import Dashboard, NodeInfo  # FastAPI is imported only when used
 
-            node = NodeInfo(self.config.bind_addr, self.listener.port, self.listener.fingerprint, self.certificates)
+            node = NodeInfo(self.config.bind_addr, self.listener.port, self.listener.fingerprint, self.certificates,
+                            self.public_address)  # fmt: skip
             self.dashboard = Dashboard(self.registry, node, self.loop_lag, self.config.dashboard, self.state_dir,
                                        self.config_path)  # fmt: skip
             await self.dashboard.start()
@@ -126,7 +129,8 @@ class Relayd:
     async def heartbeat(self) -> None:
         """Say this node is alive; learn which others are (for relayc's login answer)."""
         try:
-            await self.store.heartbeat(self.public_address, self.listener.fingerprint, self.started)
+            await self.store.heartbeat(self.public_address, self.listener.fingerprint, self.started,
+                                       tuple(sorted(self.registry.sessions)))  # fmt: skip
             members = await self.store.members(MEMBER_MAX_AGE)
         except StoreUnavailable as exc:
             log.warning("cluster: %s (members as last known: %d)", exc, len(self.registry.members))

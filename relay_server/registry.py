@@ -756,6 +756,10 @@ class Registry:
             item = out.setdefault(name, {"name": name, "created": None, "enabled": True,
                                          "source": "config"})  # fmt: skip
             item.update(online=True, remote_addr=s.remote_addr, version=s.version, last_seen=time.time())
+        for member in self.members:  # a cluster: where each client has sessions
+            for name in member.clients:
+                if name in out:
+                    out[name].setdefault("nodes", []).append(member.addr)
         sums: dict[str, list[Any]] = {}
         for client in out:
             for lasting in self._lasting.by_client.get(client, {}).values():
@@ -787,6 +791,17 @@ class Registry:
             else:
                 points.append({"ts": bucket, "bytes_in": b_in, "bytes_out": b_out})
         return {"step": step, "points": points}
+
+    def node_items(self, this_addr: str, fingerprint: str) -> list[dict[str, Any]]:
+        """Each node with its health (seconds since its heartbeat) and the clients on it; without a
+        shared store, this node alone."""
+        now = time.time()
+        if not self.members:
+            return [{"addr": this_addr, "fingerprint": fingerprint, "heartbeat_age": 0.0,
+                     "clients": sorted(self.sessions), "this": True}]  # fmt: skip
+        return [{"addr": m.addr, "fingerprint": m.fingerprint, "heartbeat_age": round(now - m.heartbeat, 1),
+                 "clients": sorted(self.sessions) if m.addr == this_addr else list(m.clients),
+                 "this": m.addr == this_addr} for m in self.members]  # fmt: skip
 
     def clients_online(self) -> int:
         return len(self.sessions)

@@ -213,6 +213,7 @@ class NodeInfo:
     fingerprint: str  # "" when TLS is off
     # the certificates served on vhost_https_port, one item per name (pending ACME names too)
     certificates: Callable[[], list[dict[str, Any]]] = lambda: []
+    public_address: str = ""  # this node's address for relayc (public_addr, or bind address and port)
 
 
 class Dashboard:
@@ -570,6 +571,12 @@ class Dashboard:
         @app.get("/api/v1/tunnels")
         async def tunnels(_: str = auth) -> list[dict[str, Any]]:
             return registry.tunnel_items()
+
+        @app.get("/api/v1/nodes")
+        async def nodes(_: str = auth) -> list[dict[str, Any]]:
+            """The relayd nodes: this one alone, or every live node of a cluster sharing the
+            database: ``{addr, fingerprint, heartbeat_age, clients, this}``."""
+            return registry.node_items(self.node.public_address, self.node.fingerprint)
 
         @app.get("/api/v1/certificates")
         async def certificates(_: str = auth) -> list[dict[str, Any]]:

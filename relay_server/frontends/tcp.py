@@ -19,9 +19,11 @@ PROTOCOL = Transport.TCP
 class TcpFrontend(Frontend):
     kind = TunnelKind.TCP
 
-    def __init__(self, ports: PortClaims, burst_log: BurstLog) -> None:
+    def __init__(self, ports: PortClaims, burst_log: BurstLog, reuse_port: bool = False) -> None:
         self.ports = ports
         self.burst_log = burst_log
+        # in a cluster, several nodes on one host listen on each tunnel's port (SO_REUSEPORT)
+        self.reuse_port = reuse_port
 
     async def claim(self, tunnel: PublicTunnel) -> str:
         loop = asyncio.get_running_loop()
@@ -34,7 +36,8 @@ class TcpFrontend(Frontend):
 
         async def listen(port: int) -> int:
             server = await loop.create_server(lambda: VisitorBridge(tunnel, self.burst_log), tunnel.bind_host, port,
-                                              reuse_address=True, backlog=1024)  # fmt: skip
+                                              reuse_address=True, reuse_port=self.reuse_port or None,
+                                              backlog=1024)  # fmt: skip
             tunnel.claim = server
             return int(server.sockets[0].getsockname()[1])
 

@@ -67,6 +67,8 @@ class VhostFrontend(Frontend):
         self.header_timeout = header_timeout
         self._server: asyncio.AbstractServer | None = None
         self._bound = 0
+        # nodes of a cluster on one host share the port (SO_REUSEPORT): the kernel spreads visitors
+        self.reuse_port = False
 
     @abc.abstractmethod
     def visitor(self) -> asyncio.Protocol:
@@ -77,6 +79,7 @@ class VhostFrontend(Frontend):
             return
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self.visitor, self.bind_addr, self.port, reuse_address=True,
+                                                reuse_port=self.reuse_port or None,
                                                 backlog=1024)  # fmt: skip
         self._bound = int(self._server.sockets[0].getsockname()[1])
         log.info("%s virtual hosts on %s:%d", self.kind.value, self.bind_addr, self._bound)

@@ -90,6 +90,7 @@ class Member:
     fingerprint: str  # its TLS certificate's SHA-256 ("" without TLS)
     started: float
     heartbeat: float
+    clients: tuple[str, ...] = ()  # the clients with a session on it (at its last heartbeat)
 
 
 @dataclass(frozen=True)
@@ -204,8 +205,9 @@ class Store(abc.ABC):
 
     # --- the cluster (a store only one node uses has no other members) -------------------------
 
-    async def heartbeat(self, addr: str, fingerprint: str, started: float) -> None:  # noqa: B027
-        """Say this node (at ``addr``) is alive."""
+    async def heartbeat(self, addr: str, fingerprint: str, started: float,  # noqa: B027
+                        clients: tuple[str, ...] = ()) -> None:  # fmt: skip
+        """Say this node (at ``addr``) is alive, with the clients that have a session on it."""
 
     async def members(self, max_age: float) -> list[Member]:
         """The nodes whose heartbeat is younger than ``max_age`` seconds."""

@@ -74,7 +74,7 @@ SCHEMA = [
         bytes_out BIGINT NOT NULL, PRIMARY KEY (ts, client, tunnel))""",
     """CREATE TABLE IF NOT EXISTS members (
         addr TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, started DOUBLE PRECISION NOT NULL,
-        heartbeat DOUBLE PRECISION NOT NULL)""",
+        heartbeat DOUBLE PRECISION NOT NULL, clients TEXT NOT NULL DEFAULT '[]')""",
     """CREATE TABLE IF NOT EXISTS port_choices (
         client TEXT NOT NULL, tunnel TEXT NOT NULL, transport TEXT NOT NULL, port INTEGER NOT NULL,
         PRIMARY KEY (client, tunnel, transport))""",
@@ -327,16 +327,18 @@ class PostgresStore(Store):
 
     # --- the cluster ----------------------------------------------------------------------------
 
-    async def heartbeat(self, addr: str, fingerprint: str, started: float) -> None:
+    async def heartbeat(self, addr: str, fingerprint: str, started: float, clients: tuple[str, ...] = ()) -> None:
         await self._call(lambda c: c.execute(
-            "INSERT INTO members (addr, fingerprint, started, heartbeat) VALUES ($1, $2, $3, $4) "
+            "INSERT INTO members (addr, fingerprint, started, heartbeat, clients) VALUES ($1, $2, $3, $4, $5) "
             "ON CONFLICT (addr) DO UPDATE SET fingerprint = excluded.fingerprint, started = excluded.started, "
-            "heartbeat = excluded.heartbeat", addr, fingerprint, started, time.time()))  # fmt: skip
+            "heartbeat = excluded.heartbeat, clients = excluded.clients", addr, fingerprint, started, time.time(),
+            json.dumps(list(clients))))  # fmt: skip
 
     async def members(self, max_age: float) -> list[Member]:
         rows = await self._call(lambda c: c.fetch("SELECT * FROM members WHERE heartbeat > $1 ORDER BY addr",
                                                   time.time() - max_age))  # fmt: skip
-        return [Member(r["addr"], r["fingerprint"], r["started"], r["heartbeat"]) for r in rows]
+        return [Member(r["addr"], r["fingerprint"], r["started"], r["heartbeat"], _names(r["clients"]))
+                for r in rows]  # fmt: skip
 
     async def leave(self, addr: str) -> None:
         await self._call(lambda c: c.execute("DELETE FROM members WHERE addr = $1", addr))
@@ -392,6 +394,14 @@ def _tunnel(row: Any) -> TunnelRecord | None:
                     row["name"], exc)  # fmt: skip
         return None
     return TunnelRecord(client=row["client"], spec=spec, enabled=row["enabled"], created=row["created"])
+
+
+def _names(text: str) -> tuple[str, ...]:
+    try:
+        names = json.loads(text)
+    except ValueError:
+        return ()
+    return tuple(n for n in names if isinstance(n, str)) if isinstance(names, list) else ()
 
 
 def _reason(exc: BaseException) -> str:

@@ -124,6 +124,17 @@ def test_three_nodes_on_one_database(tmp_path: Path, echo: TcpServer, procs: lis
         lab = spawn(procs, "relay_client.cli", relayc_config(tmp_path, a.port, [], filename="lab.toml"))
         for node in nodes:
             lab.wait_for(rf"logged in to relayd \S+ at 127\.0\.0\.1:{node.port}", timeout=20)
+
+        # any node's dashboard shows the whole cluster: every node, healthy, with lab's session on each
+        def cluster_view() -> bool:
+            items = b.api.call("GET", "/api/v1/nodes")[1]
+            return len(items) == 3 and all(n["clients"] == ["lab"] and n["heartbeat_age"] < 10 for n in items)
+
+        wait_until(
+            cluster_view, 15, lambda: f"node B to show three nodes with lab ({b.api.call('GET', '/api/v1/nodes')[1]})"
+        )
+        lab_item = next(i for i in b.api.call("GET", "/api/v1/clients")[1] if i["name"] == "lab")
+        assert sorted(lab_item["nodes"]) == sorted(f"127.0.0.1:{n.port}" for n in nodes)
         # a tunnel added on A's API reaches the relayc's sessions on every node
         public = free_port()
         delays = []

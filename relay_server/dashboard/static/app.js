@@ -57,6 +57,12 @@ async function refreshOverview() {
   $("ov-conns").textContent = o.conns_open;
   $("ov-bytes").textContent = `${bytes(o.bytes_in)} / ${bytes(o.bytes_out)}`;
   $("ov-fp").textContent = o.fingerprint || "(TLS off)";
+  const nodes = await api("GET", "/api/v1/nodes");
+  $("nodes-table").tBodies[0].innerHTML = nodes.map(n => {
+    const health = n.heartbeat_age < 10 ? '<span class="ok">up</span>' : `<span class="error">no heartbeat for ${Math.round(n.heartbeat_age)} s</span>`;
+    return `<tr data-node="${esc(n.addr)}"><td>${esc(n.addr)}${n.this ? ' <span class="muted">(this node)</span>' : ""}</td>` +
+      `<td>${health}</td><td>${esc(n.clients.join(", "))}</td></tr>`;
+  }).join("");
   const since = Date.now() / 1000 - Number($("ov-range").value);
   const t = await api("GET", `/api/v1/traffic?since=${since}`);
   $("ov-chart").innerHTML = chart(t.points, t.step, since);
