@@ -34,7 +34,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-EXAMPLE_TOKENS = frozenset({"example-token-change-me", "change-me", "token", "secret", "..."})
+EXAMPLE_TOKENS = frozenset({"example-token-change-me", "change-me", "token", "secret", "...", "PASTE-TOKEN"})
 
 
 def check_port_ranges(value: str) -> str:
