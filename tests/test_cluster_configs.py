@@ -29,9 +29,10 @@ def test_the_compose_example_configs_check(name: str, tmp_path: Path) -> None:
     unchanged.write_text(text)
     refused = check(unchanged)
     assert refused.returncode == 2 and "auth.token" in refused.stderr, refused.stderr
+    dashboard_hash = hash_password("a-long-dashboard-password")
     filled = (text.replace("PASTE-TOKEN", secrets.token_urlsafe(32))
               .replace("PASTE-DB-PASSWORD", secrets.token_urlsafe(16))
-              .replace("scrypt$PASTE-HASH-FROM-relayd-hash-password", hash_password("a-long-dashboard-password")))  # fmt: skip
+              .replace("scrypt$PASTE-HASH-FROM-relayd-hash-password", dashboard_hash))  # fmt: skip
     config = tmp_path / name
     config.write_text(filled)
     done = check(config)
