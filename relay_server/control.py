@@ -49,7 +49,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from relay_server.guard import Failure
+from relay_server.guard import BlockKind, Failure
 from relay_server.tunnels import PublicTunnel
 from shared import __version__, auth
 from shared.aio import ControlChannel, MuxConnection, StreamHandler
@@ -350,9 +350,11 @@ class ClientSession:
         if failure.pair_blocked:
             log.warning("login: client %r from %s blocked for %.0f s after %d failed logins", name, addr,
                         guard.block_seconds, failure.failures)  # fmt: skip
+            self.registry.share_block(BlockKind.CLIENT, addr, name, guard.block_seconds)
         if failure.address_blocked:
             log.warning("login: address %s blocked for %.0f s: its failed logins name several clients (a scanner)",
                         addr, guard.block_seconds)  # fmt: skip
+            self.registry.share_block(BlockKind.ADDRESS, addr, "", guard.block_seconds)
         await asyncio.sleep(failure.delay)
         now = time.monotonic()
         until = guard.pair_blocked_until(addr, name, now)

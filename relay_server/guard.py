@@ -206,6 +206,18 @@ class LoginGuard:
         if name:
             self._pairs.pop((address_key(addr), name), None)
 
+    def impose(self, kind: BlockKind, addr: str, name: str, until: float, now: float) -> None:
+        """A block another node of the cluster made: the pair (``name`` from ``addr``) or the
+        address is refused until ``until`` (monotonic) here too."""
+        addr = address_key(addr)
+        if kind is BlockKind.ADDRESS:
+            entry = self._touch(self._addresses, addr, now)
+        elif name:
+            entry = self._touch(self._pairs, (addr, name), now)
+        else:
+            return
+        entry.blocked_until = max(entry.blocked_until, until)
+
     def unblock(self, kind: BlockKind, value: str) -> bool:
         """Lift the blocks of an address, or of a client name from every address, and forget their
         failures.  False when no such block was in force."""

@@ -234,6 +234,7 @@ class Registry:
             lasting = Lasting(totals.since, totals.bytes_in, totals.bytes_out, totals.conns_total)
             self._lasting.add((client, tunnel), lasting, evictable=(client, tunnel) not in self.defined)
         self.store.subscribe(self._on_change)
+        self.store.subscribe_blocks(self._on_block)
 
     def subscribe(self, listener: Callable[[Event], None]) -> None:
         self._listeners.append(listener)
@@ -603,7 +604,38 @@ class Registry:
         await self.store.delete_tunnel(client, name)
         self.defined.pop((client, name), None)
 
+    def share_block(self, kind: BlockKind, addr: str, name: str, seconds: float) -> None:
+        """A login block made here holds on every node of a cluster (best effort: a node that
+        misses it still counts its own failures)."""
+        if self.store.shared:
+            event = {"op": "block", "kind": kind.value, "addr": addr, "name": name, "until": time.time() + seconds}
+            self._spawn(self._publish_block(event), "sharing a login block")
+
+    async def _publish_block(self, event: dict[str, Any]) -> None:
+        try:
+            await self.store.publish_block(event)
+        except StoreUnavailable as exc:
+            log.warning("cluster: login block not shared with the other nodes: %s", exc)
+
+    def _on_block(self, event: dict[str, Any]) -> None:
+        """A block (or unblock) from some node of the cluster, this one included."""
+        try:
+            kind = BlockKind(event["kind"])
+            if event.get("op") == "unblock":
+                self.guard.unblock(kind, str(event["value"]))
+                return
+            left = float(event["until"]) - time.time()
+            if 0 < left <= 86400:
+                now = time.monotonic()
+                self.guard.impose(kind, str(event["addr"]), str(event.get("name") or ""), now + left, now)
+        except (KeyError, ValueError, TypeError):
+            log.warning("cluster: ignoring a malformed block event %r", str(event)[:200])
+
     def unblock(self, kind: BlockKind, value: str) -> bool:
+        """Lift a block here and, in a cluster, on every node."""
+        if self.store.shared:
+            self._spawn(self._publish_block({"op": "unblock", "kind": kind.value, "value": value}),
+                        "sharing an unblock")  # fmt: skip
         return self.guard.unblock(kind, value)
 
     def _dashboard_client(self, name: str) -> ClientRecord:

@@ -22,6 +22,7 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from shared.tunnel import TunnelSpec
 
@@ -103,6 +104,7 @@ class Change:
 
 
 ChangeListener = Callable[[Change], None]
+BlockListener = Callable[[dict[str, Any]], None]
 
 
 class Store(abc.ABC):
@@ -113,6 +115,7 @@ class Store(abc.ABC):
 
     def __init__(self) -> None:
         self._listeners: list[ChangeListener] = []
+        self._block_listeners: list[BlockListener] = []
 
     # --- change feed ----------------------------------------------------------------------------
 
@@ -126,6 +129,20 @@ class Store(abc.ABC):
                 listener(change)
             except Exception:  # a subscriber's bug must not undo a stored write
                 log.exception("store: a change listener failed on %s", change)
+
+    def subscribe_blocks(self, listener: BlockListener) -> None:
+        """Call ``listener`` with each login block (or unblock) any node of the cluster published."""
+        self._block_listeners.append(listener)
+
+    def announce_block(self, event: dict[str, Any]) -> None:
+        for listener in self._block_listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("store: a block listener failed on %s", event)
+
+    async def publish_block(self, event: dict[str, Any]) -> None:  # noqa: B027
+        """Tell every node of the cluster about a login block or unblock (nothing to do alone)."""
 
     # --- lifecycle ------------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ from shared.tunnel import TunnelSpec
 T = TypeVar("T")
 SCHEMA_VERSION = 1
 CHANNEL = "relay_changes"
+BLOCKS_CHANNEL = "relay_blocks"  # login blocks, so that one node's block holds on every node
 RETRY_EVERY = 2.0
 MIGRATION_LOCK = 0x72656C6179  # "relay": the advisory lock held while the schema is created
 COMMAND_TIMEOUT = 5.0
@@ -141,6 +142,7 @@ class PostgresStore(Store):
         self._listener = await asyncpg.connect(self.url, timeout=COMMAND_TIMEOUT)
         self._listener.add_termination_listener(self._listener_lost)
         await self._listener.add_listener(CHANNEL, self._notified)
+        await self._listener.add_listener(BLOCKS_CHANNEL, self._block_notified)
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         try:
@@ -150,6 +152,18 @@ class PostgresStore(Store):
             log.warning("store: ignoring a malformed notification %r", payload[:200])
             return
         self.announce(change)
+
+    def _block_notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return
+        if isinstance(event, dict):
+            self.announce_block(event)
+
+    async def publish_block(self, event: dict[str, Any]) -> None:
+        payload = json.dumps(event)[:4000]
+        await self._call(lambda c: c.execute("SELECT pg_notify($1, $2)", BLOCKS_CHANNEL, payload))
 
     def _listener_lost(self, conn: Any) -> None:
         if self._closing or self._loop is None:

@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import Proc, TcpServer, free_port, relayc_config, relayd_config, round_trip, spawn
+from shared.messages import LoginFailed
+from tests.e2e.harness import TOKEN, Proc, TcpServer, free_port, relayc_config, relayd_config, round_trip, spawn
 from tests.e2e.postgres import Postgres, available
+from tests.e2e.rawclient import RawClient
 from tests.e2e.test_core import tunnel_item
 from tests.e2e.test_dashboard import PASSWORD, Api
 from tests.waiting import wait_until
@@ -52,7 +54,8 @@ class Node:
 
     def start(self) -> Proc:
         cfg = relayd_config(self.dir, self.port, proxy_bind_addr=self.public, store={"url": self.url},
-                            dashboard={"port": self.dash, "password": PASSWORD})  # fmt: skip
+                            dashboard={"port": self.dash, "password": PASSWORD},
+                            auth={"token": TOKEN, "block_after_failures": 3})  # fmt: skip
         self.proc = spawn(self.procs, "relay_server.cli", cfg)
         self.proc.wait_for(r"dashboard on http://127\.0\.0\.1")
         return self.proc
@@ -135,6 +138,22 @@ def test_three_nodes_on_one_database(tmp_path: Path, echo: TcpServer, procs: lis
         )
         lab_item = next(i for i in b.api.call("GET", "/api/v1/clients")[1] if i["name"] == "lab")
         assert sorted(lab_item["nodes"]) == sorted(f"127.0.0.1:{n.port}" for n in nodes)
+        # a login block made on node A holds on node C at once (cluster-wide blocks)
+        for _ in range(3):
+            raw = RawClient(a.port)
+            answer = raw.login_answer("a-wrong-token", name="mallory")
+            raw.close()
+            assert isinstance(answer, LoginFailed), answer
+        assert answer.code == "blocked", answer
+
+        def blocks_on_c() -> list[Any]:
+            return [b for b in c.api.call("GET", "/api/v1/blocks")[1] if b.get("value") == "mallory"]
+
+        wait_until(blocks_on_c, 10, "node C to list mallory's block (made on node A)")
+        raw = RawClient(c.port)
+        answer = raw.login_answer("a-wrong-token", name="mallory")  # its first try on C: already blocked
+        raw.close()
+        assert isinstance(answer, LoginFailed) and answer.code == "blocked", answer
         # a tunnel added on A's API reaches the relayc's sessions on every node
         public = free_port()
         delays = []
