@@ -42,7 +42,16 @@ from relay_server.claims import DomainClaims, PortClaims, Transport
 from relay_server.frontends.base import Frontend
 from relay_server.groups import same_group
 from relay_server.guard import Block, BlockKind, LoginGuard
-from relay_server.stores.base import Change, ChangeKind, ClientRecord, Member, Store, TrafficDelta, TunnelRecord
+from relay_server.stores.base import (
+    Change,
+    ChangeKind,
+    ClientRecord,
+    Member,
+    Store,
+    Totals,
+    TrafficDelta,
+    TunnelRecord,
+)
 from relay_server.tunnels import PublicTunnel
 from shared.aio import MuxConnection, StreamHandler, TrafficCounters
 from shared.burst import BurstLog
@@ -220,6 +229,7 @@ class Registry:
         self._refusal_logs: dict[str, int] = {}  # client name -> refusals logged one by one
         self._tasks: set[asyncio.Task[Any]] = set()
         self.members: list[Member] = []  # the cluster's live nodes (the store's, refreshed by the heartbeat)
+        self.cluster_totals: dict[tuple[str, str], Totals] = {}  # a cluster: totals every node recorded
 
     # --- wiring ---------------------------------------------------------------------------------
 
@@ -491,6 +501,11 @@ class Registry:
                     r_in, r_out, r_conns = lasting.recorded
                     lasting.recorded = (r_in + d.bytes_in, r_out + d.bytes_out, r_conns + d.conns)
 
+    async def refresh_cluster_totals(self) -> None:
+        """In a cluster, read what every node recorded (the API then shows the sums)."""
+        if self.store.shared:
+            self.cluster_totals = await self.store.totals()
+
     async def record_traffic_forever(self) -> None:
         while True:
             await asyncio.sleep(60 - time.time() % 60 + 0.05)
@@ -498,8 +513,11 @@ class Registry:
                 # shielded: a shutdown that cancels this loop lets a record on its way finish
                 # (and count as recorded), so the last flush does not write it again
                 await asyncio.shield(self.flush_traffic())
+                await self.refresh_cluster_totals()
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailable as exc:
+                log.warning("registry: traffic not recorded (kept for the next minute): %s", exc)
             except Exception:
                 log.exception("registry: recording traffic failed (kept for the next minute)")
 
@@ -726,8 +744,16 @@ class Registry:
         return ", ".join(f"{spec.type}://{n}" + ("" if port == default else f":{port}") for n in names)
 
     def _totals(self, client: str, tunnel: str) -> dict[str, Any]:
+        """A tunnel's totals; in a cluster, what every node recorded plus what this one has not
+        recorded yet (other nodes' last minute shows once they record it)."""
         lasting = self._lasting.get((client, tunnel))
-        return lasting.as_dict() if lasting is not None else dict(_NO_TOTALS)
+        out = lasting.as_dict() if lasting is not None else dict(_NO_TOTALS)
+        shared = self.cluster_totals.get((client, tunnel))
+        if shared is not None:
+            p_in, p_out, p_conns = lasting.pending() if lasting is not None else (0, 0, 0)
+            out.update(bytes_in=shared.bytes_in + p_in, bytes_out=shared.bytes_out + p_out,
+                       conns_total=shared.conns_total + p_conns)  # fmt: skip
+        return out
 
     def tunnel_items(self) -> list[dict[str, Any]]:
         """Every tunnel: live ones, dashboard ones that are not live, refused ones; as the API

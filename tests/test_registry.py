@@ -262,3 +262,34 @@ async def test_dashboard_commands_check_once_and_act_through_the_change_feed(par
     await wait_until_async(lambda: ("remove", "ssh") in lab.sent, 5, "the disabled tunnel to be removed")
     await reg.rotate_token("lab")
     await wait_until_async(lambda: lab.ended, 5, "the session of the old token to end")
+
+
+async def test_a_cluster_shows_traffic_summed_over_nodes(tmp_path: Path) -> None:
+    """Two registries on one store that says it is shared (two nodes): each counts its own
+    visitors; after they record, each shows the sum (plus what it has not recorded yet)."""
+    node_a, store, _ = await make_registry(tmp_path)
+    store.shared = True  # type: ignore[misc]
+    node_b = Registry(config(tmp_path), store, LoginGuard(BlockScope.RELAYC), BurstLog(registry_module.log))
+    node_b.add_frontend(Numbered())
+    await node_b.load()
+    try:
+        tunnels = []
+        for reg in (node_a, node_b):
+            lab = Session("lab")
+            reg.register(lab)  # type: ignore[arg-type]
+            tunnel = await reg.open_tunnel(lab, spec("ssh", remote_port=6000))  # type: ignore[arg-type]
+            assert tunnel is not None
+            tunnels.append(tunnel)
+        tunnels[0].counters.bytes_in += 1000
+        tunnels[1].counters.bytes_in += 500
+        for reg in (node_a, node_b):
+            await reg.flush_traffic()
+        tunnels[1].counters.bytes_in += 7  # not recorded yet: node B adds it to what it shows
+        for reg, expected in ((node_a, 1500), (node_b, 1507)):
+            await reg.refresh_cluster_totals()
+            item = next(t for t in reg.tunnel_items() if t["name"] == "ssh")
+            assert item["bytes_in"] == expected
+    finally:
+        await node_b.close()
+        await node_a.close()
+        await store.close()
