@@ -169,6 +169,17 @@ def test_three_nodes_on_one_database(tmp_path: Path, echo: TcpServer, procs: lis
         print(f"\nCLUSTER tunnel added on A reachable through B and C: median {statistics.median(delays):.3f} s, "
               f"max {max(delays):.3f} s over {len(delays)}")  # fmt: skip
         assert tunnel_item(b.api, "lab", "echo0")["state"] == "active"
+        # remote_port = 0: one port, chosen once for the whole cluster
+        status, answer, _ = b.api.call("POST", "/api/v1/tunnels", {"client": "lab", "name": "anyport",
+                                                                   "local_port": echo.port})  # fmt: skip
+        assert status == 201, answer
+
+        def ports() -> set[int]:
+            return {tunnel_item(node.api, "lab", "anyport").get("remote_port", 0) for node in nodes}
+
+        wait_until(lambda: len(ports()) == 1 and 0 not in ports(), 10, lambda: f"one port on every node ({ports()})")
+        (chosen,) = ports()
+        assert all(reaches(addr, chosen) for addr in ADDRS)
         # kill -9 of node A under load through B and C: nothing fails there
         with Load([(ADDRS[1], public), (ADDRS[2], public)]) as load:
             wait_until(lambda: all(n > 5 for n in load.ok.values()), 20, "the load to run")
