@@ -1,12 +1,12 @@
 """relay against the direct path and against OpenSSH's reverse tunnel, in one run on one machine.
 
     python -m bench [--duration 5] [--rounds 3] [--conns 5000] [--wrk-conns 10] [--json results.json]
-                    [--quick] [--no-bare] [--no-haproxy]
+                    [--quick] [--no-bare] [--no-haproxy] [--cluster-only]
 
 Starts everything itself on 127.0.0.1: iperf3 and a tiny HTTP server as targets, relayd and relayc
 (TLS on, the real commands), and for the baseline a private sshd with throwaway keys plus
 ``ssh -N -R``.  Prints one table; every relay figure is also given as a ratio to ssh -R and to the
-direct path measured in the same run.  Rows 1-4, 6 and 7 are measured in interleaved rounds and the
+direct path measured in the same run.  Rows 1-4 and 6-8 are measured in interleaved rounds and the
 table gives medians (see ``interleaved``).  A missing tool is reported with its Debian package and
 its row skipped, never faked.
 
@@ -30,6 +30,17 @@ X-Forwarded-* lines) terminates TLS in front of the same target; direct is plain
 target, as in row 3; ssh -R and bare have no row 7.  Its CPU per request is relayd's + relayc's,
 and that haproxy's: the relay/haproxy column compares them.  bench/https_vhost.py tells how wrk
 is made to send the name (SNI and Host) while connecting to 127.0.0.1.
+
+Row 8 is row 3's keep-alive run (same target, same ``-c``) against a tcp tunnel's public port
+served by relayd nodes of a cluster on this machine, one throwaway PostgreSQL server for both
+(bench/cluster.py, bench/postgres.py; Debian's postgresql package): "one node" is one relayd on
+the PostgreSQL store, "two nodes" two relayd on another database of the same server, sharing the
+tunnel's port with SO_REUSEPORT, with one relayc holding a session to each.  The one-node side
+runs the same code as the two-node side (PostgreSQL store, heartbeats, SO_REUSEPORT), so the node
+count is the only difference; the bench's own relayd (SQLite) is not used.  It has a table of its
+own: req/s, p99 and CPU per request (relayd nodes + relayc, also split) for each side, two/one,
+and how the kernel split wrk's connections and requests between the two nodes (each node's
+``/api/v1/tunnels`` counters).  ``--cluster-only`` runs only row 8.
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import cluster
 from bench.https_vhost import WRK_LOOPBACK_LUA, Certificate, haproxy_terminator_config, make_certificate
 from bench.ssh_reverse import SshReverse, wait_port
 from bench.ssh_reverse import available as ssh_available
@@ -266,6 +278,7 @@ class Bench:
         self.haproxy_https: Path_ | None = None  # row 7: one haproxy terminating TLS (mode http)
         self._certificate: Certificate | None = None
         self.rss_after_bulk: dict[str, float] = {}
+        self.cluster_runs: dict[str, list[dict[str, float]]] = {}  # row 8: every run, with the split
 
     def spawn(self, cmd: list[str], log: str) -> subprocess.Popen[bytes]:
         f = open(self.tmp / log, "wb")  # noqa: SIM115 - kept open for the child's lifetime
@@ -441,9 +454,10 @@ def main() -> int:
     ap.add_argument("--no-bare", action="store_true", help="leave out the 'bare' column")
     ap.add_argument("--no-haproxy", action="store_true", help="leave out the 'haproxy' column")
     ap.add_argument("--wrk-conns", type=int, default=10,
-                    help="connections wrk keeps in flight in rows 3, 4, 6 and 7 (default 10)")  # fmt: skip
+                    help="connections wrk keeps in flight in rows 3, 4 and 6-8 (default 10)")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved rounds per row; the table gives medians (default 3)")  # fmt: skip
+    ap.add_argument("--cluster-only", action="store_true", help="run only row 8 (relayd nodes on PostgreSQL)")
     args = ap.parse_args()
     if args.quick:
         args.duration, args.conns, args.rounds = 1.0, 200, 1
@@ -451,8 +465,12 @@ def main() -> int:
     raise_fd_limit()
     b = Bench(args)
     rows: list[dict[str, Any]] = []
+    idle: dict[str, float] = {}
     try:
         b.start_targets()
+        if args.cluster_only:
+            rows += cluster_rows(b)
+            return report(b, rows, idle)
         b.start_ssh()
         if not args.no_haproxy:
             b.start_haproxy()
@@ -464,6 +482,12 @@ def main() -> int:
         rows += measure(b)
     finally:
         b.stop()
+    return report(b, rows, idle)
+
+
+def report(b: Bench, rows: list[dict[str, Any]], idle: dict[str, float]) -> int:
+    """Print the tables (and write the JSON file if asked)."""
+    args = b.args
     machine = describe_machine()
     print(f"\nrelay benchmark, {time.strftime('%Y-%m-%d')}, {machine}")
     print(
@@ -471,8 +495,11 @@ def main() -> int:
     )
     for what, why in b.missing.items():
         print(f"  skipped/substituted: {what}: {why}")
-    print_table(rows)
-    print(f"\nidle RSS: relayd {idle['relayd']:.1f} MiB (dashboard on), relayc {idle['relayc']:.1f} MiB")
+    if any(not r["row"].startswith("8.") for r in rows):
+        print_table([r for r in rows if not r["row"].startswith("8.")])
+    print_cluster_table([r for r in rows if r["row"].startswith("8.")], b.cluster_runs)
+    if idle:
+        print(f"\nidle RSS: relayd {idle['relayd']:.1f} MiB (dashboard on), relayc {idle['relayc']:.1f} MiB")
     after = b.rss_after_bulk
     if after:
         print(f"RSS 12 s after the bulk rows: relayd {after['relayd']:.1f} MiB, relayc {after['relayc']:.1f} MiB")
@@ -488,6 +515,7 @@ def main() -> int:
                     "rows": rows,
                     "idle_rss_mib": idle,
                     "rss_after_bulk_mib": b.rss_after_bulk,
+                    "cluster_runs": b.cluster_runs,
                 },
                 indent=2,
             )
@@ -556,7 +584,7 @@ def measure(b: Bench) -> list[dict[str, Any]]:
             got = interleaved(b.paths, rounds, lambda p, c=close: wrk_with_cpu(p, p.ports["http"], d, c, conns=wc))
             rows += _request_rows(label, got, p50=not close, p99=not close)
     else:
-        b.missing["wrk"] = "wrk not installed (apt-get install wrk): rows 3, 4, 6 and 7 skipped"
+        b.missing["wrk"] = "wrk not installed (apt-get install wrk): rows 3, 4, 6, 7 and 8 skipped"
     n = b.args.conns
     mem: dict[str, Any] = {"row": f"5. memory per held conn ({n} conns)", "unit": "KiB", "higher_is_better": False}
     fails: dict[str, Any] = {"row": f"5. failed of {n} held conns", "unit": "count", "higher_is_better": False}
@@ -576,7 +604,79 @@ def measure(b: Bench) -> list[dict[str, Any]]:
         got = interleaved(b.paths, rounds, through_vhost)
         rows += _request_rows("6. keep-alive requests, http vhost", got, p50=False, p99=True)
         rows += https_rows(b)
+        rows += cluster_rows(b)
     return rows
+
+
+def cluster_rows(b: Bench) -> list[dict[str, Any]]:
+    """Row 8: row 3's keep-alive run through one relayd node and through two sharing the tunnel's
+    port (bench/cluster.py), interleaved; CPU per request of the nodes and relayc, and how much
+    each node carried (its tunnel counters, read before and after each run)."""
+    why = cluster.available() or (None if shutil.which("wrk") else "wrk not installed (apt-get install wrk)")
+    if why:
+        b.missing["row 8"] = f"{why}: row 8 skipped"
+        return []
+    d, wc = b.args.duration, b.args.wrk_conns
+    with cluster.Cluster(b.tmp, b.spawn, TOKEN, b.targets["http"]) as c:
+        paths = [Path_(s.name, {"http": s.public}, s.pids) for s in c.setups]
+
+        def one(path: Path_) -> dict[str, float]:
+            setup = c.setup(path.name)
+            counts = setup.counters()
+            pg_pids = c.pg.processes()
+            cpu = [cpu_seconds([pid]) for pid in path.pids]
+            pg_cpu = cpu_seconds(pg_pids)
+            r = wrk(path.ports["http"], d, False, conns=wc)
+            spent = [cpu_seconds([pid]) - before for pid, before in zip(path.pids, cpu, strict=True)]
+            pg_spent = cpu_seconds(pg_pids) - pg_cpu
+            after = setup.counters()
+            requests = r["rps"] * max(1, int(d))
+            per_req = 1e6 / requests if requests else float("nan")
+            r["cpu_us"] = sum(spent) * per_req
+            r["relayd_cpu_us"] = sum(spent[:-1]) * per_req
+            r["relayc_cpu_us"] = spent[-1] * per_req
+            r["postgres_cpu_us"] = pg_spent * per_req
+            carried = [a[0] - x[0] for a, x in zip(after, counts, strict=True)]  # bytes from wrk per node
+            for node, a, x, s, bytes_in in zip(setup.nodes, after, counts, spent, carried, strict=False):
+                r[f"{node.name}_share"] = 100.0 * bytes_in / sum(carried) if sum(carried) else float("nan")
+                r[f"{node.name}_conns"] = float(a[2] - x[2])  # wrk's connections that landed on it
+                r[f"{node.name}_cpu_s"] = s
+            r["relayc_cpu_s"] = spent[-1]
+            return r
+
+        got = interleaved(paths, b.args.rounds, one)
+    b.cluster_runs = got
+    label = f"8. keep-alive requests, {wc} conns"
+    rows = [figure_row(label + " (req/s)", "req/s", True, got, "rps"),
+            figure_row("8. ... p99", "ms", False, got, "p99_ms"),
+            figure_row("8. ... CPU/req, relayd nodes + relayc", "us", False, got, "cpu_us"),
+            figure_row("8. ... CPU/req, relayd nodes", "us", False, got, "relayd_cpu_us"),
+            figure_row("8. ... CPU/req, relayc", "us", False, got, "relayc_cpu_us"),
+            figure_row("8. ... CPU/req, PostgreSQL (not counted above)", "us", False, got, "postgres_cpu_us"),
+            figure_row("8. ... node A's share of the bytes", "%", False, got, "A_share")]  # fmt: skip
+    return rows
+
+
+def print_cluster_table(rows: list[dict[str, Any]], runs: dict[str, list[dict[str, float]]]) -> None:
+    """Row 8's own table: one node, two nodes, two/one; then how the two nodes split each run."""
+    if not rows:
+        return
+    cols = ["one node", "two nodes"]
+    head = f"\n{'row 8: relayd nodes on one PostgreSQL':<48}{'unit':>7}" + "".join(f"{c:>11}" for c in cols)
+    print(head + f"{'two/one':>10}")
+    print("-" * (len(head) + 9))
+    for r in rows:
+        one, two = r.get("one node"), r.get("two nodes")
+        comparable = r["unit"] != "%"
+        ratio = f"{two / one:.2f}x" if comparable and one and two is not None and one == one and two == two else "-"
+        unit = r["unit"]
+        shown = [f"{v:.0f}" if unit == "%" and v is not None else fmt(v, unit) for v in (one, two)]
+        print(f"{r['row']:<48}{unit:>7}" + "".join(f"{v:>11}" for v in shown) + f"{ratio:>10}")
+    # wrk opens one more connection than -c, to try the address, before its run
+    for i, run in enumerate(runs.get("two nodes", []), 1):
+        print(f"  two nodes, run {i}: wrk's connections A/B {run['A_conns']:.0f}/{run['B_conns']:.0f}, "
+              f"bytes A/B {run['A_share']:.0f}%/{run['B_share']:.0f}%, CPU s relayd A {run['A_cpu_s']:.2f}, "
+              f"relayd B {run['B_cpu_s']:.2f}, relayc {run['relayc_cpu_s']:.2f}; {run['rps']:,.0f} req/s")  # fmt: skip
 
 
 def https_rows(b: Bench) -> list[dict[str, Any]]:
