@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import json
 import logging
 import os
 import ssl
@@ -42,8 +43,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
-from relay_server.certs import CertStore, load, server_context
+from relay_server.certs import CertStore, describe, load, server_context
+from relay_server.stores.base import Store
 from shared.config import AcmeConfig, resolve_path
+from shared.errors import StoreUnavailable
 
 if TYPE_CHECKING:
     from relay_server.claims import DomainClaims
@@ -70,8 +73,13 @@ class AcmeError(Exception):
 
 class AcmeManager:
     def __init__(self, config: AcmeConfig, config_path: Path, state_dir: Path, certs: CertStore,
-                 domains: DomainClaims, max_names_per_client: int) -> None:  # fmt: skip
+                 domains: DomainClaims, max_names_per_client: int, store: Store | None = None,
+                 node: str = "") -> None:  # fmt: skip
         self.config = config
+        # a cluster: the account, certificates and challenge answers are shared through the store,
+        # and one node at a time orders a name (a lease); alone, state_dir holds everything
+        self.store = store if store is not None and store.shared else None
+        self.node = node
         self.ca_file = str(resolve_path(config_path, config.ca_file)) if config.ca_file else ""
         self.dir = state_dir / "acme"
         self.certs = certs
@@ -83,6 +91,7 @@ class AcmeManager:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._account: Any = None  # (acme client, account key) once registered
+        self._loading: set[asyncio.Task[None]] = set()
 
     # --- running --------------------------------------------------------------------------------
 
@@ -94,6 +103,8 @@ class AcmeManager:
                 self.certs.put_acme(crt.stem, load(crt, crt.with_suffix(".key"), "acme"))
             except (OSError, ValueError, ssl.SSLError) as exc:
                 log.warning("acme: ignoring %s: %s", crt, exc)
+        if self.store is not None:
+            self.store.subscribe_acme(self._on_event)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def poke(self) -> None:
@@ -110,6 +121,8 @@ class AcmeManager:
 
     async def _run(self) -> None:
         while True:
+            if self.store is not None:
+                await self._sync()
             for name in self._due(time.time()):
                 try:
                     await asyncio.wait_for(self._order(name), ORDER_TIMEOUT)
@@ -173,26 +186,115 @@ class AcmeManager:
     # --- one order ------------------------------------------------------------------------------
 
     async def _order(self, name: str) -> None:
+        store = self.store
+        if store is not None and not await store.acme_lease(name, self.node, ORDER_TIMEOUT + 30):
+            log.debug("acme: another node is ordering %s", name)
+            return
         log.info("acme: ordering a certificate for %s from %s", name, self.config.directory_url)
+        account_pem = await self._account_key()
         key = ec.generate_private_key(ec.SECP256R1())
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())  # fmt: skip
-        order, answers = await asyncio.to_thread(self._new_order, name, key_pem)
+        order, answers = await asyncio.to_thread(self._new_order, name, key_pem, account_pem)
         installed: list[tuple[str, str]] = []
         try:
             for kind, token_or_name, value, _ in answers:
-                if kind == "http-01":
-                    self.http_tokens[token_or_name] = value
-                else:
-                    self.alpn_contexts[token_or_name] = self._alpn_context(token_or_name, value)
+                self._install(kind, token_or_name, value)
                 installed.append((kind, token_or_name))
+                if store is not None:  # the CA may validate through any node
+                    await store.publish_acme({"op": "answer", "kind": kind, "key": token_or_name, "value": value,
+                                              "node": self.node})  # fmt: skip
             chain_pem = await asyncio.to_thread(self._finish, order, [a[3] for a in answers])
         finally:
             for kind, key_name in installed:
-                if kind == "http-01":
-                    self.http_tokens.pop(key_name, None)
-                else:
-                    self.alpn_contexts.pop(key_name, None)
+                self._uninstall(kind, key_name)
+                if store is not None:
+                    try:
+                        await store.publish_acme({"op": "done", "kind": kind, "key": key_name, "node": self.node})
+                    except StoreUnavailable:
+                        pass  # the others' answers are dropped when their order lease runs out
+        if store is not None:
+            await store.acme_put(f"cert:{name}", json.dumps({"chain": chain_pem, "key": key_pem.decode()}))
+            await store.publish_acme({"op": "cert", "name": name, "node": self.node})
+        self._save(name, chain_pem, key_pem)
+
+    def _install(self, kind: str, key: str, value: str) -> None:
+        if kind == "http-01":
+            self.http_tokens[key] = value
+        else:
+            self.alpn_contexts[key] = self._alpn_context(key, value)
+
+    def _uninstall(self, kind: str, key: str) -> None:
+        if kind == "http-01":
+            self.http_tokens.pop(key, None)
+        else:
+            self.alpn_contexts.pop(key, None)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        """An ACME event another node published: a challenge answer to give (the CA may validate
+        through this node), one to drop, a certificate to load."""
+        if event.get("node") == self.node:
+            return
+        op, kind, key = event.get("op"), str(event.get("kind", "")), str(event.get("key", ""))
+        if op == "answer" and kind in ("http-01", "tls-alpn-01") and key and len(self.http_tokens) < 1024:
+            self._install(kind, key[:300], str(event.get("value", ""))[:300])
+        elif op == "done":
+            self._uninstall(kind, key)
+        elif op == "cert" and event.get("name") in self.wanted():  # a name of ours: never a path from elsewhere
+            task = asyncio.get_running_loop().create_task(self._load_shared(str(event["name"])))
+            self._loading.add(task)
+            task.add_done_callback(self._loading.discard)
+
+    async def _sync(self) -> None:
+        """A cluster: take the certificates other nodes stored for the names wanted here."""
+        for name in self.wanted():
+            served = self.certs.acme.get(name)
+            if served is None or served.not_after - time.time() <= served.lifetime / 3:
+                await self._load_shared(name)
+
+    async def _load_shared(self, name: str) -> None:
+        store = self.store
+        if store is None:
+            return
+        try:
+            raw = await store.acme_get(f"cert:{name}")
+        except StoreUnavailable:
+            return
+        if raw is None:
+            return
+        try:
+            data = json.loads(raw)
+            chain, key = data["chain"], data["key"].encode()
+            _, not_after, _, _ = describe(chain.encode())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("acme: the stored certificate for %s is unusable: %s", name, exc)
+            return
+        served = self.certs.acme.get(name)
+        if served is None or not_after > served.not_after:
+            self._save(name, chain, key)
+
+    async def _account_key(self) -> bytes:
+        """The ACME account's key: the cluster's (in the store), else this node's file."""
+        key_path = self.dir / "account.pem"
+        store = self.store
+        if store is not None:
+            shared = await store.acme_get("account")
+            if shared is not None:
+                return shared.encode()
+        if key_path.exists():
+            pem = key_path.read_bytes()
+        else:
+            pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            key_path.write_bytes(pem)
+            os.chmod(key_path, 0o600)
+        if store is not None:
+            await store.acme_put("account", pem.decode())
+        return pem
+
+    def _save(self, name: str, chain_pem: str, key_pem: bytes) -> None:
+        """Write a certificate and its key to state_dir and serve it."""
         crt, key_file = self.dir / "certs" / f"{name}.crt", self.dir / "certs" / f"{name}.key"
         tmp = key_file.with_suffix(".key.tmp")
         tmp.write_bytes(key_pem)
@@ -206,23 +308,15 @@ class AcmeManager:
         log.info("acme: certificate for %s from %s, valid until %s", name, served.issuer,
                  time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(served.not_after)))  # fmt: skip
 
-    def _client(self) -> Any:
-        """The account (made once per run; the same key is reused from ``state_dir``)."""
+    def _client(self, account_pem: bytes) -> Any:
+        """The account (registered once per run with ``account_pem``, the same key each time)."""
         if self._account is not None:
             return self._account
         from acme import client, errors, messages
         from josepy.jwa import ES256
         from josepy.jwk import JWKEC
 
-        key_path = self.dir / "account.pem"
-        if key_path.exists():
-            account_key = serialization.load_pem_private_key(key_path.read_bytes(), None)
-        else:
-            account_key = ec.generate_private_key(ec.SECP256R1())
-            pem = account_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption())  # fmt: skip
-            key_path.write_bytes(pem)
-            os.chmod(key_path, 0o600)
+        account_key = serialization.load_pem_private_key(account_pem, None)
         jwk = JWKEC(key=account_key)
         net = client.ClientNetwork(jwk, alg=ES256, user_agent="relay (https://github.com/relay)")
         net.verify_ssl = self.ca_file or True  # type: ignore[assignment]  # requests takes a CA bundle path
@@ -237,14 +331,14 @@ class AcmeManager:
         self._account = (acme, jwk)
         return self._account
 
-    def _new_order(self, name: str, key_pem: bytes) -> tuple[Any, list[tuple[str, str, str, Any]]]:
+    def _new_order(self, name: str, key_pem: bytes, account_pem: bytes) -> tuple[Any, list[tuple[str, str, str, Any]]]:
         """Thread: a new order for ``name``; (order, [(challenge kind, token or name, answer,
         challenge)])."""
         from acme import crypto_util, messages
         from josepy.b64 import b64encode
 
         try:
-            acme, jwk = self._client()
+            acme, jwk = self._client(account_pem)
             order = acme.new_order(crypto_util.make_csr(key_pem, [name]))
         except Exception as exc:
             self._account = None  # a fresh start next time (a CA restarted, a network error)
@@ -266,7 +360,7 @@ class AcmeManager:
         """Thread: answer the challenges, wait for the certificate; its chain as PEM."""
         from acme import challenges
 
-        acme, _ = self._client()
+        acme, _ = self._account
         try:
             for challb in challenge_bodies:
                 acme.answer_challenge(challb, challenges.HTTP01Response())  # {}: "ready, validate now"

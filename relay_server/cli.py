@@ -74,7 +74,8 @@ class Relayd:
         self.acme: AcmeManager | None = None
         if config.acme.enable:
             self.acme = AcmeManager(config.acme, self.config_path, self.state_dir, self.certs, self.registry.domains,
-                                    config.max_tunnels_per_client)  # fmt: skip
+                                    config.max_tunnels_per_client, self.store,
+                                    config.public_address())  # fmt: skip
             self.http.acme_tokens = self.acme.http_tokens
             self.http.acme_enabled = True
             self.https.alpn_contexts = self.acme.alpn_contexts

@@ -116,6 +116,7 @@ class Store(abc.ABC):
     def __init__(self) -> None:
         self._listeners: list[ChangeListener] = []
         self._block_listeners: list[BlockListener] = []
+        self._acme_listeners: list[BlockListener] = []
 
     # --- change feed ----------------------------------------------------------------------------
 
@@ -143,6 +144,35 @@ class Store(abc.ABC):
 
     async def publish_block(self, event: dict[str, Any]) -> None:  # noqa: B027
         """Tell every node of the cluster about a login block or unblock (nothing to do alone)."""
+
+    # --- ACME, shared by a cluster's nodes (alone, relayd keeps it in state_dir) ---------------
+
+    def subscribe_acme(self, listener: BlockListener) -> None:
+        """Call ``listener`` with each ACME event another node published (a challenge answer to
+        serve or drop, a certificate stored)."""
+        self._acme_listeners.append(listener)
+
+    def announce_acme(self, event: dict[str, Any]) -> None:
+        for listener in self._acme_listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("store: an ACME listener failed on %s", str(event)[:200])
+
+    async def publish_acme(self, event: dict[str, Any]) -> None:  # noqa: B027
+        """Tell every node about an ACME event (nothing to do alone)."""
+
+    async def acme_get(self, key: str) -> str | None:
+        """A stored ACME value (the account key, ``cert:NAME``), or None."""
+        return None
+
+    async def acme_put(self, key: str, value: str) -> None:  # noqa: B027
+        """Store an ACME value for every node."""
+
+    async def acme_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """Whether ``holder`` may order ``name`` now (no other node holds a lease on it that is
+        younger than ``seconds``); alone, always."""
+        return True
 
     # --- lifecycle ------------------------------------------------------------------------------
 

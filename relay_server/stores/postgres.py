@@ -51,6 +51,7 @@ T = TypeVar("T")
 SCHEMA_VERSION = 1
 CHANNEL = "relay_changes"
 BLOCKS_CHANNEL = "relay_blocks"  # login blocks, so that one node's block holds on every node
+ACME_CHANNEL = "relay_acme"  # challenge answers and new certificates, for every node
 RETRY_EVERY = 2.0
 MIGRATION_LOCK = 0x72656C6179  # "relay": the advisory lock held while the schema is created
 COMMAND_TIMEOUT = 5.0
@@ -76,6 +77,9 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS members (
         addr TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, started DOUBLE PRECISION NOT NULL,
         heartbeat DOUBLE PRECISION NOT NULL, clients TEXT NOT NULL DEFAULT '[]')""",
+    """CREATE TABLE IF NOT EXISTS acme (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS acme_leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL,
+        until DOUBLE PRECISION NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS port_choices (
         client TEXT NOT NULL, tunnel TEXT NOT NULL, transport TEXT NOT NULL, port INTEGER NOT NULL,
         PRIMARY KEY (client, tunnel, transport))""",
@@ -143,6 +147,7 @@ class PostgresStore(Store):
         self._listener.add_termination_listener(self._listener_lost)
         await self._listener.add_listener(CHANNEL, self._notified)
         await self._listener.add_listener(BLOCKS_CHANNEL, self._block_notified)
+        await self._listener.add_listener(ACME_CHANNEL, self._acme_notified)
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         try:
@@ -160,6 +165,36 @@ class PostgresStore(Store):
             return
         if isinstance(event, dict):
             self.announce_block(event)
+
+    def _acme_notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return
+        if isinstance(event, dict):
+            self.announce_acme(event)
+
+    async def publish_acme(self, event: dict[str, Any]) -> None:
+        payload = json.dumps(event)
+        if len(payload) > 7000:  # NOTIFY payloads are limited to 8000 bytes
+            raise ValueError("ACME event too large to publish")
+        await self._call(lambda c: c.execute("SELECT pg_notify($1, $2)", ACME_CHANNEL, payload))
+
+    async def acme_get(self, key: str) -> str | None:
+        row = await self._call(lambda c: c.fetchrow("SELECT value FROM acme WHERE key = $1", key))
+        return str(row["value"]) if row else None
+
+    async def acme_put(self, key: str, value: str) -> None:
+        await self._call(lambda c: c.execute("INSERT INTO acme (key, value) VALUES ($1, $2) ON CONFLICT (key) "
+                                             "DO UPDATE SET value = excluded.value", key, value))  # fmt: skip
+
+    async def acme_lease(self, name: str, holder: str, seconds: float) -> bool:
+        now = time.time()
+        row = await self._call(lambda c: c.fetchrow(
+            "INSERT INTO acme_leases (name, holder, until) VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE "
+            "SET holder = excluded.holder, until = excluded.until WHERE acme_leases.until < $4 "
+            "OR acme_leases.holder = excluded.holder RETURNING holder", name, holder, now + seconds, now))  # fmt: skip
+        return row is not None and row["holder"] == holder
 
     async def publish_block(self, event: dict[str, Any]) -> None:
         payload = json.dumps(event)[:4000]

@@ -179,3 +179,57 @@ def test_a_failed_issuance_leaves_http_working_and_is_reported(tmp_path: Path, p
         assert vhost_get(http_port, "app.relay.test") == (200, b"proto=http")
     finally:
         app.close()
+
+
+def test_a_cluster_orders_a_name_once_and_every_node_serves_it(tmp_path: Path, procs: list[Proc]) -> None:
+    """Two nodes on one PostgreSQL: the node that orders publishes its challenge answer, so the CA
+    may validate through the other node (pebble sends its HTTP-01 validation to node B's port while
+    node A, which relayc reached first, holds the order); the certificate goes into the store and
+    both nodes serve the same one."""
+    from tests.e2e.postgres import Postgres
+    from tests.e2e.postgres import available as pg_missing
+
+    if pg_missing() is not None:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"CI must install postgresql: {pg_missing()}")
+        pytest.skip(str(pg_missing()))
+    app = TcpServer(keepalive_app)
+    ports = [(free_port(), free_port(), free_port(), free_port()) for _ in range(2)]  # control, dash, http, https
+    with Postgres(tmp_path / "pg") as pg, Pebble(tmp_path / "pebble", http_port=ports[1][2], tls_port=ports[1][3],
+                                                  extra_env={"PEBBLE_AUTHZREUSE": "0"}) as pebble:  # fmt: skip
+        nodes = []
+        for i, (port, dash, http_port, https_port) in enumerate(ports):
+            node_dir = tmp_path / f"node{i}"
+            node_dir.mkdir()
+            nodes.append(spawn(procs, "relay_server.cli", relayd_config(
+                node_dir, port, vhost_http_port=http_port, vhost_https_port=https_port, subdomain_host="relay.test",
+                store={"url": pg.url}, dashboard={"port": dash, "password": PASSWORD},
+                acme={"enable": True, "directory_url": pebble.directory_url, "ca_file": str(pebble.ca_file),
+                      "challenge": "http-01"})))  # fmt: skip
+            nodes[-1].wait_for("listening for relayc")
+        wait_until(lambda: "2 live nodes" in nodes[0].output, 15, "node A to see node B")
+        tunnel = {"name": "app", "type": "http", "local_port": app.port, "subdomain": "app"}
+        c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, ports[0][0], [tunnel]))
+        c.wait_for(rf"logged in to relayd \S+ at 127\.0\.0\.1:{ports[1][0]}", timeout=20)
+        apis = [Api(dash) for _, dash, _, _ in ports]
+
+        def both_served() -> bool:
+            return all((certificate_items(api).get("app.relay.test") or {}).get("not_after") for api in apis)
+
+        def why() -> str:
+            items = [certificate_items(a) for a in apis]
+            logs = "\n".join(n.output[-2000:] for n in nodes)
+            return f"both nodes to hold a certificate ({items}); relayd A and B:\n{logs}"
+
+        wait_until(both_served, 60, why)
+        served = [served_certificate(https_port, "app.relay.test") for _, _, _, https_port in ports]
+        assert served[0].serial_number == served[1].serial_number  # one order, one certificate
+        ordered = ["acme: ordering a certificate for app.relay.test" in n.output for n in nodes]
+        assert ordered == [True, False]  # node A ordered (relayc reached it first); pebble validated through B
+
+        context = verified(pebble, tmp_path)
+        for _, _, _, https_port in ports:
+            with context.wrap_socket(socket.create_connection(("127.0.0.1", https_port), timeout=10),
+                                     server_hostname="app.relay.test") as tls:  # fmt: skip
+                assert get(tls, "app.relay.test") == b"proto=https"
+    app.close()
