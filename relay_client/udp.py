@@ -15,7 +15,7 @@ from typing import Any
 
 from shared.aio import MuxConnection
 from shared.burst import BurstLog
-from shared.datagrams import DatagramDecoder, encode_datagram
+from shared.datagrams import PER_CALLBACK, DatagramDecoder, encode_datagram
 from shared.frames import ResetCode
 from shared.tunnel import TunnelSpec
 
@@ -39,6 +39,7 @@ class LocalUdpFlow(asyncio.DatagramProtocol):
         self.loop = mux.loop
         self.last_active = self.loop.time()
         self.dropped = 0
+        self._draining = False
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -88,13 +89,28 @@ class LocalUdpFlow(asyncio.DatagramProtocol):
     # --- the stream -----------------------------------------------------------------------------
 
     def on_data(self, data: bytes | memoryview) -> None:
-        self.mux.consume(self.stream_id, len(data))
+        if self.closed:
+            self.mux.consume(self.stream_id, len(data))
+            return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes | memoryview = b"") -> None:
+        """Datagrams from relayd to the service, ``PER_CALLBACK`` at a time (credit for the rest is
+        held until they are handled in later loop iterations)."""
+        self._draining = False
         if self.closed:
             return
-        self.last_active = self.loop.time()
+        decoder = self.decoder
+        datagrams = decoder.feed(data, PER_CALLBACK)
+        if decoder.consumed:
+            self.mux.consume(self.stream_id, decoder.consumed)
+        if datagrams:
+            self.last_active = self.loop.time()
         transport = self.transport
-        for datagram in self.decoder.feed(data):
-            if transport is not None:
+        for datagram in datagrams:
+            if not datagram:
+                self.dropped += 1  # an empty datagram: nothing to send (asyncio would not either)
+            elif transport is not None:
                 if transport.get_write_buffer_size() > FLOW_BACKLOG:  # type: ignore[attr-defined]
                     self.dropped += 1
                     continue
@@ -103,6 +119,9 @@ class LocalUdpFlow(asyncio.DatagramProtocol):
                 self.waiting.append(datagram)
             else:
                 self.dropped += 1
+        if decoder.more and not self._draining:
+            self._draining = True
+            self.loop.call_soon(self._deliver)
 
     def on_end(self) -> None:
         self.abort()

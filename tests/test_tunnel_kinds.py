@@ -169,7 +169,33 @@ def test_a_udp_flow_drops_datagrams_instead_of_buffering_them() -> None:
         flow.from_visitor(b"q" * 100)
     assert len(sent) == 1 and tunnel.dropped == 1000
     waiting[7] = 0
-    flow.buckets = (TokenBucket(250, endpoint.loop.now),)  # 250 bytes/s: two datagrams fit now
+    flow.buckets = (TokenBucket(300, endpoint.loop.now),)  # 300 bytes/s: two datagrams (100 + 28 each) fit now
     for _ in range(3):
         flow.from_visitor(b"q" * 100)
     assert len(sent) == 3 and tunnel.dropped == 1001
+
+
+async def test_a_udp_flow_handles_a_flood_of_tiny_datagrams_a_bounded_number_at_a_time() -> None:
+    """relayc sends 256 KiB of empty datagrams: relayd's flow handles PER_CALLBACK of them per loop
+    callback (credit held for the rest), drops the empty ones, and every byte is credited in the end."""
+    import asyncio
+
+    from relay_server.frontends.udp import UdpFlow
+    from shared.datagrams import PER_CALLBACK
+
+    loop = asyncio.get_running_loop()
+    credited: list[int] = []
+    mux = SimpleNamespace(session=None, consume=lambda sid, n: credited.append(n))
+    tunnel = SimpleNamespace(dropped=0)
+    sent: list[bytes] = []
+    endpoint = SimpleNamespace(loop=loop, tunnel=tunnel, to_visitor=lambda addr, d: sent.append(d) or True)
+    flow = UdpFlow(endpoint, ("127.0.0.1", 5000))  # type: ignore[arg-type]
+    flow.bind(mux, 7)  # type: ignore[arg-type]
+    flood = encode_datagram(b"") * (128 * 1024) + encode_datagram(b"real")
+    flow.on_data(flood)
+    assert sum(credited) == PER_CALLBACK * 2 and tunnel.dropped == PER_CALLBACK  # one callback's share
+    for _ in range(2000):  # bounded: the rest is handled in later loop iterations
+        if sum(credited) == len(flood):
+            break
+        await asyncio.sleep(0)
+    assert sum(credited) == len(flood) and sent == [b"real"] and tunnel.dropped == 128 * 1024

@@ -28,7 +28,7 @@ from relay_server.frontends.base import Frontend
 from relay_server.tunnels import PublicTunnel
 from shared.aio import MuxConnection, TrafficCounters
 from shared.burst import BurstLog
-from shared.datagrams import MAX_DATAGRAM, DatagramDecoder, encode_datagram
+from shared.datagrams import DATAGRAM_OVERHEAD, MAX_DATAGRAM, PER_CALLBACK, DatagramDecoder, encode_datagram
 from shared.frames import ResetCode
 from shared.limits import TokenBucket
 from shared.tunnel import TunnelKind
@@ -81,6 +81,9 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.max_flows = min(max_flows, spec.max_connections) if spec.max_connections else max_flows
         self.idle_timeout = float(spec.udp_idle_timeout)
         self.flows: dict[tuple[str, int], UdpFlow] = {}
+        self.per_source: dict[str, int] = {}  # flows open per visitor IP
+        # one host cannot take every flow: at most an eighth of them (or 16, whichever is more)
+        self.max_per_source = max(min(self.max_flows, 16), self.max_flows // 8)
         self.transport: asyncio.DatagramTransport | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
@@ -114,11 +117,14 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             why = tunnel.refusal_text(refusal, ip)
         elif len(self.flows) >= self.max_flows:
             why = f"max_udp_flows_per_tunnel={self.max_flows} flows open"
+        elif self.per_source.get(ip, 0) >= self.max_per_source:
+            why = f"{self.max_per_source} flows from {ip} already (the most one source may hold)"
         else:
             flow = UdpFlow(self, (ip, port))
             if not tunnel.attach(flow, visitor):
                 return None
             self.flows[(ip, port)] = flow
+            self.per_source[ip] = self.per_source.get(ip, 0) + 1
             return flow
         self.burst_log.warning(f"refuse:{tunnel.client_name}:{tunnel.name}",
                                "client %s tunnel %s: udp visitor %s refused: %s", tunnel.client_name, tunnel.name,
@@ -136,6 +142,11 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def flow_closed(self, flow: UdpFlow) -> None:
         if self.flows.get(flow.addr) is flow:
             del self.flows[flow.addr]
+            left = self.per_source.get(flow.addr[0], 0) - 1
+            if left > 0:
+                self.per_source[flow.addr[0]] = left
+            else:
+                self.per_source.pop(flow.addr[0], None)
         self.tunnel.detach(flow)
 
     def _arm_sweep(self) -> None:
@@ -162,7 +173,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
 class UdpFlow:
     """One visitor address's datagrams: the visitor end of one stream (``tunnels.Visitor``)."""
 
-    __slots__ = ("addr", "buckets", "closed", "counters", "decoder", "endpoint", "last_active", "mux", "stream_id")
+    __slots__ = ("_draining", "addr", "buckets", "closed", "counters", "decoder", "endpoint", "last_active", "mux",
+                 "stream_id")  # fmt: skip
 
     def __init__(self, endpoint: UdpEndpoint, addr: tuple[str, int]) -> None:
         self.endpoint = endpoint
@@ -172,8 +184,9 @@ class UdpFlow:
         self.counters: TrafficCounters | None = None
         self.buckets: tuple[TokenBucket, ...] = ()
         self.decoder = DatagramDecoder()
-        self.last_active = endpoint.loop.time()
+        self.last_active = endpoint.loop.time()  # the visitor's last datagram (the idle timeout's clock)
         self.closed = False
+        self._draining = False
 
     def bind(self, mux: MuxConnection, stream_id: int) -> None:
         self.mux = mux
@@ -187,7 +200,7 @@ class UdpFlow:
         self.last_active = now
         session = mux.session
         backlog = session.send_buffered(self.stream_id) if session is not None else FLOW_BACKLOG + 1
-        if backlog > FLOW_BACKLOG or not self._fits(len(datagram), now):
+        if backlog > FLOW_BACKLOG or not self._fits(len(datagram) + DATAGRAM_OVERHEAD, now):
             self.endpoint.tunnel.dropped += 1
             return
         if self.counters is not None:
@@ -200,20 +213,36 @@ class UdpFlow:
     # --- the stream side (StreamHandler) --------------------------------------------------------
 
     def on_data(self, data: bytes | memoryview) -> None:
-        mux = self.mux
-        if mux is None:
+        if self.mux is None:
             return
-        mux.consume(self.stream_id, len(data))  # at once: what cannot be sent is dropped, not held
         if self.closed:
+            self.mux.consume(self.stream_id, len(data))
             return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes | memoryview = b"") -> None:
+        """Send relayc's datagrams to the visitor, ``PER_CALLBACK`` at a time (the rest in later
+        loop iterations, their credit held meanwhile): a stream of tiny datagrams cannot hold the
+        loop.  A datagram that cannot be sent now is dropped, not queued."""
+        self._draining = False
+        mux = self.mux
+        if mux is None or self.closed:
+            return
+        decoder = self.decoder
+        datagrams = decoder.feed(data, PER_CALLBACK)
+        if decoder.consumed:
+            mux.consume(self.stream_id, decoder.consumed)
         now = self.endpoint.loop.time()
-        self.last_active = now
-        for datagram in self.decoder.feed(data):
-            if self._fits(len(datagram), now) and self.endpoint.to_visitor(self.addr, datagram):
+        for datagram in datagrams:
+            if datagram and self._fits(len(datagram) + DATAGRAM_OVERHEAD, now) and \
+                    self.endpoint.to_visitor(self.addr, datagram):  # fmt: skip
                 if self.counters is not None:
                     self.counters.bytes_out += len(datagram)
             else:
                 self.endpoint.tunnel.dropped += 1
+        if decoder.more and not self._draining:
+            self._draining = True
+            self.endpoint.loop.call_soon(self._deliver)
 
     def on_end(self) -> None:
         self.abort()
