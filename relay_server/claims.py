@@ -196,8 +196,9 @@ class PortClaims:
                 self.holders[key] = heir
             else:
                 del self.holders[key]
-                if client_gone:
-                    self.holds.hold(key, name, time.monotonic())
+                if client_gone:  # reserved for the port's owner: a group's first member, not its last
+                    owner = tunnel.group.owner if tunnel.group is not None else name
+                    self.holds.hold(key, owner, time.monotonic())
         left = self._count.get(name, 0) - 1
         if left > 0:
             self._count[name] = left
@@ -365,8 +366,7 @@ class DomainClaims:
                             claim.http[loc] = heir
                         else:
                             claim.remove_location(loc)
-            if heir is not None and claim.owner == tunnel.client_name:
-                claim.owner = heir.client_name
+
             if claim.empty:
                 del self.domains[d]
                 if client_gone:

@@ -10,7 +10,8 @@ the listener or routes; every member is in ``members``.  A visitor reaching the 
 ``pick()``: round robin over the members that can take it now (client connected, health check
 not failing).  When the holder leaves, its frontend hands the listener or routes to another member
 (``heir``), so the place stays served while any member is; the last one out releases it as any
-tunnel would (reserved for its client if that client went offline).
+tunnel would, reserved for the group's *first* member's client (whose place it is).  A member
+never becomes the owner of a domain: it serves the group's routes only.
 
 Each operation costs O(members).  The group key is compared in constant time, and a wrong one is
 refused without saying anything about the group beyond its name being in use.
@@ -43,12 +44,13 @@ def same_group(a: TunnelSpec, b: TunnelSpec) -> bool:
 
 
 class TunnelGroup:
-    __slots__ = ("_next", "key", "members", "name", "place")
+    __slots__ = ("_next", "key", "members", "name", "owner", "place")
 
     def __init__(self, first: PublicTunnel) -> None:
         spec = first.spec
         self.name = spec.group
         self.key = spec.group_key
+        self.owner = first.client_name  # whose place it stays (reserved for it when all have left)
         self.place = place_of(spec)
         self.members: list[PublicTunnel] = [first]
         self._next = 0

@@ -13,7 +13,7 @@ from shared.errors import TunnelRefusal, TunnelRefused
 
 
 def tunnel(client: str, name: str) -> Any:
-    return SimpleNamespace(client_name=client, name=name, bind_host="127.0.0.1")
+    return SimpleNamespace(client_name=client, name=name, bind_host="127.0.0.1", group=None)
 
 
 async def claim(ports: PortClaims, t: Any, transport: Transport, port: int) -> int:

@@ -199,3 +199,32 @@ async def test_a_udp_flow_handles_a_flood_of_tiny_datagrams_a_bounded_number_at_
             break
         await asyncio.sleep(0)
     assert sum(credited) == len(flood) and sent == [b"real"] and tunnel.dropped == 128 * 1024
+
+
+def test_a_group_member_never_takes_over_the_owners_domain() -> None:
+    """alice serves / alone and /api with bob (a group); when alice goes, bob keeps serving /api
+    for the group, but the domain stays alice's: bob cannot put / on it, and it is reserved for
+    alice, not bob, once the last member leaves."""
+    from relay_server.claims import DomainClaims
+
+    def http(client: str, name: str, location: str, **fields: Any) -> Any:
+        spec = TunnelSpec.parse({"name": name, "type": "http", "local_port": 80, "custom_domains": ["app.test"],
+                                 "locations": [location], **fields})  # fmt: skip
+        return SimpleNamespace(spec=spec, client_name=client, name=name, group=None, claim=None)
+
+    group = {"group": "g", "group_key": "k" * 16}
+    domains = DomainClaims("")
+    alice_root, alice_api, bob_api = http("alice", "root", "/"), http("alice", "api", "/api", **group), \
+        http("bob", "api", "/api", **group)  # fmt: skip
+    domains.add(alice_root, 0.0)
+    domains.add(alice_api, 0.0)
+    domains.add(bob_api, 0.0)
+    assert alice_api.group is bob_api.group
+    domains.remove(alice_root, client_gone=True, now=1.0)
+    domains.remove(alice_api, client_gone=True, now=1.0)
+    assert domains.match_http("app.test", "/api/x") is bob_api  # the group goes on serving
+    assert domains.domains["app.test"].owner == "alice"
+    with pytest.raises(TunnelRefused, match="belongs to client 'alice'"):
+        domains.add(http("bob", "root", "/"), 2.0)
+    domains.remove(bob_api, client_gone=True, now=3.0)
+    assert domains.offline_owner("app.test", 4.0) == "alice"
