@@ -133,6 +133,7 @@ class Relayd:
             await self.store.heartbeat(self.public_address, self.listener.fingerprint, self.started,
                                        tuple(sorted(self.registry.sessions)))  # fmt: skip
             members = await self.store.members(MEMBER_MAX_AGE)
+            await self.store.refresh_places(self.registry.held_places())
         except StoreUnavailable as exc:
             log.warning("cluster: %s (members as last known: %d)", exc, len(self.registry.members))
             return

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import hashlib
 import logging
 import secrets
 import time
@@ -42,6 +43,7 @@ from relay_server.claims import DomainClaims, PortClaims, Transport
 from relay_server.frontends.base import Frontend
 from relay_server.groups import same_group
 from relay_server.guard import Block, BlockKind, LoginGuard
+from relay_server.holds import HOLD_SECONDS
 from relay_server.stores.base import (
     Change,
     ChangeKind,
@@ -397,6 +399,8 @@ class Registry:
         except BaseException:
             self._went_inactive(key)
             raise
+        if self.store.shared:
+            await self._claim_in_cluster(session.name, tunnel, frontend)
         if not known and self._lasting.get(key) is None:
             self._lasting.add(key, lasting, evictable=False)
         session.refusals.pop(spec.name, None)
@@ -406,6 +410,34 @@ class Registry:
         session.tunnels[spec.name] = tunnel
         self._emit(TunnelOpened(session.name, spec.name, spec.type, tunnel.public))
         return tunnel
+
+    async def _claim_in_cluster(self, client: str, tunnel: PublicTunnel, frontend: Frontend) -> None:
+        """In a cluster, a port or domain belongs to one client on every node: the tunnel's places
+        are taken in the database too (a place no node refreshed for HOLD_SECONDS is free), and a
+        place another client holds elsewhere refuses the tunnel here.  With the database down, the
+        node's own tables decide (running and returning clients keep their tunnels)."""
+        places = places_of(tunnel)
+        if not places:
+            return
+        try:
+            taken = await self.store.claim_places(places, client, group_id(tunnel.spec), HOLD_SECONDS)
+        except StoreUnavailable as exc:
+            log.warning("cluster: %s/%s claimed on this node only: %s", client, tunnel.name, exc)
+            return
+        except BaseException:
+            frontend.release(tunnel, client_gone=False)
+            self._went_inactive((client, tunnel.name))
+            raise
+        if taken is not None:
+            frontend.release(tunnel, client_gone=False)
+            self._went_inactive((client, tunnel.name))
+            place, owner = taken
+            reason = TunnelRefusal.DOMAIN_TAKEN if place.startswith("domain") else TunnelRefusal.PORT_TAKEN
+            raise TunnelRefused(reason, f"{place} belongs to client {owner!r} (on another node of the cluster)")
+
+    def held_places(self) -> list[tuple[str, str]]:
+        """The places this node's open tunnels hold (refreshed in the cluster's database)."""
+        return [place for session in self.sessions.values() for t in session.tunnels.values() for place in places_of(t)]
 
     async def _cluster_port(self, client: str, spec: TunnelSpec) -> TunnelSpec:
         """In a cluster, a ``remote_port = 0`` tcp/udp tunnel gets the port some node chose for it
@@ -421,10 +453,18 @@ class Registry:
 
     def close_tunnel(self, tunnel: PublicTunnel, client_gone: bool) -> None:
         """Release what the tunnel's frontend holds for it and reset its visitors."""
+        if self.store.shared and not client_gone and (places := places_of(tunnel)):
+            self._spawn(self._release_places(places, tunnel.client_name), "releasing a tunnel's places")
         self.frontends[tunnel.spec.type].release(tunnel, client_gone)
         self.burst_log.forget(f"refuse:{tunnel.client_name}:{tunnel.name}")
         self._went_inactive((tunnel.client_name, tunnel.name))
         self._emit(TunnelClosed(tunnel.client_name, tunnel.name))
+
+    async def _release_places(self, places: list[tuple[str, str]], client: str) -> None:
+        try:
+            await self.store.release_places(places, client)
+        except StoreUnavailable:
+            pass  # they are freed when no node refreshes them for HOLD_SECONDS
 
     def stop_accepting(self, tunnel: PublicTunnel) -> None:
         self.frontends[tunnel.spec.type].stop_accepting(tunnel)
@@ -887,3 +927,20 @@ def _status(state: TunnelState, refusal: tuple[TunnelRefusal, str] | None) -> st
     if state is TunnelState.REFUSED and refusal is not None:
         return f"refused: {refusal[1]}"
     return state.value
+
+
+def places_of(tunnel: PublicTunnel) -> list[tuple[str, str]]:
+    """What a tunnel holds that one client only may hold: its port (per transport) or domains."""
+    kind = tunnel.spec.type
+    if kind in (TunnelKind.TCP, TunnelKind.UDP):
+        return [(kind.value, str(tunnel.port))] if tunnel.port else []
+    if kind in (TunnelKind.HTTP, TunnelKind.HTTPS):
+        return [("domain", domain) for domain, _ in tunnel.claim or ()]
+    return []
+
+
+def group_id(spec: TunnelSpec) -> str:
+    """A group's name and a digest of its key: members of one group may share a place."""
+    if not spec.group:
+        return ""
+    return f"{spec.group}:{hashlib.sha256(spec.group_key.encode()).hexdigest()[:32]}"

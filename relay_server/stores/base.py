@@ -268,6 +268,20 @@ class Store(abc.ABC):
         chose one before, else the one chosen."""
         return port
 
+    async def claim_places(self, places: list[tuple[str, str]], owner: str, group: str,
+                           stale_after: float) -> tuple[str, str] | None:  # fmt: skip
+        """Take the places (("tcp", "6000"), ("domain", "app.example.org"), ...) for ``owner``
+        across the cluster: None if taken (or already ``owner``'s, or its group's), else the first
+        place another owner holds and that owner.  A place no node refreshed for ``stale_after``
+        seconds is free.  Alone: always None (the registry's own tables decide)."""
+        return None
+
+    async def release_places(self, places: list[tuple[str, str]], owner: str) -> None:  # noqa: B027
+        """``owner`` removed the tunnel holding these places (not merely went offline)."""
+
+    async def refresh_places(self, places: list[tuple[str, str]]) -> None:  # noqa: B027
+        """This node still holds these places."""
+
     async def chosen_port(self, client: str, tunnel: str, transport: str) -> int:
         """The port chosen before for that tunnel by any node (0: none yet)."""
         return 0

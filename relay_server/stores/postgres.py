@@ -80,6 +80,8 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS acme (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS acme_leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL,
         until DOUBLE PRECISION NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS claims (kind TEXT NOT NULL, key TEXT NOT NULL, owner TEXT NOT NULL,
+        grp TEXT NOT NULL DEFAULT '', held DOUBLE PRECISION NOT NULL, PRIMARY KEY (kind, key))""",
     """CREATE TABLE IF NOT EXISTS port_choices (
         client TEXT NOT NULL, tunnel TEXT NOT NULL, transport TEXT NOT NULL, port INTEGER NOT NULL,
         PRIMARY KEY (client, tunnel, transport))""",
@@ -401,6 +403,39 @@ class PostgresStore(Store):
             return int(row["port"])
 
         return await self._call(choose)
+
+    async def claim_places(self, places: list[tuple[str, str]], owner: str, group: str,
+                           stale_after: float) -> tuple[str, str] | None:  # fmt: skip
+        async def claim(conn: Any) -> tuple[str, str] | None:
+            now = time.time()
+            async with conn.transaction():
+                for kind, key in places:
+                    row = await conn.fetchrow(
+                        "INSERT INTO claims (kind, key, owner, grp, held) VALUES ($1, $2, $3, $4, $5) "
+                        "ON CONFLICT (kind, key) DO UPDATE SET owner = excluded.owner, grp = excluded.grp, "
+                        "held = excluded.held WHERE claims.owner = excluded.owner OR claims.held < $6 "
+                        "RETURNING owner", kind, key, owner, group, now, now - stale_after)  # fmt: skip
+                    if row is not None:
+                        continue
+                    held = await conn.fetchrow("SELECT owner, grp FROM claims WHERE kind = $1 AND key = $2", kind, key)
+                    if held is not None and group and held["grp"] == group:
+                        await conn.execute("UPDATE claims SET held = $3 WHERE kind = $1 AND key = $2", kind, key, now)
+                        continue  # the place of our group: a member may serve it
+                    return f"{kind} {key}", str(held["owner"]) if held is not None else "?"
+            return None
+
+        return await self._call(claim)
+
+    async def release_places(self, places: list[tuple[str, str]], owner: str) -> None:
+        await self._call(lambda c: c.execute(
+            "DELETE FROM claims WHERE owner = $3 AND (kind, key) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+            [k for k, _ in places], [v for _, v in places], owner))  # fmt: skip
+
+    async def refresh_places(self, places: list[tuple[str, str]]) -> None:
+        if places:
+            await self._call(lambda c: c.execute(
+                "UPDATE claims SET held = $3 WHERE (kind, key) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                [k for k, _ in places], [v for _, v in places], time.time()))  # fmt: skip
 
     async def chosen_port(self, client: str, tunnel: str, transport: str) -> int:
         query = "SELECT port FROM port_choices WHERE client = $1 AND tunnel = $2 AND transport = $3"

@@ -21,7 +21,17 @@ from typing import Any
 import pytest
 
 from shared.messages import LoginFailed
-from tests.e2e.harness import TOKEN, Proc, TcpServer, free_port, relayc_config, relayd_config, round_trip, spawn
+from tests.e2e.harness import (
+    TOKEN,
+    Proc,
+    TcpServer,
+    free_port,
+    relayc_config,
+    relayd_config,
+    round_trip,
+    spawn,
+    vhost_get,
+)
 from tests.e2e.postgres import Postgres, available
 from tests.e2e.rawclient import RawClient
 from tests.e2e.test_core import tunnel_item
@@ -51,6 +61,7 @@ class Node:
         self.procs = procs
         self.proc: Proc | None = None
         self.api = Api(self.dash)
+        self.http = 0  # vhost_http_port, when the test sets one
 
     def start(self) -> Proc:
         cfg = relayd_config(self.dir, self.port, proxy_bind_addr=self.public, store={"url": self.url},
@@ -224,3 +235,53 @@ def test_three_nodes_on_one_database(tmp_path: Path, echo: TcpServer, procs: lis
 
         wait_until(lambda: all(reaches(addr, after) for addr in ADDRS), 15, logs)
         assert round_trip(after, b"x" * 1000) == b"x" * 1000
+
+
+def test_a_domain_belongs_to_one_client_on_every_node(tmp_path: Path, procs: list[Proc]) -> None:
+    """Node B restarts with empty tables and bob reaches it before alice's relayc is back there:
+    the database still says the domain is alice's (node A keeps it fresh), so bob is refused on B
+    too, and every visitor of the domain reaches alice, whichever node it reaches."""
+    alice_app, bob_app = TcpServer(lambda c: _answer(c, b"alice")), TcpServer(lambda c: _answer(c, b"bob"))
+    with Postgres(tmp_path / "pg") as pg:
+        nodes = []
+        for i in range(2):
+            node = Node(tmp_path, f"node{i}", pg.url, "127.0.0.1", procs)
+            node.http = free_port()
+            nodes.append(node)
+        a, b = nodes
+
+        def start(node: Node) -> Proc:
+            cfg = relayd_config(node.dir, node.port, store={"url": pg.url}, vhost_http_port=node.http,
+                                subdomain_host="relay.test")  # fmt: skip
+            node.proc = spawn(procs, "relay_server.cli", cfg)
+            node.proc.wait_for("listening for relayc")
+            return node.proc
+
+        start(a)
+        start(b)
+        tunnel = {"name": "app", "type": "http", "subdomain": "app"}
+        alice_tunnels = [{**tunnel, "local_port": alice_app.port}]
+        alice = spawn(procs, "relay_client.cli", relayc_config(tmp_path, a.port, alice_tunnels, name="alice",
+                                                               filename="alice.toml"))  # fmt: skip
+        alice.wait_for(rf"logged in to relayd \S+ at 127\.0\.0\.1:{b.port}", timeout=20)
+        wait_until(lambda: all(vhost_get(n.http, "app.relay.test") == (200, b"alice") for n in nodes), 15,
+                   "alice's app through both nodes")  # fmt: skip
+        assert b.proc is not None
+        b.proc.stop(signal.SIGKILL)
+        mark = alice.mark()
+        start(b)
+        bob_tunnels = [{**tunnel, "local_port": bob_app.port}]
+        bob = spawn(procs, "relay_client.cli", relayc_config(tmp_path, b.port, bob_tunnels, name="bob",
+                                                             filename="bob.toml"))  # fmt: skip
+        bob.wait_for(r"tunnel app refused by relayd: domain app\.relay\.test belongs to client 'alice'", timeout=20)
+        alice.wait_for(rf"logged in to relayd \S+ at 127\.0\.0\.1:{b.port}", timeout=30, start=mark)
+        wait_until(lambda: vhost_get(b.http, "app.relay.test") == (200, b"alice"), 15, "alice's app through B again")
+        answers = {vhost_get(n.http, "app.relay.test")[1] for n in nodes for _ in range(5)}
+        assert answers == {b"alice"}
+    alice_app.close()
+    bob_app.close()
+
+
+def _answer(conn: socket.socket, body: bytes) -> None:
+    conn.recv(4096)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
