@@ -61,7 +61,8 @@ class Relayd:
         self.registry.add_frontend(TcpFrontend(self.registry.ports, self.burst_log, reuse_port=cluster))
         self.registry.add_frontend(UdpFrontend(self.registry.ports, self.burst_log,
                                                config.limits.max_udp_flows_per_tunnel))  # fmt: skip
-        self.registry.add_frontend(SecretFrontend(self.registry.find_secret, lambda: self.listener.fingerprint))
+        self.registry.add_frontend(SecretFrontend(self.registry.find_secret, lambda: self.listener.fingerprint,
+                                                  self.registry.has_own_token))  # fmt: skip
         self.http = HttpFrontend(self.registry.domains, bind, config.vhost_http_port, config.vhost_header_timeout)
         self.https = SniFrontend(self.registry.domains, bind, config.vhost_https_port, config.vhost_header_timeout)
         self.http.reuse_port = self.https.reuse_port = cluster

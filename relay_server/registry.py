@@ -304,6 +304,12 @@ class Registry:
         """Whether client ``name`` may open one more visitor-only session."""
         return len(self.visitor_sessions.get(name, ())) < VISITOR_SESSIONS_PER_CLIENT
 
+    def has_own_token(self, session: ClientSession) -> bool:
+        """Whether ``session`` logged in with a token of its own (a client made in the dashboard),
+        rather than relayd's shared token, under which any name can be taken."""
+        record = self.clients.get(session.name)
+        return record is not None and bool(session.token_used) and session.token_used == record.token
+
     def register_visitor(self, session: ClientSession) -> None:
         """A visitor-only session logged in: it visits secret tunnels and holds nothing, so it
         never conflicts with the client's own session of the same name."""

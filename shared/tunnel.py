@@ -55,6 +55,14 @@ PROBLEM_KEY_MAX: Final = 64  # characters of a key named in a refusal
 PROBLEM_MAX: Final = 512  # characters of a refusal's text
 
 
+def check_shared_secret(value: str) -> str:
+    """A secret_key or group_key: printable, and long enough not to be guessed (16 characters)."""
+    check_printable(value)
+    if value and len(value) < 16:
+        raise ValueError("is too short to be a secret: use at least 16 characters (a random one)")
+    return value
+
+
 def _kinds(*kinds: TunnelKind, label: str = "") -> dict[str, Any]:
     return {"kinds": kinds, "label": label}
 
@@ -96,13 +104,13 @@ class TunnelSpec(Table):
     # secret tunnels: who may visit (client names), or anyone who presents secret_key
     allow_visitors: list[str] = key([], max_len=MAX_LIST, check=check_each(check_name, 128),
                                     meta=_kinds(TunnelKind.SECRET, label="clients allowed to visit"))  # fmt: skip
-    secret_key: str = key("", max_len=256, check=check_printable,
+    secret_key: str = key("", max_len=256, check=check_shared_secret,
                           meta={**_kinds(TunnelKind.SECRET, label="key a visitor may present instead"),
                                 "secret": True})  # fmt: skip
     # several clients serving one port or domain: members share group and group_key
     group: str = key("", check=lambda v: check_name(v) if v else v,
                      meta=_kinds(*GROUP_KINDS, label="group name (load balancing)"))  # fmt: skip
-    group_key: str = key("", max_len=256, check=check_printable,
+    group_key: str = key("", max_len=256, check=check_shared_secret,
                          meta={**_kinds(*GROUP_KINDS, label="group key (shared by its members)"),
                                "secret": True})  # fmt: skip
     # relayc probes the local service; a failing one is taken out of its group, shown as service down

@@ -76,9 +76,10 @@ def test_kind_rules_of_the_new_fields() -> None:
     assert problem(type="udp", health_check="tcp").startswith("health_check: only for")
     assert problem(type="tcp", udp_idle_timeout=5).startswith("udp_idle_timeout: only for udp")
     assert problem(type="tcp", remote_port=6000, group="web").startswith("group_key: a group needs group_key")
-    assert problem(type="tcp", group="web", group_key="k").startswith("remote_port: a group needs a fixed")
+    assert problem(type="tcp", group="web", group_key="k" * 16).startswith("remote_port: a group needs a fixed")
     assert problem(type="secret", allow_visitors=["not a name"]).startswith("allow_visitors")
     assert problem(health_check="http", health_check_path="no-slash").startswith("health_check_path")
+    assert problem(type="secret", secret_key="short").startswith("secret_key: is too short to be a secret")
 
 
 # --- groups -------------------------------------------------------------------------------------
@@ -86,7 +87,7 @@ def test_kind_rules_of_the_new_fields() -> None:
 
 def member(client: str, **fields: Any) -> Any:
     spec = TunnelSpec.parse({"name": "web", "local_port": 80, "remote_port": 6000, "group": "web",
-                             "group_key": "k", **fields})  # fmt: skip
+                             "group_key": "k" * 16, **fields})  # fmt: skip
     mux = SimpleNamespace(is_open=True)
     return SimpleNamespace(spec=spec, client_name=client, name="web", healthy=None, group=None,
                            client=SimpleNamespace(mux=mux), bind_host="127.0.0.1")  # fmt: skip
@@ -111,10 +112,10 @@ def test_a_group_takes_turns_and_skips_members_that_cannot_serve() -> None:
 def test_joining_a_group_needs_its_name_key_and_place() -> None:
     group = TunnelGroup(member("a"))
     assert group.problem(member("b").spec) is None
-    assert "another group_key" in (group.problem(member("b", group_key="guess").spec) or "")
+    assert "another group_key" in (group.problem(member("b", group_key="a-wrong-guess-of-the-key").spec) or "")
     assert "same type and remote_port" in (group.problem(member("b", remote_port=6001).spec) or "")
     assert same_group(member("a").spec, member("b").spec)
-    assert not same_group(member("a").spec, member("b", group_key="other").spec)
+    assert not same_group(member("a").spec, member("b", group_key="another-group-key-entirely").spec)
 
 
 async def test_group_members_share_a_port_and_hand_it_over() -> None:
@@ -130,7 +131,7 @@ async def test_group_members_share_a_port_and_hand_it_over() -> None:
     assert group is first.group
     group.join(second)
     with pytest.raises(TunnelRefused, match="group 'web' has another group_key") as info:
-        ports.join(member("mallory", group_key="guess"), Transport.TCP, 6000)
+        ports.join(member("mallory", group_key="a-wrong-guess-of-the-key"), Transport.TCP, 6000)
     assert info.value.reason is TunnelRefusal.PORT_TAKEN
     assert ports.join(member("other", group="other"), Transport.TCP, 6000) is None  # not this group: usual rules
     # the holder leaves: the port goes to the other member, not to anyone else

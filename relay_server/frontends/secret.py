@@ -9,11 +9,13 @@ from ``relayc connect``) opens a stream (odd id) whose first message is ``visit_
 tunnel, proof}``; relayd reads it (at most ``VISIT_PREAMBLE_MAX`` bytes), and:
 
   * finds the secret tunnel ``tunnel`` that client ``client`` has open now (else ``not_found``);
-  * lets the visitor in if its client name is in the tunnel's ``allow_visitors``, or if ``proof``
+  * lets the visitor in if its client name is in the tunnel's ``allow_visitors`` and it logged in
+    with a token of its own (a name taken with relayd's shared token proves nothing), or if ``proof``
     is the HMAC of the tunnel's ``secret_key`` over (visitor name, client, tunnel, relayd's
     certificate fingerprint) (``shared.auth.visit_proof``; the key itself is never sent); else
-    ``not_allowed``.  The tunnel's ``allow_sources`` applies to the visitor's address and its
-    connection limits to visits (``busy``);
+    ``not_allowed``.  Past ``WRONG_KEYS_MAX`` wrong keys from a client name in ``WRONG_KEY_WINDOW``,
+    its proofs are refused unchecked (no online guessing).  The tunnel's ``allow_sources`` applies
+    to the visitor's address and its connection limits to visits (``busy``);
   * opens a stream to the owner (``stream_open``, as for any visitor) and answers ``visit_result
     {ok}`` on the visitor's stream; any refusal is ``visit_result {ok: false, code, error}`` and
     the visitor's stream is ended.
@@ -30,11 +32,12 @@ a reset as a reset.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from relay_server.frontends.base import Frontend
-from relay_server.tunnels import PublicTunnel
+from relay_server.tunnels import PublicTunnel, Refusal
 from shared import auth
 from shared.aio import MuxConnection, TrafficCounters
 from shared.errors import RemoteProtocolError
@@ -48,6 +51,8 @@ if TYPE_CHECKING:
 
 VISIT_PREAMBLE_MAX = 4096  # bytes of a visit_open message
 VISITS_PER_SESSION = 1024  # visit streams one relayc session may have open
+WRONG_KEYS_MAX = 10  # wrong secret_key proofs per visitor name and window; then refused unchecked
+WRONG_KEY_WINDOW = 600.0
 
 
 class SecretFrontend(Frontend):
@@ -55,9 +60,14 @@ class SecretFrontend(Frontend):
 
     kind = TunnelKind.SECRET
 
-    def __init__(self, find: Callable[[str, str], PublicTunnel | None], fingerprint: Callable[[], str]) -> None:
+    def __init__(self, find: Callable[[str, str], PublicTunnel | None], fingerprint: Callable[[], str],
+                 own_token: Callable[[ClientSession], bool] = lambda session: True) -> None:  # fmt: skip
         self.find = find
         self.fingerprint = fingerprint
+        # whether a session logged in with a token of its own (a dashboard client): only such a
+        # name is proof of who visits; anyone with relayd's shared token may log in under any name
+        self.own_token = own_token
+        self._wrong_keys: dict[str, tuple[int, float]] = {}  # visitor name -> (wrong keys, window start)
 
     async def claim(self, tunnel: PublicTunnel) -> str:
         allowed = ", ".join(tunnel.spec.allow_visitors)
@@ -82,18 +92,43 @@ class SecretFrontend(Frontend):
         if tunnel is None or tunnel.spec.type is not TunnelKind.SECRET:
             return None, VisitRefusal.NOT_FOUND, f"no secret tunnel {target} is open now (is its client online?)"
         spec = tunnel.spec
-        allowed = session.name in spec.allow_visitors
+        named = session.name in spec.allow_visitors
+        allowed = named and self.own_token(session)
         if not allowed and spec.secret_key and visit.proof:
+            if self._guessing(session.name, time.monotonic()):
+                why = f"too many wrong secret_key attempts from client {session.name!r}; try later"
+                return None, VisitRefusal.NOT_ALLOWED, f"not allowed to visit {target}: {why}"
             expected = auth.visit_proof(spec.secret_key, session.name, visit.client, visit.tunnel, self.fingerprint())
             allowed = auth.proofs_equal(visit.proof, expected)
+            if not allowed:
+                self._count_wrong_key(session.name, time.monotonic())
         if not allowed:
-            why = "wrong secret_key" if visit.proof else f"client {session.name!r} is not in its allow_visitors"
+            if visit.proof:
+                why = "wrong secret_key"
+            elif named:
+                why = (f"client {session.name!r} logged in with relayd's shared token, which any client may use "
+                       "under any name: allow_visitors names only clients with a token of their own (create it in "
+                       "the dashboard), or use secret_key")  # fmt: skip
+            else:
+                why = f"client {session.name!r} is not in its allow_visitors"
             return None, VisitRefusal.NOT_ALLOWED, f"not allowed to visit {target}: {why}"
-        ip = session.remote_addr.rsplit(":", 1)[0].strip("[]")
-        refusal = tunnel.refusal(ip)
+        refusal = tunnel.refusal(session.remote_addr)
         if refusal is not None:
-            return None, VisitRefusal.BUSY, f"{target}: {tunnel.refusal_text(refusal, ip)}"
+            code = VisitRefusal.NOT_ALLOWED if refusal is Refusal.SOURCE else VisitRefusal.BUSY
+            return None, code, f"{target}: {tunnel.refusal_text(refusal, session.remote_addr)}"
         return tunnel, VisitRefusal.NOT_FOUND, ""
+
+    def _guessing(self, name: str, now: float) -> bool:
+        count, start = self._wrong_keys.get(name, (0, now))
+        return now - start < WRONG_KEY_WINDOW and count >= WRONG_KEYS_MAX
+
+    def _count_wrong_key(self, name: str, now: float) -> None:
+        count, start = self._wrong_keys.pop(name, (0, now))
+        if now - start >= WRONG_KEY_WINDOW:
+            count, start = 0, now
+        self._wrong_keys[name] = (count + 1, start)
+        if len(self._wrong_keys) > 10_000:  # names come from logins: keep the most recent ones
+            del self._wrong_keys[next(iter(self._wrong_keys))]
 
 
 class VisitStream:
@@ -164,6 +199,7 @@ class VisitStream:
             self._uncount()
             return
         visitor_end.counters = owner_end.counters  # the tunnel's: visitor -> lab counted as bytes_in
+        visitor_end.buckets = owner_end.buckets  # and its bandwidth limits, both ways
         owner_end.tunnel = tunnel
         mux.set_handler(sid, visitor_end)
         if self._ended:

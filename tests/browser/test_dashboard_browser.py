@@ -29,6 +29,7 @@ from tests.e2e.harness import (
     wait_port_serves,
 )
 from tests.e2e.rawclient import RawClient
+from tests.e2e.test_dashboard import Api
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PASSWORD = "a-long-dashboard-password"
@@ -256,7 +257,9 @@ def test_secret_and_udp_tunnels_from_the_form(tmp_path: Path, procs: list[Proc])
         expect(udp_row).to_contain_text("active", timeout=10_000)
         expect(udp_row).to_contain_text(f"127.0.0.1:{udp_port}/udp")
         browser.close()
-    laptop = relayc_config(tmp_path, port, [], filename="laptop.toml", name="laptop")
+    status, made, _ = Api(dash).call("POST", "/api/v1/clients", {"name": "laptop"})  # a token of its own
+    assert status == 201, made
+    laptop = relayc_config(tmp_path, port, [], filename="laptop.toml", name="laptop", auth={"token": made["token"]})
     done = subprocess.run([sys.executable, "-m", "relay_client.cli", "connect", "-c", str(laptop), "lab/ssh"],
                           input=b"made in the browser", capture_output=True, timeout=30)  # fmt: skip
     assert (done.returncode, done.stdout) == (0, b"made in the browser"), done.stderr.decode()

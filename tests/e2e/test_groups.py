@@ -58,7 +58,7 @@ def test_a_group_spreads_visitors_and_survives_a_member(tmp_path: Path, procs: l
                                                                           filename=f"{name}.toml"))  # fmt: skip
             members[name].wait_for(rf"tunnel web: relayd port {public}")
         # a third client with the group's name but not its key is refused, and serves nothing
-        intruder = dict(GROUP, group_key="a-guess")
+        intruder = dict(GROUP, group_key="a-guess-at-the-group-key")
         tunnel = {"name": "web", "local_port": a.port, "remote_port": public, **intruder}
         refused = rf"tunnel web refused by relayd: port {public} is served by group 'web': group 'web' has another"
         spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [tunnel], name="intruder",

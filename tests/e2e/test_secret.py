@@ -39,13 +39,21 @@ def connect(config: Path, target: str, data: bytes, timeout: float = 30) -> subp
                           input=data, capture_output=True, timeout=timeout, cwd=config.parent)  # fmt: skip
 
 
+def own_token(dash: int, name: str) -> str:
+    """A client made in the dashboard, with a token of its own: only such a name counts for
+    allow_visitors (relayd's shared token lets anyone log in under any name)."""
+    status, body, _ = Api(dash).call("POST", "/api/v1/clients", {"name": name})
+    assert status == 201, body
+    return str(body["token"])
+
+
 def start_lab(procs: list[Proc], tmp: Path, port: int, target: int) -> Proc:
     tunnels = [
-        {"name": "echo", "type": "secret", "local_port": target, "allow_visitors": ["laptop"]},
+        {"name": "echo", "type": "secret", "local_port": target, "allow_visitors": ["laptop", "impostor"]},
         {"name": "keyed", "type": "secret", "local_port": target, "secret_key": SECRET_KEY},
     ]
     lab = spawn(procs, "relay_client.cli", relayc_config(tmp, port, tunnels, filename="lab.toml"))
-    lab.wait_for(r"tunnel echo: secret \(visitors laptop\)")
+    lab.wait_for(r"tunnel echo: secret \(visitors laptop, impostor\)")
     lab.wait_for(r"tunnel keyed: secret \(secret_key\)")
     return lab
 
@@ -63,8 +71,9 @@ def test_visitors_reach_a_secret_tunnel_and_others_are_refused(
         {"client": "lab", "tunnel": "keyed", "secret_key": "not-the-key", "bind_port": wrong_key},
         {"client": "lab", "tunnel": "nope", "bind_port": missing},
     ]
-    laptop = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [], filename="laptop.toml",
-                                                            name="laptop", visitors=visitors))  # fmt: skip
+    token = own_token(dash, "laptop")
+    laptop = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [], filename="laptop.toml", name="laptop",
+                                                            visitors=visitors, auth={"token": token}))  # fmt: skip
     laptop.wait_for(r"logged in to relayd")
     laptop.wait_for(rf"visitor lab/nope: listening on 127\.0\.0\.1:{missing}")
     # by name and by key: the lab's service, both ways, every byte
@@ -92,9 +101,16 @@ def test_relayc_connect_joins_stdin_and_stdout_to_the_tunnel(
     port, dash = free_port(), free_port()
     start_relayd(procs, tmp_path, port, dash)
     start_lab(procs, tmp_path, port, echo.port)
-    laptop_cfg = relayc_config(tmp_path, port, [], filename="laptop.toml", name="laptop",
-                               visitors=[{"client": "lab", "tunnel": "keyed", "secret_key": SECRET_KEY,
-                                          "bind_port": free_port()}])  # fmt: skip
+    keyed = {"client": "lab", "tunnel": "keyed", "secret_key": SECRET_KEY, "bind_port": free_port()}
+    laptop_cfg = relayc_config(
+        tmp_path,
+        port,
+        [],
+        filename="laptop.toml",
+        name="laptop",
+        auth={"token": own_token(dash, "laptop")},
+        visitors=[keyed],
+    )
     laptop = spawn(procs, "relay_client.cli", laptop_cfg)  # the laptop's own session runs meanwhile
     laptop.wait_for(r"logged in to relayd")
     done = connect(laptop_cfg, "lab/echo", PAYLOAD)
@@ -105,7 +121,10 @@ def test_relayc_connect_joins_stdin_and_stdout_to_the_tunnel(
     assert (done.returncode, done.stdout) == (0, b"by key, from [[visitors]]"), done.stderr.decode()
     # refusals: exit 1, the reason on stderr, nothing on stdout
     stranger_cfg = relayc_config(tmp_path, port, [], filename="stranger.toml", name="stranger")
+    # a client named in allow_visitors but logged in with the shared token proves nothing: refused
+    impostor_cfg = relayc_config(tmp_path, port, [], filename="impostor.toml", name="impostor")
     for cfg, target, why in ((stranger_cfg, "lab/echo", b"client 'stranger' is not in its allow_visitors"),
+                             (impostor_cfg, "lab/echo", b"client 'impostor' logged in with relayd's shared token"),
                              (laptop_cfg, "lab/nope", b"no secret tunnel lab/nope is open now"),
                              (laptop_cfg, "nobody/echo", b"no secret tunnel nobody/echo")):  # fmt: skip
         done = connect(cfg, target, b"hello?")
@@ -129,7 +148,9 @@ def test_ssh_and_scp_through_relayc_connect_as_proxycommand(tmp_path: Path, proc
         tunnel = {"name": "ssh", "type": "secret", "local_port": sshd_port, "allow_visitors": ["laptop"]}
         lab = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [tunnel], filename="lab.toml"))
         lab.wait_for(r"tunnel ssh: secret")
-        laptop_cfg = relayc_config(tmp_path, port, [], filename="laptop.toml", name="laptop")
+        laptop_cfg = relayc_config(
+            tmp_path, port, [], filename="laptop.toml", name="laptop", auth={"token": own_token(dash, "laptop")}
+        )
         proxy = f"{shlex.quote(sys.executable)} -m relay_client.cli connect -c {shlex.quote(str(laptop_cfg))} lab/%h"
         ssh_opts = ["-o", f"ProxyCommand={proxy}", "-i", str(tmp_path / "ssh" / "user_key"),
                     "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
