@@ -68,6 +68,7 @@ STEP_TIMEOUT = 10.0
 WRONG_TOKEN_BACKOFF = (10.0, 300.0)
 NAME_IN_USE_BACKOFF = (60.0, 600.0)
 RETRY_AFTER_MAX = 600.0
+MAX_LEARNED_NODES = 64  # sessions relayc opens to nodes a cluster told it of (a member list holds 64)
 
 
 class ReconnectDelay:
@@ -492,6 +493,10 @@ class Relayc:
         self.last_members = set(listed)
         for key, (host, port, fingerprint) in listed.items():
             known = self.links.get(key)
+            learned = sum(1 for link in self.links.values() if link.learned and not link.stopping)
+            if (known is None or known.stopping) and learned >= MAX_LEARNED_NODES:
+                log.warning("cluster: not connecting to %s: already %d learned nodes", key, learned)
+                continue
             if known is None or known.stopping:
                 log.info("cluster: relayd at %s told of node %s (%s); connecting", via.server_key, key, fingerprint)
                 link = self.links[key] = NodeLink(self, host, port, pin=fingerprint, learned=True)

@@ -160,7 +160,13 @@ class AcmeManager:
 
     def _due(self, now: float) -> list[str]:
         due = []
-        for name in self.wanted():
+        wanted = self.wanted()
+        keep = set(wanted)
+        for table in (self._backoff, self.certs.errors):  # names no tunnel serves any more: forgotten
+            for name in [n for n in table if n not in keep]:
+                del table[name]
+        self.certs.pending &= keep
+        for name in wanted:
             served = self.certs.acme.get(name)
             if served is not None and served.not_after - now > served.lifetime / 3:
                 continue

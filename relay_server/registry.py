@@ -330,16 +330,19 @@ class Registry:
         return session.tunnels.get(tunnel) if session is not None and session.ready else None
 
     def set_health(self, session: ClientSession, name: str, healthy: bool, error: str) -> None:
-        """relayc's health check of tunnel ``name`` says its local service is up or down."""
+        """relayc's health check of tunnel ``name`` says its local service is up or down (only for
+        a tunnel that has a health check; logged one line per burst, whatever relayc sends)."""
         tunnel = session.tunnels.get(name)
-        if tunnel is None or tunnel.healthy is healthy:
+        if tunnel is None or not tunnel.spec.health_check or tunnel.healthy is healthy:
             return
         tunnel.healthy = healthy
         tunnel.health_error = "" if healthy else error[:256]
+        key = f"health:{session.name}:{name}"
         if healthy:
-            log.info("client %s tunnel %s: local service is up again", session.name, name)
+            self.burst_log.info(key, "client %s tunnel %s: local service is up again", session.name, name)
         else:
-            log.warning("client %s tunnel %s: local service is down: %s", session.name, name, tunnel.health_error)
+            self.burst_log.warning(key, "client %s tunnel %s: local service is down: %s", session.name, name,
+                                   tunnel.health_error)  # fmt: skip
 
     def session_closed(self, session: ClientSession) -> None:
         visitors = self.visitor_sessions.get(session.name)

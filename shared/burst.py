@@ -23,6 +23,12 @@ class BurstLog:
         self._suppressed: dict[str, int] = {}
 
     def warning(self, key: str, msg: str, *args: Any) -> None:
+        self.log(logging.WARNING, key, msg, *args)
+
+    def info(self, key: str, msg: str, *args: Any) -> None:
+        self.log(logging.INFO, key, msg, *args)
+
+    def log(self, level: int, key: str, msg: str, *args: Any) -> None:
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
@@ -30,7 +36,7 @@ class BurstLog:
             return
         n = self._suppressed.pop(key, 0)
         suffix = f" ({n} more like this since the last report)" if n else ""
-        self.logger.warning(msg + suffix, *args)
+        self.logger.log(level, msg + suffix, *args)
         self._last.pop(key, None)
         self._last[key] = now
         while len(self._last) > self.max_keys:

@@ -80,14 +80,13 @@ class SniVisitor(_VhostVisitor):
         self._cancel_timer()
         self._hello = None
         frontend = cast(SniFrontend, self.frontend)
-        if hello.acme_alpn and self.transport is not None:  # an ACME CA validating a name (RFC 8737)
-            alpn = frontend.alpn_contexts.get(name)
+        alpn = frontend.alpn_contexts.get(name) if hello.acme_alpn else None
+        if alpn is not None and self.transport is not None:  # relayd's own ACME validation (RFC 8737)
             self._done = True
-            if alpn is None:
-                self._refuse(0, "")
-            else:
-                TlsTerminator(self.transport, alpn, _HandshakeOnly(), frontend.header_timeout).start(hello.received())
+            TlsTerminator(self.transport, alpn, _HandshakeOnly(), frontend.header_timeout).start(hello.received())
             return
+        # any other acme-tls/1 hello is routed like any other: an app behind an https (passthrough)
+        # tunnel may be getting its own certificate
         tunnel = frontend.domains.match_https(name)
         if tunnel is None:
             context = frontend.termination(name)
