@@ -372,6 +372,8 @@ class Bench:
             path.ports[name] = outer
         self.paths.append(path)
         # row 7: one more haproxy, terminating TLS in http mode in front of the HTTP target
+        if "http" not in self.targets:
+            return  # no HTTP target started (a caller that wants the TCP hops only)
         https = free_port()
         cfg = self.tmp / "haproxy" / "https.cfg"
         cfg.write_text(haproxy_terminator_config(https, self.certificate().combined, self.targets["http"]))

@@ -36,7 +36,7 @@ plus figures of its own:
      of 1 byte each (6 bytes per byte), in ~600-byte writes, again and again.
   G  dashboard password guessing with HTTP Basic: 40 threads against 1, and whether the right
      password is still accepted right after the parallel guessing.
-  H  secret-tunnel visitor withholding credit: a relayc has a secret tunnel (allow_visitors = ["evil"])
+  H  secret-tunnel visitor withholding credit: a relayc has a secret tunnel (with a secret_key "evil" knows)
      to a service that pours up to 1 GiB into every connection as fast as it can; a raw client logs
      in as "evil", opens 20 visits (visit_open) and never returns credit for them, reading its
      connection (H-credit) or not reading at all (H-noread); how much the service got out before it
@@ -80,6 +80,7 @@ from tests.e2e.harness import TOKEN, free_port, write_toml
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
 DASH_PASSWORD = "correct-horse-battery-staple-42"
+VISIT_KEY = "attack-h-visit-key-0123456789"  # attack H's secret tunnel key, which the visitor holds
 _HEADER = struct.Struct("!BBHII")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -1624,7 +1625,7 @@ def attack_h(
     limit_s: float = 60.0,
     rss_cap_mib: float = 1024,
 ) -> dict[str, Any]:
-    """H: a relayc ("owner") has a secret tunnel (allow_visitors = ["evil"]) to a service that pours
+    """H: a relayc ("owner") has a secret tunnel (its secret_key known to "evil") to a service that pours
     up to ``pour_bytes`` into every connection; a raw client logs in as "evil", opens ``visits``
     visits (streams starting with visit_open) and never returns credit for them: with ``reading``
     it reads its connection (so relayd's writes never block) but never consumes, otherwise it stops
@@ -1647,9 +1648,7 @@ def attack_h(
                     "server_port": port,
                     "name": "owner",
                     "auth": {"token": TOKEN},
-                    "tunnels": [
-                        {"name": "pour", "type": "secret", "local_port": pourer.port, "allow_visitors": ["evil"]}
-                    ],
+                    "tunnels": [{"name": "pour", "type": "secret", "local_port": pourer.port, "secret_key": VISIT_KEY}],
                 },
             )
             owner = world.spawn("relay_client.cli", cfg)
@@ -1659,7 +1658,9 @@ def attack_h(
             owner_meter = Meter(owner.pid).start()
             meter = Meter(d.pid, probe, rss_cap_mib).start()
             deadline = meter.t0 + limit_s
-            visit_open = control_message({"type": "visit_open", "client": "owner", "tunnel": "pour", "proof": ""})
+            # allowed by the tunnel's secret_key (a name in allow_visitors counts only with a token of its own)
+            proof = auth.visit_proof(VISIT_KEY, "evil", "owner", "pour", c.fingerprint)
+            visit_open = control_message({"type": "visit_open", "client": "owner", "tunnel": "pour", "proof": proof})
             sids = [c.open(visit_open) for _ in range(visits)]
             answers: dict[int, dict[str, Any]] = {}
             answer_until = time.monotonic() + 15
