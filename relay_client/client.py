@@ -14,8 +14,9 @@ is sent.  Three modes:
   * ``tls.server_name`` set: the system CAs (or ``tls.ca_file``) verify the chain and the name;
   * ``tls.server_fingerprint`` set: the certificate's SHA-256 must equal the pin;
   * neither: trust on first use.  The fingerprint seen is remembered in ``relayc_known_servers``
-    next to the config, but only after relayd proved it knows the token (the ``login_ok`` proof);
-    later a different certificate is refused, like ssh's known_hosts.
+    in relayc's ``state_dir`` (default: the config's folder), but only after relayd proved it
+    knows the token (the ``login_ok`` proof); later a different certificate is refused, like
+    ssh's known_hosts.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class KnownServers:
         return self._entries().get(server)
 
     def remember(self, server: str, fingerprint: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(f"{server} {fingerprint}\n")
 
@@ -408,7 +410,8 @@ class Relayc:
         self.pushed_specs: dict[str, TunnelSpec] = {}  # tunnels some node pushed, by name
         self.targets = TargetPolicy(config.allow_targets)
         self.burst_log = BurstLog(log)
-        self.known = KnownServers(resolve_path(config_path, KNOWN_SERVERS_FILE))
+        self.state_dir = resolve_path(config_path, config.state_dir)
+        self.known = KnownServers(self.state_dir / KNOWN_SERVERS_FILE)
         self.links: dict[str, NodeLink] = {}
         self.last_members: set[str] = set()  # the nodes the last member list named
         for address in config.server_addr:

@@ -8,6 +8,7 @@ paths in a file are taken relative to that file's directory.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import sys
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ class PortRanges:
 @dataclass(kw_only=True)
 class ServerAuth(Table):
     token: str = key("")
+    token_file: str = key("")  # the token from a file (relative to this config); exclusive with token
     block_after_failures: int = key(10, ge=1)
     failure_window: float = key(600.0, gt=0)
     block_seconds: float = key(600.0, ge=0)
@@ -219,6 +221,7 @@ class ServerConfig(Table):
 @dataclass(kw_only=True)
 class ClientAuth(Table):
     token: str = key("")
+    token_file: str = key("")  # the token from a file (relative to this config); exclusive with token
 
 
 @dataclass(kw_only=True)
@@ -301,6 +304,9 @@ class ClientConfig(Table):
     server_port: int = key(7000, ge=1, le=65535)
     name: str = key(factory=socket.gethostname, check=check_name)
     keepalive_timeout: float = key(30.0, ge=1.0, le=600.0)
+    # where relayc keeps its state (the servers it trusts on first use): default this file's folder;
+    # a writable directory when the config is mounted read-only (Docker)
+    state_dir: str = key(".", max_len=4096)
     auth: ClientAuth = key(factory=ClientAuth)
     tls: ClientTLS = key(factory=ClientTLS)
     allow_targets: list[str] = key(["127.0.0.1", "::1", "localhost"], check=check_targets)
@@ -338,7 +344,31 @@ def load_config(model: type[ModelT], path: str | Path) -> ModelT:
     return parse_config(model, data, str(p))
 
 
+TOKEN_ENV = "RELAY_TOKEN"  # the token from the environment, when neither token nor token_file is set
+
+
+def _resolve_token(auth: ServerAuth | ClientAuth, path: str) -> None:
+    """``[auth] token``, else ``token_file`` (its first line), else ``$RELAY_TOKEN``: into
+    ``auth.token`` (a token file keeps the secret out of a config that is shared or checked in)."""
+    if auth.token and auth.token_file:
+        raise ConfigError(path, "auth.token_file", "set token or token_file, not both")
+    if auth.token_file:
+        file = resolve_path(path, auth.token_file)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(path, "auth.token_file", f"cannot read {str(file)!r}: {reason}") from None
+        token = text.strip().splitlines()[0].strip() if text.strip() else ""
+        if not token:
+            raise ConfigError(path, "auth.token_file", f"{str(file)!r} is empty")
+        auth.token = token
+    elif not auth.token:
+        auth.token = os.environ.get(TOKEN_ENV, "").strip()
+
+
 def _check_semantics(cfg: ServerConfig | ClientConfig, path: str) -> None:
+    _resolve_token(cfg.auth, path)
     if isinstance(cfg, ClientConfig):
         seen: dict[str, int] = {}
         for i, t in enumerate(cfg.tunnels):
@@ -366,7 +396,8 @@ def _check_semantics(cfg: ServerConfig | ClientConfig, path: str) -> None:
                                   f"{v.bind_addr}:{v.bind_port} is already used by visitors[{other}]")  # fmt: skip
             binds[v.bind_addr, v.bind_port] = i
         if not cfg.auth.token:
-            raise ConfigError(path, "auth.token", "empty: set the same token as in relayd.toml [auth]")
+            raise ConfigError(path, "auth.token", f"empty: set the same token as in relayd.toml [auth] (or token_file, "
+                              f"or ${TOKEN_ENV})")  # fmt: skip
         if cfg.tls.enable and cfg.tls.server_fingerprint and cfg.tls.server_name:
             raise ConfigError(
                 path, "tls.server_name", "set either tls.server_fingerprint (pin) or tls.server_name (CA), not both"
@@ -380,7 +411,7 @@ def _check_semantics(cfg: ServerConfig | ClientConfig, path: str) -> None:
             path,
             "auth.token",
             "empty: set a long random secret, e.g. the output of "
-            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            f"python3 -c 'import secrets; print(secrets.token_urlsafe(32))' (or token_file, or ${TOKEN_ENV})",
         )
     if cfg.dashboard is not None:
         _check_dashboard(cfg.dashboard, path)

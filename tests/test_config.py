@@ -113,3 +113,26 @@ def test_port_ranges() -> None:
 def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
     assert resolve_path(tmp_path / "relayd.toml", "state") == tmp_path / "state"
     assert resolve_path(tmp_path / "relayd.toml", "/abs") == Path("/abs")
+
+
+def test_the_token_from_a_file_or_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "relay.token").write_text("a-token-from-a-file-0123456789\nignored second line\n")
+    cfg = load_config(ClientConfig, write(tmp_path, '[auth]\ntoken_file = "relay.token"'))
+    assert cfg.auth.token == "a-token-from-a-file-0123456789"
+    with pytest.raises(ConfigError) as both:
+        load_config(ClientConfig, write(tmp_path, '[auth]\ntoken = "x"\ntoken_file = "relay.token"'))
+    assert both.value.key == "auth.token_file" and "not both" in both.value.reason
+    with pytest.raises(ConfigError) as missing:
+        load_config(ServerConfig, write(tmp_path, '[auth]\ntoken_file = "nope.token"'))
+    assert missing.value.key == "auth.token_file" and "cannot read" in missing.value.reason
+    monkeypatch.setenv("RELAY_TOKEN", "a-token-from-the-environment-0123")
+    assert load_config(ServerConfig, write(tmp_path, "[auth]")).auth.token == "a-token-from-the-environment-0123"
+    # the example-token check holds whatever the source
+    (tmp_path / "example.token").write_text("example-token-change-me\n")
+    with pytest.raises(ConfigError) as example:
+        load_config(ServerConfig, write(tmp_path, 'bind_addr = "0.0.0.0"\n[auth]\ntoken_file = "example.token"'))
+    assert example.value.key == "auth.token"
+    monkeypatch.delenv("RELAY_TOKEN")
+    with pytest.raises(ConfigError) as none:
+        load_config(ClientConfig, write(tmp_path, "[auth]"))
+    assert none.value.key == "auth.token" and "RELAY_TOKEN" in none.value.reason

@@ -162,6 +162,30 @@ def test_tofu_remembers_and_refuses_a_changed_certificate(tmp_path: Path, echo: 
     assert "delete the line" in c.output
 
 
+def test_relayc_keeps_its_state_in_its_state_dir(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
+    """A read-only config (Docker's mounted file): relayc writes what it learns in ``state_dir``,
+    nothing next to the config, and reads it back after a restart."""
+    port, public = free_port(), free_port()
+    start_relayd(procs, tmp_path, port)
+    conf_dir, state = tmp_path / "conf", tmp_path / "relayc-state"
+    conf_dir.mkdir()
+    cfg = relayc_config(conf_dir, port, [{"name": "e", "local_port": echo.port, "remote_port": public}],
+                        state_dir=str(state))  # fmt: skip
+    conf_dir.chmod(0o555)  # as root this does not stop writes: the check below is what counts
+    try:
+        c = spawn(procs, "relay_client.cli", cfg)
+        c.wait_for(r"trusting relayd at .* on first use")
+        c.wait_for(r"tunnel e: relayd port")
+        assert f"127.0.0.1:{port} sha256:" in (state / "relayc_known_servers").read_text()
+        assert sorted(p.name for p in conf_dir.iterdir()) == ["relayc.toml"]
+        c.stop()
+        c = spawn(procs, "relay_client.cli", cfg)  # remembered: no first use this time
+        c.wait_for(r"tunnel e: relayd port")
+        assert "first use" not in c.output
+    finally:
+        conf_dir.chmod(0o755)
+
+
 def test_relayd_killed_and_restarted_relayc_back_within_15s(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
     port, public = free_port(), free_port()
     d = start_relayd(procs, tmp_path, port)
