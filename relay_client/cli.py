@@ -12,7 +12,15 @@ from relay_client.client import Relayc
 from relay_client.visitor import PipePair, VisitBridge, visit_preamble
 from shared.aio import run
 from shared.checks import check_name
-from shared.cli import base_parser, install_stop_handlers, load_or_exit, raise_fd_limit, setup_logging, tune_malloc
+from shared.cli import (
+    base_parser,
+    install_service,
+    install_stop_handlers,
+    load_or_exit,
+    raise_fd_limit,
+    setup_logging,
+    tune_malloc,
+)
 from shared.config import ClientConfig
 from shared.errors import RelayError
 from shared.frames import GoAwayCode
@@ -98,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["connect"]:
         return connect_main(argv[1:])
+    if argv[:1] == ["install-service"]:
+        return install_service("relayc", "relay_client.cli", ClientConfig, argv[1:])
     parser = base_parser(
         "relayc", "relay client: connects to relayd and joins visitors to local services", "relayc.toml"
     )
-    parser.epilog = "Also: relayc connect [-c FILE] CLIENT/TUNNEL (stdin/stdout to a secret tunnel, for ssh)."
+    parser.epilog = ("Also: relayc connect [-c FILE] CLIENT/TUNNEL (stdin/stdout to a secret tunnel, for ssh); "
+                     "relayc install-service [-c FILE] [--user] [--print] (a systemd unit).")  # fmt: skip
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     config = load_or_exit("relayc", ClientConfig, args.config)

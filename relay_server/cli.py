@@ -26,7 +26,15 @@ from relay_server.stores.postgres import PostgresStore
 from relay_server.stores.sqlite import SqliteStore
 from shared.aio import LoopLagMonitor, run
 from shared.burst import BurstLog
-from shared.cli import base_parser, install_stop_handlers, load_or_exit, raise_fd_limit, setup_logging, tune_malloc
+from shared.cli import (
+    base_parser,
+    install_service,
+    install_stop_handlers,
+    load_or_exit,
+    raise_fd_limit,
+    setup_logging,
+    tune_malloc,
+)
 from shared.config import ServerConfig, resolve_path
 from shared.errors import ConfigError, StoreUnavailable
 from shared.messages import ClusterMembers
@@ -238,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["hash-password"]:
         return hash_password_command(argv[1:])
+    if argv[:1] == ["install-service"]:
+        return install_service("relayd", "relay_server.cli", ServerConfig, argv[1:])
     parser = base_parser("relayd", "relay server: accepts relayc clients and opens their public ports", "relayd.toml")
-    parser.epilog = "Also: relayd hash-password (prints a password_hash for [dashboard])."
+    parser.epilog = ("Also: relayd hash-password (prints a password_hash for [dashboard]); "
+                     "relayd install-service [-c FILE] [--user] [--print] (a systemd unit).")  # fmt: skip
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     config = load_or_exit("relayd", ServerConfig, args.config)

@@ -126,3 +126,61 @@ def install_stop_handlers(stop: Callable[[], None]) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, handler, sig)
+
+
+def install_service(prog: str, module: str, model: type[ModelT], argv: list[str]) -> int:
+    """``relayc install-service`` / ``relayd install-service``: write a systemd unit for this
+    config (system-wide, ``--user``, or ``--print`` to stdout) and say how to enable it; systemctl
+    is never run here.  A bad config exits 2 first, like any command."""
+    kind = "client: this machine's tunnels through relayd" if prog == "relayc" else "server: accepts relayc clients"
+    what = f"Write a systemd unit that runs {prog} with this config."
+    parser = argparse.ArgumentParser(prog=f"{prog} install-service", description=what)
+    parser.add_argument("-c", "--config", default=f"{prog}.toml", metavar="FILE", help="the config the unit runs")
+    parser.add_argument("--user", action="store_true", help="a user unit (~/.config/systemd/user), no root needed")
+    parser.add_argument("--print", action="store_true", dest="print_only", help="print the unit instead of writing it")
+    args = parser.parse_args(argv)
+    config = Path(args.config).resolve()
+    load_or_exit(prog, model, str(config))
+    exe = Path(sys.executable).resolve()
+    lines = [
+        "[Unit]",
+        f"Description=relay {kind}",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        f"ExecStart={exe} -m {module} -c {config}",
+        f"WorkingDirectory={config.parent}",
+        "Restart=always",
+        "RestartSec=5",
+    ]
+    if not args.user:
+        owner = config.stat().st_uid
+        if owner != 0:  # run as the config's owner, not root
+            import pwd
+
+            lines.append(f"User={pwd.getpwuid(owner).pw_name}")
+        if prog == "relayd":
+            lines.append("AmbientCapabilities=CAP_NET_BIND_SERVICE")  # ports 80/443 without root
+    lines += ["", "[Install]", f"WantedBy={'default.target' if args.user else 'multi-user.target'}", ""]
+    unit = "\n".join(lines)
+    if args.print_only:
+        sys.stdout.write(unit)
+        return 0
+    if args.user:
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "systemd" / "user"
+    else:
+        base = Path("/etc/systemd/system")
+    target = base / f"{prog}.service"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        target.write_text(unit)
+    except OSError as exc:
+        print(f"{prog}: cannot write {target}: {exc.strerror or exc} (as root, or with --user)", file=sys.stderr)
+        return 1
+    scope = "--user " if args.user else ""
+    print(f"{prog}: wrote {target}\nEnable and start it with:\n  systemctl {scope}daemon-reload && "
+          f"systemctl {scope}enable --now {prog}")  # fmt: skip
+    if args.user:
+        print(f"(to keep it running after you log out: loginctl enable-linger {os.environ.get('USER', '$USER')})")
+    return 0
