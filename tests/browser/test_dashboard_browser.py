@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +38,14 @@ PASSWORD = "a-long-dashboard-password"
 if CHROMIUM is None and os.environ.get("CI"):
     raise RuntimeError("CI must install Debian's chromium for the browser tests (apt-get install chromium)")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+
+
+def sign_in(page: Any, dash: int) -> None:
+    """Sign in to the dashboard on port ``dash`` as a user would."""
+    page.goto(f"http://127.0.0.1:{dash}/login")
+    page.fill("#user", "admin")
+    page.fill("#password", PASSWORD)
+    page.click("#sign-in")
 
 
 def test_login_add_client_add_tunnel_watch_bytes_grow(tmp_path: Path, procs: list[Proc]) -> None:
@@ -175,10 +184,7 @@ def test_every_tunnel_field_from_the_form(tmp_path: Path, procs: list[Proc], hos
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(f"http://127.0.0.1:{dash}/login")
-        page.fill("#user", "admin")
-        page.fill("#password", PASSWORD)
-        page.click("#sign-in")
+        sign_in(page, dash)
         page.click("#nav-tunnels")
         expect(page.locator("#tunnel-client option")).to_have_text(["lab"])
         page.select_option("#tunnel-type", "http")
@@ -226,10 +232,7 @@ def test_secret_and_udp_tunnels_from_the_form(tmp_path: Path, procs: list[Proc])
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(f"http://127.0.0.1:{dash}/login")
-        page.fill("#user", "admin")
-        page.fill("#password", PASSWORD)
-        page.click("#sign-in")
+        sign_in(page, dash)
         page.click("#nav-tunnels")
         expect(page.locator("#tunnel-client option")).to_have_text(["lab"])
         page.select_option("#tunnel-type", "secret")
@@ -302,10 +305,7 @@ def test_an_app_over_https_through_relayd(tmp_path: Path, procs: list[Proc]) -> 
         details = response.security_details()
         assert details is not None and details.get("issuer") == "relay-test-ca", details
         assert response.headers.get("strict-transport-security") == "max-age=31536000"
-        page.goto(f"http://127.0.0.1:{dash}/login")
-        page.fill("#user", "admin")
-        page.fill("#password", PASSWORD)
-        page.click("#sign-in")
+        sign_in(page, dash)
         page.click("#nav-tunnels")
         row = page.locator('tr[data-tunnel="lab/app"]')
         expect(row).to_contain_text(f"https://app.relay.test:{https_port}", timeout=10_000)
