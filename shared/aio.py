@@ -751,7 +751,14 @@ class ControlChannel:
     Credit is returned as soon as bytes are decoded (unless the owner holds it back while it is
     behind, ``hold_credit``); the decoder refuses any message over ``MAX_MESSAGE_SIZE``, so a peer
     cannot make us buffer more than that here.
+
+    At most ``MESSAGES_PER_TURN`` messages are decoded and handled per turn of the event loop: a
+    window full of small messages (thousands of ``tunnel_add``) would otherwise hold the loop for
+    as long as they take, and every visitor with it.  The rest wait in the decoder for the next
+    turn, their credit not returned yet, so what waits is bounded by the stream's window.
     """
+
+    MESSAGES_PER_TURN = 32
 
     def __init__(
         self,
@@ -768,6 +775,9 @@ class ControlChannel:
         self._drained: asyncio.Event | None = None  # set while fewer than SEND_BUFFER_HIGH bytes wait
         self._on_message = on_message
         self._on_closed = on_closed
+        self._uncredited = 0  # bytes received whose credit is neither returned nor held yet
+        self._next_turn: asyncio.Handle | None = None  # scheduled while whole messages wait
+        self._ended = False  # the peer ended the stream while messages still waited
 
     def send(self, message: Message) -> None:
         """Queue a message.  With ``max_queued``, a peer that leaves more than that waiting (it
@@ -807,22 +817,64 @@ class ControlChannel:
             self.mux.consume(self.stream_id, held)
 
     def on_data(self, data: bytes | memoryview) -> None:
-        if self._held is None:
-            self.mux.consume(self.stream_id, len(data))
-        else:
-            self._held += len(data)
-        try:
-            messages = self._decoder.feed(data)
-        except RemoteProtocolError as exc:
-            self.mux.fail(exc)
+        self._uncredited += len(data)
+        if self._next_turn is not None:  # messages from earlier reads still wait: keep order
+            self._decoder.append(data)  # bounded: their credit is not returned before their turn
             return
+        self._handle_some(data)
+
+    def _handle_some(self, data: bytes | memoryview = b"") -> None:
+        """Decode and handle up to ``MESSAGES_PER_TURN`` messages; schedule the next turn if more
+        may wait; return the credit of what is no longer waiting."""
+        self._next_turn = None
+        limit = self.MESSAGES_PER_TURN
+        try:
+            messages = self._decoder.feed(data, limit)
+        except RemoteProtocolError as exc:
+            self._stop(exc)
+            return
+        if len(messages) >= limit and self._decoder.buffered >= 4:
+            self._next_turn = asyncio.get_running_loop().call_soon(self._handle_some)
+            # whole messages still wait: their credit comes back once they are handled
+            self._credit(self._uncredited - self._decoder.buffered)
+        else:
+            # what remains is part of one message: credit it, or a message larger than the
+            # window could never arrive
+            self._credit(self._uncredited)
+        mux = self.mux
         for message in messages:
+            if not mux.is_open:
+                break
             self._on_message(message)
+        if self._ended and self._next_turn is None:
+            self._ended = False
+            self._on_closed()
+
+    def _credit(self, n: int) -> None:
+        if n <= 0:
+            return
+        self._uncredited -= n
+        if self._held is None:
+            self.mux.consume(self.stream_id, n)
+        else:
+            self._held += n
+
+    def _stop(self, exc: RemoteProtocolError) -> None:
+        if self._next_turn is not None:
+            self._next_turn.cancel()
+            self._next_turn = None
+        self.mux.fail(exc)
 
     def on_end(self) -> None:
+        if self._next_turn is not None:
+            self._ended = True  # messages sent before the end are handled first, then the end
+            return
         self._on_closed()
 
     def on_reset(self, code: int) -> None:
+        if self._next_turn is not None:
+            self._next_turn.cancel()
+            self._next_turn = None
         self._on_closed()
 
     def on_writable(self) -> None:

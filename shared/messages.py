@@ -472,6 +472,11 @@ class MessageDecoder:
             del self._buf[:pos]
         return out
 
+    def append(self, data: bytes | memoryview) -> None:
+        """Keep bytes to be decoded by a later ``feed`` (``feed(b"", limit)`` decodes from them;
+        the caller bounds what it appends, as a ControlChannel does by withholding credit)."""
+        self._buf += data
+
     def take_rest(self) -> bytes:
         """Return (and forget) bytes after the last whole message: a stream's payload."""
         rest = bytes(self._buf)

@@ -397,3 +397,82 @@ def test_release_free_memory_is_false_without_malloc_trim(monkeypatch: pytest.Mo
     assert release_free_memory() is False
     assert release_free_memory() is False
     assert loads == [None]  # the fallback is remembered, not looked up again
+
+
+class _RecordingMux:
+    """What a ControlChannel uses of its MuxConnection: credit returned and failures, recorded."""
+
+    def __init__(self) -> None:
+        self.credited = 0
+        self.failed: list[BaseException] = []
+        self.session = None
+
+    @property
+    def is_open(self) -> bool:
+        return not self.failed
+
+    def consume(self, stream_id: int, n: int) -> None:
+        self.credited += n
+
+    def fail(self, exc: BaseException) -> None:
+        self.failed.append(exc)
+
+
+def test_control_channel_handles_a_window_of_messages_a_few_per_loop_turn() -> None:
+    """Thousands of small messages in one read are not handled in one callback (6,000 tunnel_add
+    held relayd's loop 0.3-0.5 s, every visitor with it): at most MESSAGES_PER_TURN per turn,
+    in order; credit comes back only for what was handled (what waits is bounded by the window);
+    the end of the stream is seen after the messages sent before it."""
+    from shared.messages import TunnelHealth, encode_message
+
+    n = 1000
+    per_turn = ControlChannel.MESSAGES_PER_TURN
+    messages = [encode_message(TunnelHealth(name=f"t{i}", healthy=True, error="")) for i in range(n)]
+    blob = b"".join(messages)
+    tail = encode_message(TunnelHealth(name="last", healthy=False, error="down"))
+
+    async def main() -> None:
+        mux = _RecordingMux()
+        seen: list[str] = []
+        ended: list[int] = []
+        control = ControlChannel(mux, lambda m: seen.append(m.name), lambda: ended.append(len(seen)))  # type: ignore[arg-type, attr-defined]
+        control.on_data(blob)
+        assert len(seen) == per_turn
+        assert mux.credited == sum(len(m) for m in messages[:per_turn])
+        control.on_data(tail[:7])  # more bytes while messages wait: kept after them
+        control.on_data(tail[7:])
+        control.on_end()
+        assert not ended
+        turns = 0
+        while len(seen) < n + 1 and turns < 1000:
+            await asyncio.sleep(0)
+            turns += 1
+        assert seen == [f"t{i}" for i in range(n)] + ["last"]
+        assert turns >= n // per_turn  # spread over many turns, not one
+        assert mux.credited == len(blob) + len(tail)
+        assert ended == [n + 1]
+        assert not mux.failed
+
+    run_on("uvloop", main())
+
+
+def test_control_channel_stops_at_an_oversized_message_while_others_wait() -> None:
+    """A message over the limit behind a backlog of good ones fails the connection once its turn
+    comes; nothing after it is handled."""
+    from shared.messages import MAX_MESSAGE_SIZE, TunnelHealth, encode_message
+
+    per_turn = ControlChannel.MESSAGES_PER_TURN
+    good = b"".join(encode_message(TunnelHealth(name=f"t{i}", healthy=True, error="")) for i in range(per_turn * 2))
+    bad = (MAX_MESSAGE_SIZE + 1).to_bytes(4, "big") + b"{}"
+
+    async def main() -> None:
+        mux = _RecordingMux()
+        seen: list[str] = []
+        control = ControlChannel(mux, lambda m: seen.append(m.name), lambda: None)  # type: ignore[arg-type, attr-defined]
+        control.on_data(good + bad)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(seen) == per_turn * 2
+        assert len(mux.failed) == 1 and "exceeds the maximum" in str(mux.failed[0])
+
+    run_on("uvloop", main())
