@@ -330,10 +330,11 @@ class Registry:
         return session.tunnels.get(tunnel) if session is not None and session.ready else None
 
     def set_health(self, session: ClientSession, name: str, healthy: bool, error: str) -> None:
-        """relayc's health check of tunnel ``name`` says its local service is up or down (only for
-        a tunnel that has a health check; logged one line per burst, whatever relayc sends)."""
+        """relayc's probe of tunnel ``name`` says its local service is up or down (its health
+        check, or the gentle probe relayc runs for every tunnel; logged one line per burst,
+        whatever relayc sends)."""
         tunnel = session.tunnels.get(name)
-        if tunnel is None or not tunnel.spec.health_check or tunnel.healthy is healthy:
+        if tunnel is None or tunnel.healthy is healthy:
             return
         tunnel.healthy = healthy
         tunnel.health_error = "" if healthy else error[:256]
@@ -819,8 +820,9 @@ class Registry:
                     "client": cname, **t.spec.to_dict(secrets=False), "remote_port": t.port,
                     "source": (TunnelSource.DASHBOARD if key in self.defined else TunnelSource.CLIENT).value,
                     "state": state.value, "reason": None, "enabled": True,
-                    "status": f"service down: {t.health_error}" if t.healthy is False else state.value,
+                    "status": state.value,
                     "health": None if t.healthy is None else "up" if t.healthy else "down",
+                    "health_error": t.health_error if t.healthy is False else None,
                     "public": t.public or self.public_address(t.spec, t.port), **self._totals(cname, t.name),
                     **({"datagrams_dropped": t.dropped} if t.spec.type is TunnelKind.UDP else {}),
                 })  # fmt: skip
