@@ -208,6 +208,7 @@ class LastingTable:
         self.dropped(key)
 
 
+_TUNNEL_KEYS = frozenset(name for name, _, _, _ in TunnelSpec.schema())
 _NO_TOTALS = {"bytes_in": 0, "bytes_out": 0, "conns_open": 0, "conns_total": 0, "totals_since": None}
 
 
@@ -380,15 +381,20 @@ class Registry:
         """Open ``spec`` for ``session`` (replacing its tunnel of that name): claimed by its kind's
         frontend.  None if the session ended meanwhile; ``TunnelRefused`` if it may not be."""
         self.check_cap(session, spec.name)
+        frontend = self.frontends.get(spec.type)
+        key = (session.name, spec.name)
+        # a dashboard tunnel relayd removed (disabled, deleted) while this add was on its way
+        withdrawn = key in self.defined and spec.name not in session.pushed
+        old = session.tunnels.get(spec.name)
+        if old is not None and frontend is not None and not withdrawn and same_place(old.spec, spec):
+            self._update_in_place(session, old, spec, frontend)  # an edit: same port, visitors stay
+            return old
         old = session.tunnels.pop(spec.name, None)
         if old is not None:
             self.close_tunnel(old, client_gone=False)
-        frontend = self.frontends.get(spec.type)
         if frontend is None:
             raise TunnelRefused(TunnelRefusal.KIND_OFF, f"{spec.type} tunnels are not served by this relayd")
-        key = (session.name, spec.name)
-        if key in self.defined and spec.name not in session.pushed:
-            # a dashboard tunnel relayd removed (disabled, deleted) while this add was on its way
+        if withdrawn:
             raise TunnelRefused(TunnelRefusal.NAME_TAKEN, f"tunnel {spec.name!r} is a dashboard tunnel that is not "
                                 "enabled for this client now")  # fmt: skip
         spec = await self._cluster_port(session.name, spec)
@@ -420,6 +426,17 @@ class Registry:
         session.tunnels[spec.name] = tunnel
         self._emit(TunnelOpened(session.name, spec.name, spec.type, tunnel.public))
         return tunnel
+
+    def _update_in_place(self, session: ClientSession, tunnel: PublicTunnel, spec: TunnelSpec,
+                         frontend: Frontend) -> None:  # fmt: skip
+        """``spec`` replaces an open tunnel's definition where it stands (an edit, or relayc adding
+        it again): what visitors reach (port, domains, locations, group) stays, so does the port
+        chosen for ``remote_port = 0``, and connected visitors carry on."""
+        if not spec.remote_port and tunnel.spec.remote_port:
+            spec = dataclasses.replace(spec, remote_port=tunnel.spec.remote_port)  # a port chosen in a cluster
+        tunnel.update(spec, self.config.limits)
+        tunnel.public = frontend.update(tunnel)
+        session.refusals.pop(spec.name, None)
 
     async def _claim_in_cluster(self, client: str, tunnel: PublicTunnel, frontend: Frontend) -> None:
         """In a cluster, a port or domain belongs to one client on every node: the tunnel's places
@@ -651,14 +668,70 @@ class Registry:
         if port not in self.ports.allowed:
             raise InvalidField("remote_port", f"{port} is not in allow_ports ({self.ports.allowed.text})")
         holder = self.ports.holder(Transport(spec.type.value), port)
+        if holder is not None and (holder.client_name, holder.name) == (client, spec.name):
+            holder = None  # the tunnel itself (being edited)
         if holder is not None and (holder.group is None or holder.group.problem(spec) is not None):
             raise Conflict(f"{spec.type} port {port} is already used by client {holder.client_name!r} tunnel "
                            f"{holder.name!r}", TunnelRefusal.PORT_TAKEN)  # fmt: skip
         for (c, n), record in self.defined.items():
             other = record.spec
+            if (c, n) == (client, spec.name):
+                continue
             if other.type is spec.type and other.remote_port == port and not same_group(other, spec):
                 raise Conflict(f"{spec.type} port {port} is already used by client {c!r} tunnel {n!r}",
                                TunnelRefusal.PORT_TAKEN)  # fmt: skip
+
+    async def edit_tunnel(self, client: str, name: str, body: Any) -> TunnelRecord:
+        """Change a dashboard tunnel: ``body`` holds any keys ``define_tunnel`` takes but ``client``,
+        ``name`` and ``type`` (given with their current value, they are ignored), and ``enabled``.
+        The old definition with these keys is checked like a new one (``InvalidField`` naming the
+        key, ``Conflict`` for a port taken); a secret key left out keeps its value.  Stored, it
+        reaches the client through the change feed (pushed again, applied where it stands when
+        its place is unchanged).  A tunnel of a relayc.toml is ``Conflict`` (only the client's
+        file changes it), and ``NotFound`` even for ``enabled`` alone, as before."""
+        if not isinstance(body, dict):
+            raise InvalidField("body", "expected a JSON object")
+        fields = dict(body)
+        enabled = fields.pop("enabled", None)
+        if "enabled" in body and not isinstance(enabled, bool):
+            raise InvalidField("enabled", "expected true or false")
+        for field_name in fields:
+            if field_name not in _TUNNEL_KEYS and field_name != "client":
+                raise InvalidField(field_name, "unknown key (is it misspelled?); see /api/v1/tunnel-fields")
+        if not body:
+            raise InvalidField("body", "nothing to change: give enabled or tunnel fields")
+        key = (client, name)
+        record = self.defined.get(key)
+        if record is None:
+            session = self.sessions.get(client)
+            from_file = session is not None and (name in session.tunnels or name in session.refusals)
+            if from_file and fields:
+                raise Conflict(f"tunnel {client}/{name} is defined in the relayc.toml of client {client!r}: it is "
+                               "read-only here; change it in that file (relayc reloads it)")  # fmt: skip
+            raise NotFound(f"no dashboard tunnel {client}/{name}")
+        current = {"client": client, "name": name, "type": record.spec.type.value}
+        for field_name, value in current.items():
+            if field_name in fields and fields.pop(field_name) != value:
+                raise InvalidField(field_name, f"cannot be changed (it is {value!r}); delete the tunnel and define "
+                                   "a new one")  # fmt: skip
+        try:
+            spec = TunnelSpec.parse({**record.spec.to_dict(), **fields})
+        except SchemaError as exc:
+            where, why = exc.problems[0]
+            raise InvalidField(key_path(where) or "body", why) from None
+        if spec.type in (TunnelKind.TCP, TunnelKind.UDP) and spec.remote_port and \
+                spec.remote_port != record.spec.remote_port:  # fmt: skip
+            self._check_port_free(client, spec)
+        enabled = record.enabled if enabled is None else enabled
+        if spec == record.spec:
+            if enabled != record.enabled:
+                return await self.set_tunnel_enabled(client, name, enabled)
+            return record
+        await self.store.update_tunnel(client, spec, enabled)
+        updated = dataclasses.replace(record, spec=spec, enabled=enabled)
+        self.defined[key] = updated
+        log.info("dashboard: tunnel %s/%s changed (%s)", client, name, ", ".join(sorted(fields)) or "enabled")
+        return updated
 
     async def set_tunnel_enabled(self, client: str, name: str, enabled: bool) -> TunnelRecord:
         record = self._defined(client, name)
@@ -816,9 +889,11 @@ class Registry:
                 key = (cname, t.name)
                 seen.add(key)
                 state = TunnelState.SERVICE_DOWN if t.healthy is False else TunnelState.ACTIVE
+                defined = self.defined.get(key)
+                spec = defined.spec if defined is not None else t.spec  # just edited: the new definition
                 out.append({
-                    "client": cname, **t.spec.to_dict(secrets=False), "remote_port": t.port,
-                    "source": (TunnelSource.DASHBOARD if key in self.defined else TunnelSource.CLIENT).value,
+                    "client": cname, **spec.to_dict(secrets=False), "remote_port": t.port,
+                    "source": (TunnelSource.DASHBOARD if defined is not None else TunnelSource.CLIENT).value,
                     "state": state.value, "reason": None, "enabled": True,
                     "status": state.value,
                     "health": None if t.healthy is None else "up" if t.healthy else "down",
@@ -901,6 +976,22 @@ class Registry:
                 points.append({"ts": bucket, "bytes_in": b_in, "bytes_out": b_out})
         return {"step": step, "points": points}
 
+    def connections(self, client: str, tunnel: str) -> list[dict[str, Any]]:
+        """A tunnel's last visitor connections, newest first: ``{addr, opened, closed, bytes_in,
+        bytes_out}`` (Unix seconds; ``closed`` None while open).  ``NotFound`` for a tunnel
+        relayd does not know (neither open, defined, refused, nor counted before)."""
+        key = (client, tunnel)
+        lasting = self._lasting.get(key)
+        if lasting is None:
+            session = self.sessions.get(client)
+            known = key in self.defined or (session is not None and (tunnel in session.tunnels or
+                                                                     tunnel in session.refusals))  # fmt: skip
+            if not known:
+                raise NotFound(f"no tunnel {client}/{tunnel}")
+            return []
+        recent = lasting.counters.recent
+        return [record.as_dict() for record in reversed(recent)] if recent else []
+
     def node_items(self, this_addr: str, fingerprint: str) -> list[dict[str, Any]]:
         """Each node with its health (seconds since its heartbeat) and the clients on it; without a
         shared store, this node alone."""
@@ -955,3 +1046,14 @@ def group_id(spec: TunnelSpec) -> str:
     if not spec.group:
         return ""
     return f"{spec.group}:{hashlib.sha256(spec.group_key.encode()).hexdigest()[:32]}"
+
+
+def same_place(old: TunnelSpec, new: TunnelSpec) -> bool:
+    """Whether ``new`` can replace the open tunnel ``old`` where it stands: the same kind, port
+    (``remote_port = 0`` takes the one ``old`` has), domains, locations and group."""
+    return (
+        old.type is new.type
+        and new.remote_port in (0, old.remote_port)
+        and (old.subdomain, old.custom_domains, old.locations) == (new.subdomain, new.custom_domains, new.locations)
+        and (old.group, old.group_key) == (new.group, new.group_key)
+    )

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shared.aio import MuxConnection, StreamHandler, TrafficCounters
+from shared.aio import ConnectionRecord, MuxConnection, StreamHandler, TrafficCounters
 from shared.config import ServerLimits
 from shared.errors import LocalProtocolError
 from shared.limits import SourceFilter, TokenBucket
@@ -34,6 +35,7 @@ class Visitor(StreamHandler, Protocol):
     bridge, a UDP flow, a secret tunnel's visit)."""
 
     counters: TrafficCounters | None
+    record: ConnectionRecord | None  # what the dashboard lists of this connection (its bytes too)
     buckets: tuple[TokenBucket, ...]
 
     def bind(self, mux: MuxConnection, stream_id: int) -> None: ...
@@ -108,6 +110,31 @@ class PublicTunnel:
     def name(self) -> str:
         return self.spec.name
 
+    def update(self, spec: TunnelSpec, limits: ServerLimits) -> None:
+        """The tunnel's definition changed without changing its place (port, domains, locations,
+        group): apply the new limits, sources and settings now.  A new bandwidth limit also holds
+        for the visitors connected; one no longer in ``allow_sources`` is reset."""
+        self.spec = spec
+        self.max_connections = min_nonzero(limits.max_connections_per_tunnel, spec.max_connections)
+        self.client_max = limits.max_connections_per_client
+        rate = min_nonzero(limits.bandwidth_per_tunnel, spec.bandwidth_limit)
+        if not rate:
+            self.bucket = None
+        elif self.bucket is not None:
+            self.bucket.rate = rate  # the bucket's level is capped to the new rate on its next take
+        else:
+            self.bucket = TokenBucket(rate, asyncio.get_running_loop().time())
+        self.buckets = tuple(b for b in (self.bucket, self.client.bucket) if b is not None)
+        self.sources = SourceFilter(spec.allow_sources)
+        if not spec.health_check:
+            self.healthy, self.health_error = None, ""
+        for visitor in list(self.visitors):
+            visitor.buckets = self.buckets
+            record = visitor.record
+            if spec.allow_sources and record is not None and not self.sources.allows(ip_of(record.addr)):
+                self.detach(visitor)
+                visitor.abort()
+
     def pick(self) -> PublicTunnel | None:
         """The tunnel a new visitor of this one's place goes to: itself, or the next member of its
         group that can take one (None: no member can now)."""
@@ -136,9 +163,9 @@ class PublicTunnel:
         bridge.bind(mux, stream_id)  # paused at once if the session's connection is backed up
         bridge.counters = counters = self.counters
         bridge.buckets = self.buckets
-        counters.conns_open += 1
-        counters.conns_total += 1
+        bridge.record = record = counters.opened(display_addr(visitor), time.time())
         counters.bytes_in += len(first)
+        record.bytes_in += len(first)
         self.visitors.add(bridge)
         self.client.visitors_open += 1
         return True
@@ -148,6 +175,9 @@ class PublicTunnel:
         if bridge in self.visitors:
             self.visitors.discard(bridge)
             self.client.visitors_open -= 1
+            record = bridge.record
+            if record is not None and record.closed is None:
+                record.closed = time.time()
 
     def refusal(self, visitor_ip: str) -> Refusal | None:
         """Why a new visitor from ``visitor_ip`` may not use this tunnel now, or None."""
@@ -179,3 +209,21 @@ class PublicTunnel:
         for visitor in list(self.visitors):
             self.detach(visitor)
             visitor.abort()
+
+
+def display_addr(visitor: str) -> str:
+    """A visitor as the dashboard lists it: ``ip:port``, an IPv6 address in brackets
+    (``[::1]:5000``); a visit to a secret tunnel as ``client@ip``."""
+    if visitor.count(":") > 1 and not visitor.startswith("[") and "@" not in visitor:
+        host, _, port = visitor.rpartition(":")
+        return f"[{host}]:{port}"
+    return visitor
+
+
+def ip_of(addr: str) -> str:
+    """The IP address in ``display_addr``'s form."""
+    if "@" in addr:  # client@ip: no port
+        return addr.rpartition("@")[2].strip("[]")
+    if addr.startswith("["):
+        return addr[1 : addr.find("]")]
+    return addr.rpartition(":")[0] if ":" in addr else addr

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import sys
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar, cast
 
@@ -537,6 +538,7 @@ class StreamBridge(asyncio.Protocol):
         "buckets",
         "counters",
         "mux",
+        "record",
         "stream_id",
         "transport",
     )
@@ -546,6 +548,7 @@ class StreamBridge(asyncio.Protocol):
         self.stream_id = 0
         self.transport: asyncio.Transport | None = None
         self.counters = counters
+        self.record: ConnectionRecord | None = None  # this visitor connection in its tunnel's recent list
         self._pending: list[bytes] | None = None
         self._unacked = 0
         self._write_paused = False
@@ -586,8 +589,12 @@ class StreamBridge(asyncio.Protocol):
             # uvloop ignores pause_reading() in connection_made (it starts reading right after):
             # a bridge paused from its start gets one read anyway, and is paused for real here
             self.transport.pause_reading()
-        if self.counters is not None:
-            self.counters.bytes_in += len(data)
+        counters = self.counters
+        if counters is not None:
+            counters.bytes_in += len(data)
+            record = self.record
+            if record is not None:
+                record.bytes_in += len(data)
         if self.mux.send(self.stream_id, data):
             self._paused_window = True
             self._update_reading()
@@ -634,8 +641,12 @@ class StreamBridge(asyncio.Protocol):
             return
         if self._done:
             return
-        if self.counters is not None:
-            self.counters.bytes_out += len(data)
+        counters = self.counters
+        if counters is not None:
+            counters.bytes_out += len(data)
+            record = self.record
+            if record is not None:
+                record.bytes_out += len(data)
         transport.write(data)
         if self._write_paused:
             self._unacked += len(data)
@@ -725,16 +736,52 @@ class StreamBridge(asyncio.Protocol):
             transport.resume_reading()
 
 
-class TrafficCounters:
-    """Per-tunnel traffic numbers, kept in memory and read by the dashboard and metrics."""
+RECENT_CONNECTIONS = 100  # visitor connections a tunnel's counters remember (the newest)
 
-    __slots__ = ("bytes_in", "bytes_out", "conns_open", "conns_total")
+
+class ConnectionRecord:
+    """One visitor connection of a tunnel, as the dashboard lists it: its address, when it opened
+    and closed (Unix seconds; ``closed`` None while open), and its bytes.  Its visitor adds to it
+    next to the tunnel's counters, so keeping it costs O(1) per connection and per read."""
+
+    __slots__ = ("addr", "bytes_in", "bytes_out", "closed", "opened")
+
+    def __init__(self, addr: str, opened: float) -> None:
+        self.addr = addr
+        self.opened = opened
+        self.closed: float | None = None
+        self.bytes_in = 0  # from the visitor
+        self.bytes_out = 0  # to the visitor
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"addr": self.addr, "opened": self.opened, "closed": self.closed, "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out}  # fmt: skip
+
+
+class TrafficCounters:
+    """Per-tunnel traffic numbers, kept in memory and read by the dashboard and metrics, and the
+    last ``RECENT_CONNECTIONS`` visitor connections (a ring, made on the first one)."""
+
+    __slots__ = ("bytes_in", "bytes_out", "conns_open", "conns_total", "recent")
 
     def __init__(self) -> None:
         self.bytes_in = 0  # visitor -> lab machine
         self.bytes_out = 0  # lab machine -> visitor
         self.conns_open = 0
         self.conns_total = 0
+        self.recent: deque[ConnectionRecord] | None = None
+
+    def opened(self, addr: str, now: float) -> ConnectionRecord:
+        """Count a new visitor connection from ``addr`` and remember it (the oldest of the ring
+        goes); its visitor adds its bytes to the record returned and closes it."""
+        self.conns_open += 1
+        self.conns_total += 1
+        record = ConnectionRecord(addr, now)
+        recent = self.recent
+        if recent is None:
+            recent = self.recent = deque(maxlen=RECENT_CONNECTIONS)
+        recent.append(record)
+        return record
 
     def as_dict(self) -> dict[str, int]:
         return {

@@ -92,10 +92,6 @@ class ClientPatch(BaseModel):
     enabled: bool
 
 
-class TunnelPatch(BaseModel):
-    enabled: bool
-
-
 Name = Annotated[str, PathParam(min_length=1, max_length=NAME_MAX)]
 
 
@@ -599,9 +595,27 @@ class Dashboard:
             return self._tunnel_item(record.client, record.spec.name)
 
         @app.patch("/api/v1/tunnels/{client}/{name}")
-        async def patch_tunnel(client: Name, name: Name, body: TunnelPatch, _: str = auth) -> dict[str, Any]:
-            await registry.set_tunnel_enabled(client, name, body.enabled)
+        async def patch_tunnel(client: Name, name: Name, body: Annotated[dict[str, Any], Body()],
+                               _: str = auth) -> dict[str, Any]:  # fmt: skip
+            """Edit a dashboard tunnel live: any key ``POST /api/v1/tunnels`` takes but ``client``,
+            ``name`` and ``type`` (422 "cannot be changed"), and/or ``enabled``.  The tunnel with
+            these keys is checked like a new one (422 naming the key); keys left out keep their
+            value (``http_password`` too: write-only, never in an answer).  The client's relayc
+            gets the new definition at once; a change of port, domains, locations or group reopens
+            the tunnel, any other change applies where it stands (its visitors stay connected).
+            A tunnel from a relayc.toml is read-only: 409 (``enabled`` alone: 404, as before)."""
+            await registry.edit_tunnel(client, name, body)
             return self._tunnel_item(client, name)
+
+        @app.get("/api/v1/tunnels/{client}/{name}/connections")
+        async def tunnel_connections(client: Name, name: Name, _: str = auth) -> list[dict[str, Any]]:
+            """The tunnel's last 100 visitor connections, newest first: ``{addr, opened, closed,
+            bytes_in, bytes_out}``; ``addr`` is ``ip:port`` (``[ip]:port`` for IPv6; a visit to a
+            secret tunnel: ``client@ip``), times are Unix seconds (``closed`` null while open),
+            ``bytes_in`` came from the visitor, ``bytes_out`` went to it.  One item per TCP
+            connection (http/https: per visitor connection, whatever its requests), per UDP flow,
+            per visit.  404 for a tunnel relayd does not know."""
+            return registry.connections(client, name)
 
         @app.delete("/api/v1/tunnels/{client}/{name}", status_code=204)
         async def delete_tunnel(client: Name, name: Name, _: str = auth) -> Response:

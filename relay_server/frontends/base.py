@@ -36,6 +36,11 @@ class Frontend(abc.ABC):
         """Make ``tunnel`` unreachable and reset its visitors.  ``client_gone``: its client went
         away (what it held stays reserved for it), rather than the tunnel being removed."""
 
+    def update(self, tunnel: PublicTunnel) -> str:
+        """``tunnel.spec`` changed in place (same kind and place: port, domains, locations, group):
+        apply what this frontend took from it when claiming; return where visitors reach it."""
+        return tunnel.public
+
     def stop_accepting(self, tunnel: PublicTunnel) -> None:  # noqa: B027 - shared listeners close in stop()
         """Turn new visitors of ``tunnel`` away; those connected carry on (graceful shutdown)."""
 

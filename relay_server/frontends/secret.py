@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from relay_server.frontends.base import Frontend
 from relay_server.tunnels import PublicTunnel, Refusal
 from shared import auth
-from shared.aio import MuxConnection, TrafficCounters
+from shared.aio import ConnectionRecord, MuxConnection, TrafficCounters
 from shared.errors import RemoteProtocolError
 from shared.frames import ResetCode
 from shared.limits import TokenBucket
@@ -70,6 +70,9 @@ class SecretFrontend(Frontend):
         self._wrong_keys: dict[str, tuple[int, float]] = {}  # visitor name -> (wrong keys, window start)
 
     async def claim(self, tunnel: PublicTunnel) -> str:
+        return self.update(tunnel)
+
+    def update(self, tunnel: PublicTunnel) -> str:
         allowed = ", ".join(tunnel.spec.allow_visitors)
         who = [f"visitors {allowed}"] if allowed else []
         if tunnel.spec.secret_key:
@@ -199,6 +202,7 @@ class VisitStream:
             self._uncount()
             return
         visitor_end.counters = owner_end.counters  # the tunnel's: visitor -> lab counted as bytes_in
+        visitor_end.record = owner_end.record
         visitor_end.buckets = owner_end.buckets  # and its bandwidth limits, both ways
         owner_end.tunnel = tunnel
         mux.set_handler(sid, visitor_end)
@@ -231,7 +235,7 @@ class JoinedEnd:
     out on the other end's stream.  Is a ``tunnels.Visitor`` for the owner's end."""
 
     __slots__ = ("_fin_in", "_fin_out", "_held", "_paused_other", "_paused_session", "buckets", "counters", "done",
-                 "inbound", "mux", "on_close", "other", "stream_id", "tunnel")  # fmt: skip
+                 "inbound", "mux", "on_close", "other", "record", "stream_id", "tunnel")  # fmt: skip
 
     def __init__(self, mux: MuxConnection | None, stream_id: int, inbound: bool) -> None:
         self.mux = mux
@@ -239,6 +243,7 @@ class JoinedEnd:
         self.inbound = inbound  # this end's peer is the visitor (its bytes count as bytes_in)
         self.other: JoinedEnd | None = None
         self.counters: TrafficCounters | None = None
+        self.record: ConnectionRecord | None = None  # the visit in the tunnel's recent connections
         self.buckets: tuple[TokenBucket, ...] = ()
         self.tunnel: PublicTunnel | None = None
         self.on_close: Callable[[], None] | None = None
@@ -265,10 +270,15 @@ class JoinedEnd:
             return
         counters = self.counters
         if counters is not None:
+            record = self.record
             if self.inbound:
                 counters.bytes_in += n
+                if record is not None:
+                    record.bytes_in += n
             else:
                 counters.bytes_out += n
+                if record is not None:
+                    record.bytes_out += n
         if other.mux.send(other.stream_id, bytes(data)):
             self._paused_other = True
         delay = 0.0

@@ -26,12 +26,12 @@ from typing import cast
 from relay_server.claims import PortClaims, Transport
 from relay_server.frontends.base import Frontend
 from relay_server.tunnels import PublicTunnel
-from shared.aio import MuxConnection, TrafficCounters
+from shared.aio import ConnectionRecord, MuxConnection, TrafficCounters
 from shared.burst import BurstLog
 from shared.datagrams import DATAGRAM_OVERHEAD, MAX_DATAGRAM, PER_CALLBACK, DatagramDecoder, encode_datagram
 from shared.frames import ResetCode
 from shared.limits import TokenBucket
-from shared.tunnel import TunnelKind
+from shared.tunnel import TunnelKind, TunnelSpec
 
 PROTOCOL = Transport.UDP
 FLOW_BACKLOG = 64 * 1024  # bytes of one flow waiting for relayc's credit: past it, drop
@@ -59,6 +59,12 @@ class UdpFrontend(Frontend):
                                              lambda: self.stop_accepting(tunnel))  # fmt: skip
         return f"{tunnel.bind_host}:{tunnel.port}/udp"
 
+    def update(self, tunnel: PublicTunnel) -> str:
+        endpoint = tunnel.claim
+        if endpoint is not None:
+            cast(UdpEndpoint, endpoint).configure(tunnel.spec)
+        return tunnel.public
+
     def stop_accepting(self, tunnel: PublicTunnel) -> None:
         endpoint = tunnel.claim
         if endpoint is not None:
@@ -77,16 +83,22 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def __init__(self, tunnel: PublicTunnel, burst_log: BurstLog, max_flows: int) -> None:
         self.tunnel = tunnel
         self.burst_log = burst_log
-        spec = tunnel.spec
-        self.max_flows = min(max_flows, spec.max_connections) if spec.max_connections else max_flows
-        self.idle_timeout = float(spec.udp_idle_timeout)
+        self.limit = max_flows  # [limits] max_udp_flows_per_tunnel
+        self.max_flows = self.max_per_source = 0
+        self.idle_timeout = 0.0
+        self.configure(tunnel.spec)
         self.flows: dict[tuple[str, int], UdpFlow] = {}
         self.per_source: dict[str, int] = {}  # flows open per visitor IP
-        # one host cannot take every flow: at most an eighth of them (or 16, whichever is more)
-        self.max_per_source = max(min(self.max_flows, 16), self.max_flows // 8)
         self.transport: asyncio.DatagramTransport | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
+
+    def configure(self, spec: TunnelSpec) -> None:
+        """The flow cap and idle timeout of ``spec`` (again when the tunnel is edited)."""
+        self.max_flows = min(self.limit, spec.max_connections) if spec.max_connections else self.limit
+        # one host cannot take every flow: at most an eighth of them (or 16, whichever is more)
+        self.max_per_source = max(min(self.max_flows, 16), self.max_flows // 8)
+        self.idle_timeout = float(spec.udp_idle_timeout)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -174,7 +186,7 @@ class UdpFlow:
     """One visitor address's datagrams: the visitor end of one stream (``tunnels.Visitor``)."""
 
     __slots__ = ("_draining", "addr", "buckets", "closed", "counters", "decoder", "endpoint", "last_active", "mux",
-                 "stream_id")  # fmt: skip
+                 "record", "stream_id")  # fmt: skip
 
     def __init__(self, endpoint: UdpEndpoint, addr: tuple[str, int]) -> None:
         self.endpoint = endpoint
@@ -182,6 +194,7 @@ class UdpFlow:
         self.mux: MuxConnection | None = None
         self.stream_id = 0
         self.counters: TrafficCounters | None = None
+        self.record: ConnectionRecord | None = None
         self.buckets: tuple[TokenBucket, ...] = ()
         self.decoder = DatagramDecoder()
         self.last_active = endpoint.loop.time()  # the visitor's last datagram (the idle timeout's clock)
@@ -205,6 +218,8 @@ class UdpFlow:
             return
         if self.counters is not None:
             self.counters.bytes_in += len(datagram)
+            if self.record is not None:
+                self.record.bytes_in += len(datagram)
         mux.send(self.stream_id, encode_datagram(datagram[:MAX_DATAGRAM]))
 
     def _fits(self, n: int, now: float) -> bool:
@@ -238,6 +253,8 @@ class UdpFlow:
                     self.endpoint.to_visitor(self.addr, datagram):  # fmt: skip
                 if self.counters is not None:
                     self.counters.bytes_out += len(datagram)
+                    if self.record is not None:
+                        self.record.bytes_out += len(datagram)
             else:
                 self.endpoint.tunnel.dropped += 1
         if decoder.more and not self._draining:

@@ -6,7 +6,7 @@ column), per-minute and per-hour traffic buckets, and the lasting totals of each
 name).  Nothing about how it keeps them leaks out of this interface.
 
 Change feed: every write that changes what some relayd must do (a client created, disabled,
-deleted or given a new token; a tunnel defined, enabled, disabled or deleted) is announced to the
+deleted or given a new token; a tunnel defined, edited, enabled, disabled or deleted) is announced to the
 subscribers as a ``Change`` (what changed, for whom) once it is stored.  The registry acts on
 changes only through this feed, whether they were made on this node or, with a shared database,
 on another one.
@@ -223,6 +223,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def set_tunnel_enabled(self, client: str, name: str, enabled: bool) -> None: ...
+
+    @abc.abstractmethod
+    async def update_tunnel(self, client: str, spec: TunnelSpec, enabled: bool) -> None:
+        """Replace the definition of ``client``'s tunnel ``spec.name`` (an edit in the dashboard);
+        raises ``shared.errors.NotFound`` if it is not stored (deleted meanwhile)."""
 
     @abc.abstractmethod
     async def delete_tunnel(self, client: str, name: str) -> None:

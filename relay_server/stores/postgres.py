@@ -43,7 +43,7 @@ from relay_server.stores.base import (
     TunnelRecord,
     log,
 )
-from shared.errors import Conflict, StoreUnavailable
+from shared.errors import Conflict, NotFound, StoreUnavailable
 from shared.schema import SchemaError
 from shared.tunnel import TunnelSpec
 
@@ -314,6 +314,18 @@ class PostgresStore(Store):
         await self._write(lambda c: c.execute("UPDATE tunnels SET enabled = $1 WHERE client = $2 AND name = $3",
                                               enabled, client, name),
                           lambda _: [Change(ChangeKind.TUNNEL, client, name)])  # fmt: skip
+
+    async def update_tunnel(self, client: str, spec: TunnelSpec, enabled: bool) -> None:
+        data = json.dumps(spec.to_dict())
+
+        async def update(conn: Any) -> bool:
+            done = await conn.execute("UPDATE tunnels SET spec = $1, enabled = $2 WHERE client = $3 AND name = $4",
+                                      data, enabled, client, spec.name)  # fmt: skip
+            return str(done).endswith(" 1")
+
+        change = Change(ChangeKind.TUNNEL, client, spec.name)
+        if not await self._write(update, lambda ok: [change] if ok else []):
+            raise NotFound(f"no dashboard tunnel {client}/{spec.name}")
 
     async def delete_tunnel(self, client: str, name: str) -> None:
         async def delete(conn: Any) -> None:

@@ -34,7 +34,7 @@ from relay_server.stores.base import (
     TunnelRecord,
     log,
 )
-from shared.errors import Conflict
+from shared.errors import Conflict, NotFound
 from shared.schema import SchemaError
 from shared.tunnel import TunnelSpec
 
@@ -227,6 +227,18 @@ class SqliteStore(Store):
         await self._commit(lambda db: db.execute("UPDATE tunnels SET enabled = ? WHERE client = ? AND name = ?",
                                                  (int(enabled), client, name)),
                            lambda _: [Change(ChangeKind.TUNNEL, client, name)])  # fmt: skip
+
+    async def update_tunnel(self, client: str, spec: TunnelSpec, enabled: bool) -> None:
+        data = json.dumps(spec.to_dict())
+
+        def update(db: sqlite3.Connection) -> bool:
+            cursor = db.execute("UPDATE tunnels SET spec = ?, enabled = ? WHERE client = ? AND name = ?",
+                                (data, int(enabled), client, spec.name))  # fmt: skip
+            return cursor.rowcount > 0
+
+        change = Change(ChangeKind.TUNNEL, client, spec.name)
+        if not await self._commit(update, lambda ok: [change] if ok else []):
+            raise NotFound(f"no dashboard tunnel {client}/{spec.name}")
 
     async def delete_tunnel(self, client: str, name: str) -> None:
         def delete(db: sqlite3.Connection) -> None:
