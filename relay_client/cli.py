@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
+import signal
 import ssl
 import sys
+from pathlib import Path
+from typing import Any
 
 from relay_client.client import Relayc
+from relay_client.reload import ConfigReloader
+from relay_client.status import NotRunning, StatusServer, ask, format_table, socket_path
 from relay_client.visitor import PipePair, VisitBridge, visit_preamble
 from shared.aio import run
 from shared.checks import check_name
 from shared.cli import (
     base_parser,
     install_service,
-    install_stop_handlers,
     load_or_exit,
     raise_fd_limit,
     setup_logging,
     tune_malloc,
 )
-from shared.config import ClientConfig
+from shared.config import ClientConfig, resolve_path
 from shared.errors import RelayError
 from shared.frames import GoAwayCode
 
@@ -29,18 +35,67 @@ log = logging.getLogger("relayc")
 
 
 async def serve(relayc: Relayc) -> None:
-    task = asyncio.get_running_loop().create_task(relayc.run())
+    """Run until SIGTERM/SIGINT (a second one exits at once); SIGHUP or a change of the config file
+    reloads it; ``relayc status`` is answered on the status socket meanwhile."""
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(relayc.run())
+    status = StatusServer(socket_path(relayc.state_dir, relayc.config_path), relayc.snapshot)
+    reloader = ConfigReloader(relayc)
+    background: set[asyncio.Task[Any]] = set()
+    signals = 0
 
-    def stop() -> None:
+    def on_stop(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            os._exit(1)
+        log.info("stopping (%s)", signal.Signals(signum).name)
+        status.close()
         relayc.stop()
-        asyncio.get_running_loop().call_later(2.0, task.cancel)
+        loop.call_later(2.0, task.cancel)
 
-    install_stop_handlers(stop)
+    def on_hup() -> None:
+        reload = loop.create_task(reloader.reload("SIGHUP"))
+        background.add(reload)
+        reload.add_done_callback(background.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await status.start()
+    watcher = loop.create_task(reloader.watch())
     try:
         await task
     except asyncio.CancelledError:
         pass
+    finally:
+        watcher.cancel()
+        status.close()
     log.info("relayc stopped")
+
+
+def status_main(argv: list[str]) -> int:
+    """``relayc status``: ask the relayc running with this config; 0 answered, 1 none runs, 2 bad config."""
+    parser = argparse.ArgumentParser(
+        prog="relayc status",
+        description="Show the tunnels of the relayc running with this config: state, public address, "
+        "connections and bytes (exit 0; 1 when no relayc runs for it; 2 when the config is invalid).",
+    )
+    parser.add_argument("-c", "--config", default="relayc.toml", metavar="FILE", help="the config relayc runs with")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    config = load_or_exit("relayc", ClientConfig, args.config)
+    path = socket_path(resolve_path(args.config, config.state_dir), Path(args.config))
+    try:
+        answer = ask(path, Path(args.config))
+    except NotRunning as exc:
+        print(f"relayc status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(format_table(answer))
+    return 0
 
 
 async def connect(relayc: Relayc, client: str, tunnel: str) -> int:
@@ -108,11 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         return connect_main(argv[1:])
     if argv[:1] == ["install-service"]:
         return install_service("relayc", "relay_client.cli", ClientConfig, argv[1:])
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
     parser = base_parser(
         "relayc", "relay client: connects to relayd and joins visitors to local services", "relayc.toml"
     )
-    parser.epilog = ("Also: relayc connect [-c FILE] CLIENT/TUNNEL (stdin/stdout to a secret tunnel, for ssh); "
-                     "relayc install-service [-c FILE] [--user] [--print] (a systemd unit).")  # fmt: skip
+    parser.epilog = ("Also: relayc status [-c FILE] [--json] (the running relayc's tunnels); "
+                     "relayc connect [-c FILE] CLIENT/TUNNEL (stdin/stdout to a secret tunnel, for ssh); "
+                     "relayc install-service [-c FILE] [--user] [--print] (a systemd unit). "
+                     "SIGHUP, or a change of the config file, reloads it.")  # fmt: skip
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     config = load_or_exit("relayc", ClientConfig, args.config)

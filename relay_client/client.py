@@ -22,9 +22,12 @@ is sent.  Three modes:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import random
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +35,11 @@ from relay_client.dialer import IncomingStream
 from relay_client.health import HealthChecks
 from relay_client.visitor import VisitorPorts
 from shared import __version__, auth
-from shared.aio import ControlChannel, MuxConnection, StreamHandler
+from shared.aio import ControlChannel, MuxConnection, StreamHandler, TrafficCounters
 from shared.burst import BurstLog
 from shared.checks import split_host_port
 from shared.config import ClientConfig, TargetPolicy, resolve_path
-from shared.errors import AuthError, RelayError, RemoteProtocolError, TrustError
+from shared.errors import AuthError, PeerTimeoutError, RelayError, RemoteProtocolError, TrustError
 from shared.frames import GoAwayCode, go_away_name
 from shared.messages import (
     Challenge,
@@ -134,6 +137,7 @@ class _ClientSession:
         self.control: ControlChannel | None = None
         self.logged_in = False
         self.fingerprint = ""  # relayd's certificate, as verified ("" without TLS)
+        self.go_away_code: int | None = None  # relayd's GO_AWAY, if it sent one
         self.mux = MuxConnection(
             client=True,
             keepalive_timeout=relayc.config.keepalive_timeout,
@@ -146,10 +150,16 @@ class _ClientSession:
     def _stream_opened(self, mux: MuxConnection, stream_id: int) -> StreamHandler | None:
         if not self.logged_in or stream_id % 2:
             return None
-        return IncomingStream(mux, stream_id, self.relayc.tunnel_spec, self.relayc.burst_log)
+        relayc = self.relayc
+        return IncomingStream(mux, stream_id, relayc.tunnel_spec, relayc.burst_log, relayc.counters_for)
 
     def _go_away(self, mux: MuxConnection, code: int) -> None:
-        if code == GoAwayCode.REPLACED:
+        self.go_away_code = code
+        if not self.logged_in:
+            # a refused login comes with GO_AWAY AUTH_FAILED: the login_failed reason is what
+            # gets logged (once), not a "going away" before it
+            log.debug("relayd sent GO_AWAY %s before login", go_away_name(code))
+        elif code == GoAwayCode.REPLACED:
             log.warning("relayd closed this session: another relayc logged in as %r", self.relayc.config.name)
         else:
             log.info("relayd is going away (%s); will reconnect when the session ends", go_away_name(code))
@@ -163,9 +173,24 @@ class _ClientSession:
     async def next_message(self, timeout: float | None = STEP_TIMEOUT) -> Any:
         message = await asyncio.wait_for(self.messages.get(), timeout)
         if message is None:
-            err = self.mux.error
-            raise RelayError(f"connection closed by relayd{f': {err}' if err else ''}")
+            raise RelayError(self.why_closed())
         return message
+
+    def why_closed(self) -> str:
+        """Who ended the session, and why: relayc itself (stopping, relayd silent or breaking the
+        protocol) is never reported as "closed by relayd"."""
+        err = self.mux.error
+        if self.link.stopping:
+            return "relayc is stopping"
+        if isinstance(err, PeerTimeoutError):
+            return f"no answer from relayd for {self.relayc.config.keepalive_timeout:g} s (keepalive_timeout)"
+        if isinstance(err, RemoteProtocolError):
+            return f"relayc closed the session: relayd broke the protocol: {err}"
+        if self.go_away_code is not None:
+            return f"connection closed by relayd (GO_AWAY {go_away_name(self.go_away_code)})"
+        if isinstance(err, OSError):
+            return f"connection to relayd lost: {err.strerror or err}"
+        return f"connection closed by relayd{f': {err}' if err else ''}"
 
 
 class NodeLink:
@@ -182,6 +207,9 @@ class NodeLink:
         self.server_key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.pushed: set[str] = set()  # tunnels this node pushed (sent again after each login)
         self.current: _ClientSession | None = None
+        self.answers: dict[str, TunnelStatus] = {}  # relayd's tunnel_status per tunnel, this session
+        self.since: float | None = None  # when the last session logged in or ended (unix time)
+        self.last_error = ""  # why the last attempt or session ended ("" while logged in)
         self._stopping = False
         self._stop_event = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -191,6 +219,7 @@ class NodeLink:
         backoff = ReconnectDelay()
         while not self._stopping:
             error: BaseException | None = None
+            message = ""
             try:
                 served = await self.run_once()
             except (OSError, asyncio.TimeoutError, RelayError, ssl.SSLError) as exc:
@@ -199,15 +228,17 @@ class NodeLink:
                 message = str(exc) or exc.__class__.__name__
                 if isinstance(exc, asyncio.TimeoutError):
                     message = "timed out"
-                if isinstance(exc, (AuthError, TrustError)):
-                    log.error("%s", message)
-                else:
-                    log.warning("cannot connect to relayd at %s: %s", self.server_key, message)
+                self.last_error = message
             except Exception:
                 served = False
+                self.last_error = "internal error"
                 log.exception("unexpected error in the session with relayd at %s; reconnecting", self.server_key)
             if self._stopping:
                 break
+            if isinstance(error, (AuthError, TrustError)):
+                log.error("%s", message)  # a refused login: its reason, once (no "going away" before it)
+            elif error is not None:
+                log.warning("cannot connect to relayd at %s: %s", self.server_key, message)
             if self.learned and self.server_key not in self.relayc.last_members:
                 log.info("cluster: node %s is not a member any more; no more attempts to connect", self.server_key)
                 break
@@ -257,6 +288,8 @@ class NodeLink:
         relayc = self.relayc
         session = await self.open_session()
         self.current = session
+        self.answers.clear()
+        self.since, self.last_error = time.time(), ""
         relayc.unpush_all(self)
         try:
             relayc.link_up(self)
@@ -267,9 +300,15 @@ class NodeLink:
                 message = await session.next_message(timeout=None)
                 self._on_message(message)
         except RelayError as exc:
-            log.warning("session with relayd at %s ended: %s", self.server_key, exc)
+            self.last_error = str(exc)
+            if self._stopping:
+                log.info("session with relayd at %s closed: relayc is stopping", self.server_key)
+            else:
+                log.warning("session with relayd at %s ended: %s", self.server_key, exc)
             return True
         finally:
+            self.since = time.time()
+            self.answers.clear()
             self.current = None
             relayc.link_down(self)
             session.mux.close()
@@ -374,6 +413,8 @@ class NodeLink:
             relayc.cluster_members(self, message.members)
             return
         if isinstance(message, TunnelStatus):
+            if relayc.tunnel_spec(message.name) is not None:
+                self.answers[message.name] = message
             spec = relayc.tunnel_spec(message.name)
             where = f" (relayd at {self.server_key})" if len(relayc.links) > 1 else ""
             if message.ok:
@@ -423,6 +464,10 @@ class Relayc:
         self.connected = asyncio.Event()  # some link is logged in
         self.health = HealthChecks(self)
         self.visitor_ports = VisitorPorts(config.visitors, self.current_visit_target, config.name)
+        # visitor connections and bytes per tunnel, counted here as streams are joined to local
+        # services (``relayc status``); a bridge counts from its socket's side, the local service
+        self.counters: dict[str, TrafficCounters] = {}
+        self.started = time.time()
 
     @property
     def tunnels(self) -> dict[str, TunnelSpec]:
@@ -437,6 +482,13 @@ class Relayc:
         if spec is not None and not self.targets.allows(spec.local_ip, spec.local_port):
             return None  # checked at push time already; checked again right before any dial
         return spec
+
+    def counters_for(self, name: str) -> TrafficCounters:
+        """The counters of tunnel ``name`` (one this relayc serves: its spec was just found)."""
+        counters = self.counters.get(name)
+        if counters is None:
+            counters = self.counters[name] = TrafficCounters()
+        return counters
 
     async def run(self) -> None:
         """Serve through every node forever."""
@@ -559,3 +611,103 @@ class Relayc:
         self.health.stop()
         for link in self.links.values():
             link.stop()
+
+    # --- reload ---------------------------------------------------------------------------------
+
+    async def apply_config(self, new: ClientConfig, why: str) -> None:
+        """Take a config read again (SIGHUP, or the file changed): tunnels added are registered,
+        removed ones removed, changed ones replaced on every logged-in session; unchanged ones keep
+        their visitors.  Visitor ports and ``allow_targets`` follow too; what only a restart can
+        change (the nodes, the name, the token, TLS, timeouts, state_dir) is logged as such."""
+        old = self.config
+        path = self.config_path
+        restart = [key for key in RESTART_KEYS if getattr(old, key) != getattr(new, key)]
+        wanted = {t.name: t for t in new.tunnels}
+        for name in [n for n in wanted if n not in self.own_tunnels and n in self.pushed_specs]:
+            log.error("tunnel %s in %s: not added: relayd serves a tunnel of that name defined in its dashboard; "
+                      "rename one of them", name, path)  # fmt: skip
+            del wanted[name]
+        removed = [n for n in self.own_tunnels if n not in wanted]
+        added = [n for n in wanted if n not in self.own_tunnels]
+        changed = [n for n in wanted if n in self.own_tunnels and wanted[n] != self.own_tunnels[n]]
+        self.own_tunnels = wanted
+        self.config = dataclasses.replace(old, tunnels=list(wanted.values()), visitors=new.visitors,
+                                          allow_targets=new.allow_targets)  # fmt: skip
+        self.targets = TargetPolicy(new.allow_targets)
+        for name in removed + changed:
+            self.health.states.pop(name, None)  # a replaced tunnel is probed afresh
+            for link in self.links.values():
+                link.answers.pop(name, None)
+        for name in removed:
+            self.counters.pop(name, None)
+        for session in self.logged_in_sessions():
+            if session.control is None:
+                continue
+            for name in removed:
+                session.control.send(TunnelRemove(name=name))
+            for name in added + changed:
+                session.control.send(TunnelAdd(tunnel=wanted[name]))
+        visitors = await self.visitor_ports.update(new.visitors)
+        parts = [f"{what} {', '.join(names)}" for what, names in
+                 (("added", added), ("removed", removed), ("replaced", changed)) if names]  # fmt: skip
+        if visitors:
+            parts.append(visitors)
+        log.info("reloaded %s (%s): %s", path, why, "; ".join(parts) if parts else "no tunnel or visitor changed")
+        if restart:
+            log.warning("%s: %s changed: that needs a restart of relayc; it goes on with the values it started with",
+                        path, ", ".join(restart))  # fmt: skip
+
+    # --- relayc status --------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``relayc status`` shows: the nodes, and each tunnel's state, public address and
+        traffic (``bytes_in``: visitors to the local service; ``bytes_out``: back to visitors)."""
+        links = list(self.links.values())
+        nodes = [{"addr": link.server_key, "connected": link.logged_in, "since": link.since,
+                  "error": "" if link.logged_in else link.last_error} for link in links]  # fmt: skip
+        tunnels = []
+        own_first = {**self.own_tunnels, **{n: t for n, t in self.pushed_specs.items() if n not in self.own_tunnels}}
+        for name, spec in own_first.items():
+            answers = [(link, link.answers.get(name)) for link in links if link.logged_in]
+            ok = [(link, a) for link, a in answers if a is not None and a.ok]
+            refused = [a for _, a in answers if a is not None and not a.ok]
+            public = ", ".join(dict.fromkeys(a.url or f"{link.host}:{a.remote_port}" for link, a in ok))
+            error = ""
+            if ok:
+                state = "active"
+                health = self.health.states.get(name)
+                if health is not None and health.reported is False:
+                    state, error = "service down", health.error
+            elif refused:
+                state, error = "refused", refused[0].error
+            else:
+                state = "pending"
+                error = "waiting for relayd's answer" if answers else "not connected to relayd"
+            counters = self.counters.get(name) or TrafficCounters()
+            tunnels.append({
+                "name": name,
+                "type": spec.type.value,
+                "source": "config" if name in self.own_tunnels else "relayd",
+                "local": f"{spec.local_ip}:{spec.local_port}",
+                "state": state,
+                "public": public,
+                "conns_open": counters.conns_open,
+                "conns_total": counters.conns_total,
+                "bytes_in": counters.bytes_out,  # the bridge's socket is the local service: swapped
+                "bytes_out": counters.bytes_in,
+                "error": error,
+            })  # fmt: skip
+        return {
+            "client": self.config.name,
+            "pid": os.getpid(),
+            "version": __version__,
+            "config": str(self.config_path.resolve()),
+            "started": self.started,
+            "nodes": nodes,
+            "tunnels": tunnels,
+            "visitors": self.visitor_ports.listening(),
+        }
+
+
+# what a reload cannot change: relayc says so and goes on with the values it started with
+RESTART_KEYS = ("server_addr", "server_port", "name", "keepalive_timeout", "state_dir", "auth", "tls")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from relay_client.udp import LocalUdpFlow
-from shared.aio import MuxConnection, StreamBridge
+from shared.aio import MuxConnection, StreamBridge, TrafficCounters
 from shared.burst import BurstLog
 from shared.errors import RemoteProtocolError
 from shared.frames import ResetCode
@@ -50,11 +50,13 @@ class IncomingStream:
         stream_id: int,
         lookup: Callable[[str], TunnelSpec | None],
         burst_log: BurstLog,
+        counters: Callable[[str], TrafficCounters] | None = None,
     ) -> None:
         self.mux = mux
         self.stream_id = stream_id
         self._lookup = lookup
         self._burst_log = burst_log
+        self._counters = counters  # a tunnel's counters by name (``relayc status``)
         self._decoder: MessageDecoder | None = None  # only when the preamble comes in pieces
         self._bridge: StreamBridge | None = None
         self._ended = False
@@ -110,6 +112,10 @@ class IncomingStream:
         else:
             bridge = StreamBridge(self.mux)
         bridge.stream_id = self.stream_id
+        if self._counters is not None:  # a connection counts once dialing starts (undone if the dial fails)
+            counters = bridge.counters = self._counters(spec.name)
+            counters.conns_open += 1
+            counters.conns_total += 1
         self._bridge = bridge
         self.mux.set_handler(self.stream_id, bridge)
         if rest:
@@ -141,6 +147,10 @@ class IncomingStream:
     ) -> None:
         _dials.discard(task)
         timer.cancel()
+        if (task.cancelled() or task.exception() is not None) and bridge.counters is not None:
+            bridge.counters.conns_open -= 1  # never joined: connection_lost will not count it out
+            bridge.counters.conns_total -= 1
+            bridge.counters = None
         if task.cancelled():
             if not self._timed_out:
                 return  # relayc is shutting down: not the target's fault

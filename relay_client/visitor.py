@@ -107,15 +107,55 @@ class VisitorPorts:
         self.visitors = visitors
         self.current = current  # the logged-in session's mux and relayd's fingerprint, or None
         self.name = name
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[tuple[VisitorConfig, asyncio.Server]] = []
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for v in self.visitors:
-            server = await loop.create_server(lambda v=v: self._accept(v), v.bind_addr, v.bind_port)  # type: ignore[misc]
-            self.servers.append(server)
-            port = server.sockets[0].getsockname()[1]
-            log.info("visitor %s/%s: listening on %s:%d", v.client, v.tunnel, v.bind_addr, port)
+            await self._listen(v)
+
+    async def _listen(self, v: VisitorConfig) -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda v=v: self._accept(v), v.bind_addr, v.bind_port)  # type: ignore[misc]
+        self.servers.append((v, server))
+        port = server.sockets[0].getsockname()[1]
+        log.info("visitor %s/%s: listening on %s:%d", v.client, v.tunnel, v.bind_addr, port)
+
+    async def update(self, visitors: list[VisitorConfig]) -> str:
+        """A reloaded config: ports of visitors no longer listed (or changed) stop listening, new
+        ones start; unchanged ones keep listening.  Connections already accepted go on.  Returns
+        what changed, for the log ("" when nothing did)."""
+        kept: list[tuple[VisitorConfig, asyncio.Server]] = []
+        stopped = []
+        for v, server in self.servers:
+            if v in visitors and v not in [k for k, _ in kept]:
+                kept.append((v, server))
+            else:
+                server.close()
+                stopped.append(f"{v.client}/{v.tunnel}")
+        self.servers = kept
+        self.visitors = visitors
+        started = []
+        for v in visitors:
+            if v in [k for k, _ in kept]:
+                continue
+            try:
+                await self._listen(v)
+                started.append(f"{v.client}/{v.tunnel}")
+            except OSError as exc:
+                log.error("visitor %s/%s: cannot listen on %s:%d: %s", v.client, v.tunnel, v.bind_addr, v.bind_port,
+                          exc.strerror or exc)  # fmt: skip
+        parts = [f"visitors {what} {', '.join(names)}" for what, names in (("stopped", stopped), ("started", started))
+                 if names]  # fmt: skip
+        return "; ".join(parts)
+
+    def listening(self) -> list[dict[str, str]]:
+        """Each visitor port: its target and where it listens (``relayc status``)."""
+        out = []
+        for v, server in self.servers:
+            sockets = server.sockets
+            host, port = sockets[0].getsockname()[:2] if sockets else (v.bind_addr, v.bind_port)
+            out.append({"client": v.client, "tunnel": v.tunnel, "listen": f"{host}:{port}"})
+        return out
 
     def _accept(self, v: VisitorConfig) -> asyncio.Protocol:
         target = f"{v.client}/{v.tunnel}"
@@ -133,7 +173,7 @@ class VisitorPorts:
         return bridge
 
     def close(self) -> None:
-        for server in self.servers:
+        for _, server in self.servers:
             server.close()
 
 

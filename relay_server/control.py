@@ -54,7 +54,7 @@ from relay_server.tunnels import PublicTunnel
 from shared import __version__, auth
 from shared.aio import ControlChannel, MuxConnection, StreamHandler
 from shared.checks import check_name
-from shared.errors import RemoteProtocolError, TunnelRefusal, TunnelRefused
+from shared.errors import PeerTimeoutError, RemoteProtocolError, TunnelRefusal, TunnelRefused
 from shared.frames import GoAwayCode, go_away_name
 from shared.limits import TokenBucket
 from shared.messages import (
@@ -156,7 +156,7 @@ class ClientSession:
         self._tasks: set[asyncio.Task[Any]] = set()
         # tunnel_add messages waiting to be handled, one at a time by one task (the port policy
         # must see each result before the next; binding awaits); bounded, see _on_tunnel_add
-        self._pending_adds: deque[TunnelAdd] = deque()
+        self._pending_adds: deque[TunnelAdd | TunnelRemove] = deque()  # in order: a remove after its add
         self._adding: asyncio.Task[None] | None = None
         self.pushed: dict[str, TunnelSpec] = {}  # dashboard tunnels pushed to this session, by name
 
@@ -200,7 +200,11 @@ class ClientSession:
         return self.registry.peer_stream(self, mux, stream_id)
 
     def _go_away(self, mux: MuxConnection, code: int) -> None:
-        log.info("client %s: going away (%s)", self.name or self.remote_addr, go_away_name(code))
+        who = self.name or self.remote_addr
+        if code == GoAwayCode.NORMAL:
+            log.info("client %s: relayc is stopping (GO_AWAY NORMAL)", who)
+        else:
+            log.info("client %s: relayc ends the session (GO_AWAY %s)", who, go_away_name(code))
         self.release_tunnels()
 
     def _closed(self, mux: MuxConnection, exc: BaseException | None) -> None:
@@ -214,7 +218,10 @@ class ClientSession:
         self.listener.session_closed(self)
         self.registry.session_closed(self)
         if was_ready:
-            why = f": {exc}" if exc else ""
+            if isinstance(exc, PeerTimeoutError):
+                why = f": no answer from it for {self.listener.config.keepalive_timeout:g} s (keepalive_timeout)"
+            else:
+                why = f": {exc}" if exc else ""
             log.info("client %s (%s) disconnected%s", self.name, self.remote_addr, why)
 
     def _control_closed(self) -> None:
@@ -239,7 +246,7 @@ class ClientSession:
                 self._on_hello(message)
             elif isinstance(message, Login) and state is SessionState.CHALLENGED:
                 self._on_login(message)
-            elif isinstance(message, TunnelAdd) and state is SessionState.READY and not self.role:
+            elif isinstance(message, (TunnelAdd, TunnelRemove)) and state is SessionState.READY and not self.role:
                 self._on_tunnel_add(message)
             elif isinstance(message, TunnelHealth) and state is SessionState.READY and not self.role:
                 self.registry.set_health(self, message.name, message.healthy, message.error)
@@ -369,10 +376,16 @@ class ClientSession:
 
     # --- tunnels --------------------------------------------------------------------------------
 
-    def _on_tunnel_add(self, message: TunnelAdd) -> None:
-        """Queue a registration.  Past ``PENDING_ADDS_HIGH`` waiting, the control stream's credit
-        is held back, so the client can send at most one more window of them; a client that still
-        piles up ``PENDING_ADDS_MAX`` is breaking the protocol."""
+    def _on_tunnel_add(self, message: TunnelAdd | TunnelRemove) -> None:
+        """Queue a registration (or a removal: it is handled in order with the adds, so a remove
+        never overtakes the add it follows).  Past ``PENDING_ADDS_HIGH`` waiting, the control
+        stream's credit is held back, so the client can send at most one more window of them; a
+        client that still piles up ``PENDING_ADDS_MAX`` is breaking the protocol."""
+        if isinstance(message, TunnelRemove):
+            try:
+                check_name(message.name)
+            except ValueError as exc:
+                raise RemoteProtocolError(f"bad tunnel_remove message: field name: {exc}") from None
         pending = self._pending_adds
         if len(pending) >= PENDING_ADDS_MAX:
             raise RemoteProtocolError(f"over {PENDING_ADDS_MAX} tunnel_add messages waiting")
@@ -398,7 +411,10 @@ class ClientSession:
                 message = pending.popleft()
                 if len(pending) <= PENDING_ADDS_HIGH // 2 and self.control is not None:
                     self.control.release_credit()
-                await self._add_tunnel(message)
+                if isinstance(message, TunnelRemove):
+                    self._remove_tunnel(message.name)
+                else:
+                    await self._add_tunnel(message)
                 # an add that opened no listener awaited nothing: let visitors and other
                 # sessions in between registrations (6,000 in one go held the loop 0.4 s)
                 await asyncio.sleep(0)
@@ -421,6 +437,19 @@ class ClientSession:
                  spec.local_ip, spec.local_port)  # fmt: skip
         url = "" if spec.type is TunnelKind.TCP else tunnel.public
         self.send(TunnelStatus(name=spec.name, ok=True, remote_port=tunnel.port, url=url))
+
+    def _remove_tunnel(self, name: str) -> None:
+        """relayc's ``tunnel_remove`` (its config was reloaded without that tunnel): close it and
+        forget why it was refused; a name it has nothing open under is no error (a refused tunnel,
+        or one relayd closed meanwhile)."""
+        self.refusals.pop(name, None)
+        tunnel = self.tunnels.pop(name, None)
+        if name in self.pushed:  # relayd's own tunnel: the client does not serve it any more
+            self.remember_refusal(name, TunnelRefusal.CLIENT_REFUSED, "removed by the client")
+        if tunnel is None:
+            return
+        self.registry.close_tunnel(tunnel, client_gone=False)
+        log.info("client %s tunnel %s: removed by the client", self.name, name)
 
     def refuse_tunnel(self, name: str, reason: TunnelRefusal, text: str) -> None:
         """Tell relayc why a tunnel is refused; the registry remembers and logs it."""

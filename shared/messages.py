@@ -271,7 +271,9 @@ class TunnelPushRefused(_Message):
 
 @dataclass(frozen=True)
 class TunnelRemove(_Message):
-    """relayd -> relayc: forget a pushed tunnel (deleted or disabled in the dashboard)."""
+    """Both ways.  relayd -> relayc: forget a pushed tunnel (deleted or disabled in the
+    dashboard).  relayc -> relayd: close a tunnel it registered (its config was reloaded without
+    it); handled in order with its ``tunnel_add`` messages."""
 
     type: ClassVar[str] = "tunnel_remove"
     name: str = _str(1, 128)
