@@ -402,10 +402,8 @@ class Bench:
         (self.tmp / "relayc.toml").write_text(
             f'server_port = {control}\nname = "bench"\n[auth]\ntoken = "{TOKEN}"\n{tunnels}'
         )
-        relayd = shutil.which("relayd")
-        relayc = shutil.which("relayc")
-        d_cmd = [relayd] if relayd else [sys.executable, "-m", "relay_server.cli"]
-        c_cmd = [relayc] if relayc else [sys.executable, "-m", "relay_client.cli"]
+        d_cmd = cluster.relay_command("relayd", "relay_server.cli")
+        c_cmd = cluster.relay_command("relayc", "relay_client.cli")
         d = self.spawn([*d_cmd, "-c", "relayd.toml", "--log-level", "warning"], "relayd.log")
         wait_port(control)
         c = self.spawn([*c_cmd, "-c", "relayc.toml", "--log-level", "warning"], "relayc.log")

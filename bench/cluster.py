@@ -63,8 +63,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _command(name: str, module: str) -> list[str]:
-    found = shutil.which(name)
+def relay_command(name: str, module: str) -> list[str]:
+    """This Python's own ``name`` script (a venv's, even when it is not activated; never another
+    install's from PATH), else ``python -m module``."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent))
     return [found] if found else [sys.executable, "-m", module]
 
 
@@ -199,7 +201,7 @@ class Cluster:
                 f'[dashboard]\naddr = "127.0.0.1"\nport = {node.dash}\npassword = "{node.password}"\n'
             )
             log = f"cluster/{tag}-{node.name}.log"
-            node.proc = self.spawn([*_command("relayd", "relay_server.cli"), "-c", str(cfg), "--log-level",
+            node.proc = self.spawn([*relay_command("relayd", "relay_server.cli"), "-c", str(cfg), "--log-level",
                                     "warning"], log)  # fmt: skip
             self._procs.append(node.proc)
             try:
@@ -213,7 +215,7 @@ class Cluster:
             f'[auth]\ntoken = "{self.token}"\n'
             f'[[tunnels]]\nname = "{TUNNEL}"\nlocal_port = {self.target}\nremote_port = {setup.public}\n'
         )
-        setup.relayc = self.spawn([*_command("relayc", "relay_client.cli"), "-c", str(cfg), "--log-level",
+        setup.relayc = self.spawn([*relay_command("relayc", "relay_client.cli"), "-c", str(cfg), "--log-level",
                                    "warning"], f"cluster/{tag}-relayc.log")  # fmt: skip
         self._procs.append(setup.relayc)
 

@@ -141,7 +141,7 @@ def install_service(prog: str, module: str, model: type[ModelT], argv: list[str]
     args = parser.parse_args(argv)
     config = Path(args.config).resolve()
     load_or_exit(prog, model, str(config))
-    exe = Path(sys.executable).resolve()
+    exe = Path(sys.executable).absolute()  # not resolve(): a venv's python is a symlink to one without the venv
     lines = [
         "[Unit]",
         f"Description=relay {kind}",

@@ -28,7 +28,7 @@ def test_a_unit_is_printed_or_written_for_the_config(prog: str, tmp_path: Path) 
     assert printed.returncode == 0, printed.stderr
     unit = printed.stdout
     module = "relay_client.cli" if prog == "relayc" else "relay_server.cli"
-    assert f"ExecStart={Path(sys.executable).resolve()} -m {module} -c {cfg.resolve()}\n" in unit
+    assert f"ExecStart={Path(sys.executable).absolute()} -m {module} -c {cfg.resolve()}\n" in unit
     assert "Restart=always" in unit and "WantedBy=multi-user.target" in unit
     written = run(prog, "-c", cfg.name, "--user", env={"XDG_CONFIG_HOME": str(tmp_path / "xdg")}, cwd=tmp_path)
     assert written.returncode == 0, written.stderr
