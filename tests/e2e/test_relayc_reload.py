@@ -9,7 +9,10 @@ import signal
 import socket
 from pathlib import Path
 
+from shared.messages import TunnelAdd, TunnelRemove, TunnelStatus, encode_message
+from shared.tunnel import TunnelSpec
 from tests.e2e.harness import (
+    TOKEN,
     Proc,
     TcpServer,
     closed_by_peer,
@@ -21,6 +24,7 @@ from tests.e2e.harness import (
     start_relayd,
     wait_port_serves,
 )
+from tests.e2e.rawclient import RawClient
 from tests.waiting import wait_until
 
 
@@ -132,3 +136,31 @@ def test_visitor_ports_follow_a_reload(tmp_path: Path, echo: TcpServer, procs: l
     laptop.popen.send_signal(signal.SIGHUP)
     laptop.wait_for(r"reloaded .*visitors stopped lab/keyed")
     wait_until(lambda: port_refuses(visit_port), 10, "the removed visitor port to refuse")
+
+
+def test_relayd_takes_a_tunnel_remove_in_order_and_strictly(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
+    port, public = free_port(), free_port()
+    d = start_relayd(procs, tmp_path, port)
+    raw = RawClient(port)
+    try:
+        assert raw.login(TOKEN)
+        add = encode_message(TunnelAdd(tunnel=TunnelSpec.parse({"name": "t", "local_port": echo.port,
+                                                                 "remote_port": public})))  # fmt: skip
+        # an add, its remove, a remove of a name never added (no error), the add again: in order
+        raw.session.send_data(1, add + encode_message(TunnelRemove(name="t")) +
+                              encode_message(TunnelRemove(name="never-added")) + add)  # fmt: skip
+        raw.flush()
+        answers = [raw.control_message(), raw.control_message()]
+        assert all(isinstance(a, TunnelStatus) and a.ok and a.remote_port == public for a in answers), answers
+        d.wait_for(r"client raw tunnel t: removed by the client")
+        assert not port_refuses(public)  # listening again (this raw client joins no visitor, though)
+        raw.session.send_data(1, encode_message(TunnelRemove(name="t")))
+        raw.flush()
+        wait_until(lambda: port_refuses(public), 10, f"port {public} to close after tunnel_remove")
+        # a name no tunnel could have is a protocol error: the session ends
+        raw.session.send_data(1, encode_message(TunnelRemove(name="not a/name")))
+        raw.flush()
+        assert raw.closed_by_server()
+        d.wait_for(r"bad tunnel_remove message: field name")
+    finally:
+        raw.close()

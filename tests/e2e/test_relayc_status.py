@@ -4,6 +4,7 @@ relayc runs for the config (no socket, or a stale one), 2 for a bad config."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from relay_client import status as status_module
 from tests.e2e.harness import (
     Proc,
     TcpServer,
@@ -153,3 +155,30 @@ def test_status_socket_is_the_owners_only_replaces_a_stale_one_and_goes_at_exit(
     done = status(cfg)
     assert done.returncode == 1
     assert "no relayc is running" in done.stderr
+
+
+async def test_the_status_server_reads_one_bounded_request_within_a_time(tmp_path: Path, monkeypatch: Any) -> None:
+    """A request over REQUEST_MAX bytes, or none within REQUEST_TIMEOUT, is closed unanswered; one
+    that is not a status request gets an error; a status request the snapshot."""
+    monkeypatch.setattr(status_module, "REQUEST_TIMEOUT", 0.5)
+    path = tmp_path / "relayc.sock"
+    server = status_module.StatusServer(path, lambda: {"client": "unit"})
+    assert await server.start()
+
+    async def exchange(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(data)
+        try:
+            return await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+
+    try:
+        assert await exchange(b"x" * (status_module.REQUEST_MAX + 10) + b"\n") == b""
+        assert await exchange(b"") == b""  # nothing sent: closed after the timeout
+        assert json.loads(await exchange(b'{"request": "secrets"}\n'))["error"].startswith("unknown request")
+        assert json.loads(await exchange(b'{"request": "status"}\n')) == {"client": "unit"}
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        server.close()
+    assert not path.exists()
