@@ -418,6 +418,8 @@ class NodeLink:
             spec = relayc.tunnel_spec(message.name)
             where = f" (relayd at {self.server_key})" if len(relayc.links) > 1 else ""
             if message.ok:
+                if self.current is not None:
+                    relayc.health.tunnel_registered(self.current, message.name)
                 target = f"{spec.local_ip}:{spec.local_port}" if spec else "?"
                 if message.url:
                     log.info("tunnel %s: %s -> %s%s", message.name, message.url, target, where)

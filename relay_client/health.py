@@ -1,4 +1,4 @@
-"""Health checks: relayc probes the local service of each tunnel that asks for it.
+"""Health checks: relayc probes the local service of each of its tunnels.
 
 ``health_check = "tcp"`` connects; ``"http"`` sends ``GET health_check_path`` and wants a status
 line below 500.  A probe runs every ``health_check_interval`` seconds, at most one at a time per
@@ -6,6 +6,12 @@ tunnel, and fails when it takes over ``health_check_timeout``.  The service is *
 ``health_check_max_failures`` failures in a row and *up* after one success; relayc tells relayd
 (``tunnel_health``) only when that verdict changes (every session is told the verdicts known when it logs in), and
 relayd takes a down member out of its group and shows the tunnel as "service down".
+
+A tunnel with no ``health_check`` is probed too, gently: a TCP connect when it is registered and
+then every ``IMPLICIT_INTERVAL`` seconds while it answers, every ``health_check_interval`` while
+it does not (a connection refused is decisive, so one failure is enough), so the dashboard can
+say "service down" for any tunnel.  UDP tunnels are not probed
+(nothing answers a connect).
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from shared.messages import TunnelHealth
-from shared.tunnel import TunnelSpec
+from shared.tunnel import PROBED_KINDS, TunnelSpec
 
 if TYPE_CHECKING:
     from relay_client.client import Relayc, _ClientSession
 
 log = logging.getLogger("relayc")
 TICK = 0.5  # how often due probes are looked for
+IMPLICIT_INTERVAL = 30  # seconds between the probes of a tunnel with no health_check
 STATUS_LINE_MAX = 1024
 
 
@@ -84,6 +91,13 @@ class HealthChecks:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def tunnel_registered(self, session: _ClientSession, name: str) -> None:
+        """relayd registered tunnel ``name`` on ``session``: tell it the verdict known so far (one
+        sent before the registration was done is not kept by relayd)."""
+        state = self.states.get(name)
+        if state is not None and state.reported is not None and session.control is not None:
+            session.control.send(TunnelHealth(name=name, healthy=state.reported, error=state.error[:1024]))
+
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -96,7 +110,7 @@ class HealthChecks:
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            specs = {name: spec for name, spec in self.relayc.tunnels.items() if spec.health_check}
+            specs = {name: spec for name, spec in self.relayc.tunnels.items() if spec.type in PROBED_KINDS}
             for name in [n for n in self.states if n not in specs]:
                 del self.states[name]
             for name, spec in specs.items():
@@ -106,7 +120,7 @@ class HealthChecks:
                 if state.running or now < state.due:
                     continue
                 state.running = True
-                state.due = now + spec.health_check_interval
+                state.due = now + spec.health_check_interval  # (set again by _check for implicit probes)
                 task = loop.create_task(self._check(name, spec, state))
                 self._probes.add(task)
                 task.add_done_callback(self._probes.discard)
@@ -120,7 +134,10 @@ class HealthChecks:
         if self.states.get(name) is not state:
             return  # the tunnel went away meanwhile
         state.failures = state.failures + 1 if error else 0
-        if error and state.failures < spec.health_check_max_failures:
+        if not spec.health_check:  # gently while up, as often as a checked tunnel while down
+            gap = spec.health_check_interval if error else IMPLICIT_INTERVAL
+            state.due = asyncio.get_running_loop().time() + gap
+        if error and spec.health_check and state.failures < spec.health_check_max_failures:
             return
         healthy = not error
         if state.reported is healthy:
