@@ -218,8 +218,11 @@ class ClientSession:
         self.listener.session_closed(self)
         self.registry.session_closed(self)
         if was_ready:
+            session = self.mux.session
             if isinstance(exc, PeerTimeoutError):
                 why = f": no answer from it for {self.listener.config.keepalive_timeout:g} s (keepalive_timeout)"
+            elif exc is None and session is not None and session.go_away_sent and session.go_away_received is None:
+                why = " (relayd closed the session)"  # relayd stopping, the client kicked or replaced
             else:
                 why = f": {exc}" if exc else ""
             log.info("client %s (%s) disconnected%s", self.name, self.remote_addr, why)

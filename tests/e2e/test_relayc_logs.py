@@ -68,3 +68,14 @@ def test_a_silent_relayc_is_no_answer_in_relayds_log(tmp_path: Path, echo: TcpSe
     finally:
         c.popen.send_signal(signal.SIGCONT)
     assert "going away" not in d.output
+
+
+def test_relayds_own_sigterm_is_said_so_on_both_sides(tmp_path: Path, echo: TcpServer, procs: list[Proc]) -> None:
+    port, public = free_port(), free_port()
+    d = start_relayd(procs, tmp_path, port)
+    c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, port, [
+        {"name": "e", "local_port": echo.port, "remote_port": public}]))  # fmt: skip
+    c.wait_for(r"tunnel e: relayd port")
+    assert d.stop(signal.SIGTERM) == 0
+    assert "client lab (127.0.0.1) disconnected (relayd closed the session)" in d.output
+    c.wait_for(r"session with relayd at 127\.0\.0\.1:\d+ ended: connection closed by relayd \(GO_AWAY NORMAL\)")
