@@ -206,7 +206,7 @@ def test_edit_tcp_local_port_live(world: dict[str, Any]) -> None:
     assert recv_all_n(before, 5) == b"still"
     before.close()
     assert _fields(api, "lab", "svc", {"local_port": one.port, "enabled": False})[0] == 200
-    assert _item(api, "lab", "svc")["state"] == "disabled"
+    wait_until(lambda: _item(api, "lab", "svc")["state"] == "disabled", 10, "svc disabled")
     assert _fields(api, "lab", "svc", {"enabled": True})[0] == 200
     wait_until(lambda: _item(api, "lab", "svc")["state"] == "active", 10, "svc enabled again")
     assert _reached(_item(api, "lab", "svc")["remote_port"]) == b"one:ping"
@@ -240,9 +240,12 @@ def test_edit_refusals(world: dict[str, Any]) -> None:
     for body, key in (({"name": "renamed"}, "name"), ({"type": "udp"}, "type"), ({"client": "elsewhere"}, "client")):
         status, answer = _fields(api, "lab", "strict", body)
         assert status == 422 and _named(answer) == key and "cannot be changed" in answer["detail"][0]["msg"]
-    for body, key in (({"colour": "red"}, "colour"), ({"local_port": 70000}, "local_port"),
-                      ({"allow_sources": ["not-a-cidr"]}, "allow_sources"), ({"http_user": "u"}, "http_user"),
-                      ({"bandwidth_limit": "fast"}, "bandwidth_limit"), ({"enabled": "maybe"}, "enabled")):  # fmt: skip
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"colour": "red"}, "colour"), ({"local_port": 70000}, "local_port"),
+        ({"allow_sources": ["not-a-cidr"]}, "allow_sources"), ({"http_user": "u"}, "http_user"),
+        ({"bandwidth_limit": "fast"}, "bandwidth_limit"), ({"enabled": "maybe"}, "enabled"),
+    ]  # fmt: skip
+    for body, key in bad:
         status, answer = _fields(api, "lab", "strict", body)
         assert status == 422 and _named(answer) == key, (body, answer)
     assert _fields(api, "lab", "strict", [1, 2])[0] == 422
@@ -305,3 +308,45 @@ def test_recent_connections(world: dict[str, Any]) -> None:
     assert api.call("GET", "/api/v1/tunnels/lab/nope/connections")[0] == 404
     assert api.call("GET", "/api/v1/tunnels/ghost/conns/connections")[0] == 404
     assert api.call("GET", "/api/v1/tunnels/lab/fromfile/connections")[0] == 200
+
+
+def test_recent_connections_of_udp_flows(world: dict[str, Any]) -> None:
+    api = world["api"]
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+
+    def echo_datagrams() -> None:
+        while True:
+            try:
+                data, addr = server.recvfrom(65536)
+                server.sendto(data, addr)
+            except OSError:
+                return
+
+    threading.Thread(target=echo_datagrams, daemon=True).start()
+    try:
+        body = {"name": "flows", "type": "udp", "local_port": server.getsockname()[1], "remote_port": 0,
+                "udp_idle_timeout": 1}  # fmt: skip
+        public = _define(api, body)["remote_port"]
+        visitors = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+        for n, visitor in zip((10, 300), visitors, strict=True):
+            visitor.settimeout(10)
+            visitor.connect(("127.0.0.1", public))
+            for _ in range(2):  # one flow per visitor address, however many datagrams
+                visitor.send(b"d" * n)
+                assert visitor.recv(65536) == b"d" * n
+        addrs = [_local(v) for v in visitors]
+
+        def listed() -> list[dict[str, Any]]:
+            return list(api.call("GET", "/api/v1/tunnels/lab/flows/connections")[1])
+
+        # a flow ends after udp_idle_timeout without a datagram
+        wait_until(lambda: len(listed()) == 2 and all(e["closed"] for e in listed()), 15,
+                   lambda: f"both flows listed and ended: {listed()}")  # fmt: skip
+        entries = listed()
+        assert [e["addr"] for e in entries] == addrs[::-1]
+        assert [(e["bytes_in"], e["bytes_out"]) for e in entries] == [(600, 600), (20, 20)]
+        for visitor in visitors:
+            visitor.close()
+    finally:
+        server.close()
