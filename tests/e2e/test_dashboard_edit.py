@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import http.client
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import Proc, TcpServer, echo_handler, free_port, recv_all
+from tests.e2e.harness import Proc, TcpServer, echo_handler, free_port, recv_all, relayc_config
 from tests.e2e.test_dashboard import Api, relayc_from, start_relayd
 from tests.waiting import wait_until
 
@@ -68,8 +70,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         own = f'\n[[tunnels]]\nname = "fromfile"\nlocal_port = {echo.port}\nremote_port = 0\n'
         c = relayc_from(procs, tmp, created["relayc_toml"] + own, "lab.toml")
         c.wait_for(r"tunnel fromfile: relayd port \d+")
-        yield {"api": api, "relayd": d, "relayc": c, "http_port": http_port, "app_port": int(app.server_address[1]),
-               "echo": echo, "one": one, "two": two}  # fmt: skip
+        yield {"api": api, "relayd": d, "relayc": c, "tmp": tmp, "port": port, "http_port": http_port,
+               "app_port": int(app.server_address[1]), "echo": echo, "one": one, "two": two}  # fmt: skip
     finally:
         for p in procs:
             p.stop()
@@ -350,3 +352,23 @@ def test_recent_connections_of_udp_flows(world: dict[str, Any]) -> None:
             visitor.close()
     finally:
         server.close()
+
+
+def test_recent_connections_of_secret_visits(world: dict[str, Any]) -> None:
+    api, tmp = world["api"], world["tmp"]
+    key = "a-visitor-key-0123456789"
+    _define(api, {"name": "hidden", "type": "secret", "local_port": world["echo"].port, "secret_key": key})
+    visitor = {"client": "lab", "tunnel": "hidden", "secret_key": key, "bind_port": free_port()}
+    cfg = relayc_config(tmp, world["port"], [], filename="laptop.toml", name="laptop", visitors=[visitor])
+    data = b"v" * 5000
+    done = subprocess.run([sys.executable, "-m", "relay_client.cli", "connect", "-c", str(cfg), "lab/hidden"],
+                          input=data, capture_output=True, timeout=60, cwd=tmp)  # fmt: skip
+    assert done.returncode == 0 and done.stdout == data, done.stderr[-2000:]
+
+    def listed() -> list[dict[str, Any]]:
+        return list(api.call("GET", "/api/v1/tunnels/lab/hidden/connections")[1])
+
+    wait_until(lambda: len(listed()) == 1 and listed()[0]["closed"], 10, lambda: f"the visit listed, ended: {listed()}")
+    (entry,) = listed()
+    assert entry["addr"] == "laptop@127.0.0.1"  # a visit: the visiting client and its address
+    assert entry["bytes_in"] == entry["bytes_out"] == len(data)
