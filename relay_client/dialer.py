@@ -98,6 +98,10 @@ class IncomingStream:
             return
         if spec.type is TunnelKind.UDP:  # a flow of datagrams, to a UDP socket of its own
             flow = LocalUdpFlow(self.mux, self.stream_id, spec, self._burst_log)
+            if self._counters is not None:
+                counters = flow.counters = self._counters(spec.name)
+                counters.conns_open += 1
+                counters.conns_total += 1
             self.mux.set_handler(self.stream_id, flow)
             if rest:
                 flow.on_data(rest)

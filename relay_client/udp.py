@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import Any
 
-from shared.aio import MuxConnection
+from shared.aio import MuxConnection, TrafficCounters
 from shared.burst import BurstLog
 from shared.datagrams import PER_CALLBACK, DatagramDecoder, encode_datagram
 from shared.frames import ResetCode
@@ -41,6 +41,9 @@ class LocalUdpFlow(asyncio.DatagramProtocol):
         self.dropped = 0
         self._draining = False
         self._timer: asyncio.TimerHandle | None = None
+        # the tunnel's counters (``relayc status``), from the socket's side like a StreamBridge's:
+        # bytes_in from the local service, bytes_out to it; a flow counts as a connection
+        self.counters: TrafficCounters | None = None
 
     def start(self) -> None:
         task = self.loop.create_task(self.loop.create_datagram_endpoint(
@@ -70,6 +73,8 @@ class LocalUdpFlow(asyncio.DatagramProtocol):
         waiting, self.waiting = self.waiting, []
         for datagram in waiting:
             self.transport.sendto(datagram)  # type: ignore[union-attr]
+            if self.counters is not None:
+                self.counters.bytes_out += len(datagram)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         session = self.mux.session
@@ -77,6 +82,8 @@ class LocalUdpFlow(asyncio.DatagramProtocol):
             self.dropped += 1
             return
         self.last_active = self.loop.time()
+        if self.counters is not None:
+            self.counters.bytes_in += len(data)
         self.mux.send(self.stream_id, encode_datagram(data))
 
     def error_received(self, exc: Exception) -> None:
@@ -115,6 +122,8 @@ class LocalUdpFlow(asyncio.DatagramProtocol):
                     self.dropped += 1
                     continue
                 transport.sendto(datagram)
+                if self.counters is not None:
+                    self.counters.bytes_out += len(datagram)
             elif len(self.waiting) < 64:
                 self.waiting.append(datagram)
             else:
@@ -154,6 +163,9 @@ class LocalUdpFlow(asyncio.DatagramProtocol):
 
     def _close(self) -> None:
         self.closed = True
+        if self.counters is not None:
+            self.counters.conns_open -= 1
+            self.counters = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +183,35 @@ async def test_the_status_server_reads_one_bounded_request_within_a_time(tmp_pat
     finally:
         server.close()
     assert not path.exists()
+
+
+def test_status_counts_udp_flows_and_datagrams(tmp_path: Path, procs: list[Proc]) -> None:
+    service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    service.bind(("127.0.0.1", 0))
+
+    def echo_datagrams() -> None:
+        while True:
+            try:
+                data, addr = service.recvfrom(65536)
+            except OSError:
+                return
+            service.sendto(data + b"!", addr)
+
+    threading.Thread(target=echo_datagrams, daemon=True).start()
+    port, public = free_port(), free_port()
+    start_relayd(procs, tmp_path, port)
+    cfg = relayc_config(tmp_path, port, [{"name": "u", "type": "udp", "local_port": service.getsockname()[1],
+                                          "remote_port": public}])  # fmt: skip
+    c = spawn(procs, "relay_client.cli", cfg)
+    c.wait_for(r"tunnel u: 127\.0\.0\.1:\d+/udp")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as visitor:
+            visitor.settimeout(5)
+            for _ in range(3):
+                visitor.sendto(b"datagram", ("127.0.0.1", public))
+                assert visitor.recvfrom(100)[0] == b"datagram!"
+            u = tunnel(status_json(cfg), "u")
+            assert (u["type"], u["state"], u["public"]) == ("udp", "active", f"127.0.0.1:{public}/udp")
+            assert (u["conns_open"], u["conns_total"], u["bytes_in"], u["bytes_out"]) == (1, 1, 24, 27)
+    finally:
+        service.close()
