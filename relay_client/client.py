@@ -171,7 +171,10 @@ class _ClientSession:
         self.messages.put_nowait(message)
 
     async def next_message(self, timeout: float | None = STEP_TIMEOUT) -> Any:
-        message = await asyncio.wait_for(self.messages.get(), timeout)
+        try:
+            message = await asyncio.wait_for(self.messages.get(), timeout)
+        except asyncio.TimeoutError:
+            raise RelayError(f"no answer from relayd within {timeout:g} s") from None
         if message is None:
             raise RelayError(self.why_closed())
         return message
@@ -264,17 +267,20 @@ class NodeLink:
             ca_file = str(resolve_path(self.relayc.config_path, cfg.tls.ca_file)) if cfg.tls.ca_file else ""
             ssl_ctx = client_context(cfg.tls.server_name, ca_file)
             server_hostname = cfg.tls.server_name or self.host
-        await asyncio.wait_for(
-            loop.create_connection(
-                lambda: session.mux,
-                self.host,
-                self.port,
-                ssl=ssl_ctx,
-                server_hostname=server_hostname,
-                ssl_handshake_timeout=STEP_TIMEOUT if ssl_ctx else None,
-            ),
-            STEP_TIMEOUT * 2,
-        )
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: session.mux,
+                    self.host,
+                    self.port,
+                    ssl=ssl_ctx,
+                    server_hostname=server_hostname,
+                    ssl_handshake_timeout=STEP_TIMEOUT if ssl_ctx else None,
+                ),
+                STEP_TIMEOUT * 2,
+            )
+        except asyncio.TimeoutError:
+            raise RelayError(f"no answer from relayd within {STEP_TIMEOUT * 2:g} s (connecting)") from None
         try:
             session.fingerprint = self._verify_server(session.mux)
             await self._login(session, session.fingerprint, role)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 from pathlib import Path
 
 from tests.e2e.harness import Proc, TcpServer, free_port, relayc_config, spawn, start_relayd
@@ -79,3 +80,21 @@ def test_relayds_own_sigterm_is_said_so_on_both_sides(tmp_path: Path, echo: TcpS
     assert d.stop(signal.SIGTERM) == 0
     assert "client lab (127.0.0.1) disconnected (relayd closed the session)" in d.output
     c.wait_for(r"session with relayd at 127\.0\.0\.1:\d+ ended: connection closed by relayd \(GO_AWAY NORMAL\)")
+
+
+def test_a_relayd_that_never_answers_is_no_answer_too(tmp_path: Path, procs: list[Proc]) -> None:
+    """A fake relayd that accepts and then says nothing at all (no preface, no challenge)."""
+
+    def silent(conn: socket.socket) -> None:
+        while conn.recv(65536):
+            pass
+
+    fake = TcpServer(silent)
+    try:
+        c = spawn(procs, "relay_client.cli", relayc_config(tmp_path, fake.port, [], keepalive_timeout=2,
+                                                           tls={"enable": False}))  # fmt: skip
+        line = c.wait_for(rf"cannot connect to relayd at 127\.0\.0\.1:{fake.port}: .*").group(0)
+        assert "no answer from relayd for 2 s" in line
+        assert "closed by relayd" not in c.output
+    finally:
+        fake.close()
