@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import Proc, TcpServer, echo_handler, free_port, recv_all, relayc_config
+from tests.e2e.harness import Proc, TcpServer, closed_by_peer, echo_handler, free_port, recv_all, relayc_config
 from tests.e2e.test_dashboard import Api, relayc_from, start_relayd
 from tests.waiting import wait_until
 
@@ -124,11 +124,15 @@ def _refused(port: int, path: str, headers: dict[str, str], conn: http.client.HT
 
 
 def _reached(port: int, payload: bytes = b"ping") -> bytes:
-    """Connect to the tunnel's public port, send ``payload``, half-close, read all."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        return recv_all(s, timeout=10)
+    """Connect to the tunnel's public port, send ``payload``, half-close, read all (b"": the
+    visitor was turned away, closed or reset)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            return recv_all(s, timeout=10)
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
 
 
 def _fields(api: Api, client: str, name: str, body: Any) -> tuple[int, Any]:
@@ -211,7 +215,19 @@ def test_edit_tcp_local_port_live(world: dict[str, Any]) -> None:
     wait_until(lambda: _item(api, "lab", "svc")["state"] == "disabled", 10, "svc disabled")
     assert _fields(api, "lab", "svc", {"enabled": True})[0] == 200
     wait_until(lambda: _item(api, "lab", "svc")["state"] == "active", 10, "svc enabled again")
-    assert _reached(_item(api, "lab", "svc")["remote_port"]) == b"one:ping"
+    public = _item(api, "lab", "svc")["remote_port"]
+    assert _reached(public) == b"one:ping"
+
+    # allow_sources without 127.0.0.1: new visitors are turned away, and the one connected is reset
+    inside = socket.create_connection(("127.0.0.1", public), timeout=10)
+    assert recv_all_n(inside, 4) == b"one:"
+    status, item = _fields(api, "lab", "svc", {"allow_sources": ["10.0.0.0/8"]})
+    assert status == 200 and item["allow_sources"] == ["10.0.0.0/8"]
+    assert closed_by_peer(inside, timeout=10)
+    inside.close()
+    wait_until(lambda: _reached(public) == b"", 10, "new visitors from 127.0.0.1 turned away")
+    assert _fields(api, "lab", "svc", {"allow_sources": ["127.0.0.0/8"]})[0] == 200
+    wait_until(lambda: _reached(public) == b"one:ping", 10, "127.0.0.1 allowed again")
 
 
 def _local(s: socket.socket) -> str:
