@@ -423,6 +423,10 @@ $("edit-form").addEventListener("submit", async (e) => {
   } finally { $("edit-save").disabled = false; }
   refresh();
 });
+$("edit-fields").addEventListener("input", (e) => {  // a field being corrected is no longer marked
+  const label = e.target.closest("label.invalid");
+  if (label) { label.classList.remove("invalid"); label.querySelector(".field-error").textContent = ""; }
+});
 $("edit-cancel").addEventListener("click", () => { $("edit-dialog").close(); editing = null; });
 
 // --- tunnels ----------------------------------------------------------------------------------
@@ -517,8 +521,8 @@ async function refreshTunnelPage() {
   const health = $("tp-health");
   if (t.state === "service down") {
     health.className = "health bad";
-    health.textContent = `Service down: relayc cannot reach ${t.local_ip}:${t.local_port}` +
-      (t.status.startsWith("service down:") ? ` (${t.status.slice(13).trim()})` : "") + ". Visitors are not served.";
+    const why = t.health_error || (t.status.startsWith("service down:") ? t.status.slice(13).trim() : "");
+    health.textContent = `Service down: relayc cannot reach ${t.local_ip}:${t.local_port}${why ? ` (${why})` : ""}.`;
   } else if (t.state === "active") {
     health.className = "health good";
     health.textContent = t.health === "up" ? "Active: the health check reaches the service." : "Active.";
