@@ -17,6 +17,14 @@ is sent.  Three modes:
     in relayc's ``state_dir`` (default: the config's folder), but only after relayd proved it
     knows the token (the ``login_ok`` proof); later a different certificate is refused, like
     ssh's known_hosts.
+
+The config can change under a running relayc (``reload.py``: SIGHUP, or the file changed):
+``apply_config`` sends every logged-in session ``tunnel_add`` for tunnels added or changed (relayd
+replaces one of the same name) and ``tunnel_remove`` for those gone, and touches nothing else, so
+the visitors of unchanged tunnels never notice.  ``snapshot`` is what ``relayc status`` shows
+(``status.py``): per node whether it is logged in, per tunnel relayd's last ``tunnel_status`` and
+the health verdict, and the connections and bytes ``IncomingStream`` counted as it joined streams
+to local services.
 """
 
 from __future__ import annotations
