@@ -182,6 +182,7 @@ def test_charts_and_a_tunnels_own_page(tmp_path: Path, procs: list[Proc], browse
     public = free_port()
     tunnels = [
         {"name": "ssh", "type": "tcp", "local_port": echo.port, "remote_port": public},
+        {"name": "low", "type": "tcp", "local_port": echo.port, "remote_port": 1000},  # refused: not in allow_ports
         {"name": "notebook", "type": "tcp", "local_port": notebook.port, "health_check": "tcp",
          "health_check_interval": 1, "health_check_timeout": 1, "health_check_max_failures": 1},
     ]  # fmt: skip
@@ -257,6 +258,11 @@ def test_charts_and_a_tunnels_own_page(tmp_path: Path, procs: list[Proc], browse
     expect(health).to_contain_text(f"127.0.0.1:{notebook.port}")
     assert page.locator("#tp-health").evaluate("e => getComputedStyle(e).color") == "rgb(192, 57, 43)"
     expect(page.locator("#conns-empty")).to_be_visible()
+    # a refused tunnel's page says why relayd refused it
+    page.goto(base + "/tunnels#/tunnel/lab/low")
+    expect(page.locator("#tp-refusals .refusal")).to_contain_text("relayd refused this tunnel", timeout=10_000)
+    expect(page.locator("#tp-refusals .refusal")).to_contain_text("1000")
+    expect(page.locator("#tp-health")).to_contain_text("refused")
     # a tunnel that is gone says so
     page.goto(base + "/tunnels#/tunnel/lab/nope")
     expect(page.locator("#tp-health")).to_contain_text("No tunnel lab/nope")
@@ -359,3 +365,17 @@ def test_edit_form_changes_a_dashboard_tunnel_live(tmp_path: Path, procs: list[P
     assert outside == [], outside
     context.close()
     echo.close()
+
+
+def test_static_files_load_nothing_from_elsewhere_and_write_no_html_from_data() -> None:
+    """Every dashboard file is served by relayd (no CDN, no other host) and app.js builds the page
+    from text nodes: no innerHTML/outerHTML/insertAdjacentHTML/document.write anywhere."""
+    static = Path(__file__).parents[2] / "relay_server" / "dashboard" / "static"
+    for f in static.iterdir():
+        text = f.read_text()
+        hosts = [u for u in re.findall(r"(?:https?:)?//[A-Za-z0-9.-]+\.[a-z]{2,}[^\s\"'`)]*", text)
+                 if not u.startswith("http://www.w3.org/2000/svg")]  # fmt: skip
+        assert hosts == [], (f.name, hosts)
+        if f.suffix in (".js", ".html"):
+            for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"):
+                assert sink not in text, (f.name, sink)
