@@ -38,6 +38,11 @@ else:  # pragma: no cover
 EXAMPLE_TOKENS = frozenset({"example-token-change-me", "change-me", "token", "secret", "...", "PASTE-TOKEN"})
 
 
+def is_example_token(token: str) -> bool:
+    """A token copied from the docs as it is: a known example, or a ``PASTE-...`` placeholder."""
+    return token in EXAMPLE_TOKENS or token.upper().startswith("PASTE-")
+
+
 def check_port_ranges(value: str) -> str:
     PortRanges(value)
     return value
@@ -426,7 +431,7 @@ def _check_semantics(cfg: ServerConfig | ClientConfig, path: str) -> None:
         for name in ("cert_file", "key_file"):
             if not resolve_path(path, getattr(files, name)).is_file():
                 raise ConfigError(path, f"certificates[{i}].{name}", f"{getattr(files, name)!r}: no such file")
-    if not is_loopback(cfg.bind_addr) and cfg.auth.token in EXAMPLE_TOKENS:
+    if not is_loopback(cfg.bind_addr) and is_example_token(cfg.auth.token):
         raise ConfigError(
             path,
             "auth.token",

@@ -369,6 +369,10 @@ def test_example_token_refused_on_public_bind(tmp_path: Path) -> None:
     cfg.write_text('bind_addr = "0.0.0.0"\n[auth]\ntoken = "example-token-change-me"\n')
     r = run_cli("relay_server.cli", "-c", str(cfg), "--check", cwd=tmp_path)
     assert r.returncode == 2 and "auth.token" in r.stderr and "example token" in r.stderr
+    # the README's placeholder copied as it is counts as the example too
+    cfg.write_text('bind_addr = "0.0.0.0"\n[auth]\ntoken = "PASTE-A-LONG-RANDOM-SECRET"\n')
+    r = run_cli("relay_server.cli", "-c", str(cfg), "--check", cwd=tmp_path)
+    assert r.returncode == 2 and "auth.token" in r.stderr and "example token" in r.stderr
     cfg.write_text('bind_addr = "127.0.0.1"\n[auth]\ntoken = ""\n')
     r = run_cli("relay_server.cli", "-c", str(cfg), "--check", cwd=tmp_path)
     assert r.returncode == 2 and "auth.token" in r.stderr
