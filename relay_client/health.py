@@ -63,9 +63,10 @@ async def _probe(spec: TunnelSpec) -> str:
 
 
 class _State:
-    __slots__ = ("due", "error", "failures", "reported", "running")
+    __slots__ = ("due", "error", "failures", "reported", "running", "spec")
 
-    def __init__(self, due: float) -> None:
+    def __init__(self, due: float, spec: TunnelSpec) -> None:
+        self.spec = spec  # what is probed: a tunnel replaced (reload, dashboard edit) starts over
         self.due = due
         self.failures = 0
         self.reported: bool | None = None  # the verdict relayd was told
@@ -115,8 +116,8 @@ class HealthChecks:
                 del self.states[name]
             for name, spec in specs.items():
                 state = self.states.get(name)
-                if state is None:
-                    state = self.states[name] = _State(now)
+                if state is None or state.spec != spec:  # new, or changed: probe it now
+                    state = self.states[name] = _State(now, spec)
                 if state.running or now < state.due:
                     continue
                 state.running = True

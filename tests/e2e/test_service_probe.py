@@ -5,11 +5,12 @@ UDP tunnels are not probed."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from tests.e2e.harness import Proc, TcpServer, echo_handler, free_port, relayc_config, spawn
 from tests.e2e.test_core import tunnel_item
-from tests.e2e.test_dashboard import Api, start_relayd
+from tests.e2e.test_dashboard import Api, relayc_from, start_relayd
 from tests.waiting import wait_until
 
 
@@ -53,3 +54,35 @@ def test_a_tunnel_without_health_check_shows_service_down_and_recovers(tmp_path:
         up.close()
         if back is not None:
             back.close()
+
+
+def test_a_changed_tunnel_is_probed_again_at_once(tmp_path: Path, procs: list[Proc]) -> None:
+    """A dashboard tunnel shown as service down, pointed at a live service by an edit, is seen up
+    at the next probe round, not only after its health_check_interval (10 s here); a reload too."""
+    port, dash = free_port(), free_port()
+    up = TcpServer(echo_handler)
+    try:
+        start_relayd(procs, tmp_path, port, dash)
+        api = Api(dash)
+        status, created, _ = api.call("POST", "/api/v1/clients", {"name": "lab"})
+        assert status == 201
+        own_port = free_port()
+        own = f'\n[[tunnels]]\nname = "own"\nlocal_port = {own_port}\nremote_port = 0\n'
+        relayc = relayc_from(procs, tmp_path, created["relayc_toml"] + own, "lab.toml")
+        status, _, _ = api.call("POST", "/api/v1/tunnels", {"client": "lab", "name": "app", "local_port": free_port()})
+        assert status == 201
+        for name in ("app", "own"):
+            wait_until(lambda n=name: tunnel_item(api, "lab", n).get("status") == "service down", 10, f"{name} down")
+        status, _, _ = api.call("PATCH", "/api/v1/tunnels/lab/app", {"local_port": up.port})
+        assert status == 200
+        wait_until(lambda: tunnel_item(api, "lab", "app").get("health") == "up", 5,
+                   lambda: f"the edited tunnel to be seen up within 5 s; relayc:\n{relayc.output}")  # fmt: skip
+        path = tmp_path / "lab.toml"
+        path.write_text(
+            path.read_text().replace(own, own.replace(f"local_port = {own_port}", f"local_port = {up.port}"))
+        )
+        relayc.popen.send_signal(signal.SIGHUP)
+        wait_until(lambda: tunnel_item(api, "lab", "own").get("health") == "up", 5,
+                   lambda: f"the reloaded tunnel to be seen up within 5 s; relayc:\n{relayc.output}")  # fmt: skip
+    finally:
+        up.close()
