@@ -10,6 +10,7 @@ both kinds of tunnel, dashboard and relayc.toml, are there to edit.
 from __future__ import annotations
 
 import base64
+import errno
 import http.client
 import socket
 import subprocess
@@ -131,8 +132,10 @@ def _reached(port: int, payload: bytes = b"ping") -> bytes:
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)
             return recv_all(s, timeout=10)
-    except (ConnectionResetError, BrokenPipeError):
-        return b""
+    except OSError as exc:  # reset before the shutdown (ENOTCONN), the send or the read
+        if isinstance(exc, ConnectionError) or exc.errno == errno.ENOTCONN:
+            return b""
+        raise
 
 
 def _fields(api: Api, client: str, name: str, body: Any) -> tuple[int, Any]:
