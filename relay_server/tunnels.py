@@ -126,8 +126,7 @@ class PublicTunnel:
             self.bucket = TokenBucket(rate, asyncio.get_running_loop().time())
         self.buckets = tuple(b for b in (self.bucket, self.client.bucket) if b is not None)
         self.sources = SourceFilter(spec.allow_sources)
-        if not spec.health_check:
-            self.healthy, self.health_error = None, ""
+        # the health verdict stays: relayc probes a changed tunnel again at once and says if it differs
         for visitor in list(self.visitors):
             visitor.buckets = self.buckets
             record = visitor.record
