@@ -19,6 +19,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import logging
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -29,12 +30,16 @@ from relay_server.frontends.vhost import VhostFrontend, _VhostVisitor, error_res
 from relay_server.http1 import AnswerStatusReader, Body, HttpError, RequestHead, RequestReader, Tunnel
 from relay_server.tunnels import PublicTunnel, Refusal
 from shared.aio import StreamBridge
+from shared.burst import BurstLog
 from shared.tunnel import TunnelKind
 
 T = TypeVar("T")
 ACME_CHALLENGE = "/.well-known/acme-challenge/"
 HSTS_LINE = b"Strict-Transport-Security: max-age=31536000\r\n"  # one year, the usual value
 STATUS_LINE_MAX = 8192
+# Where the README tells how to serve Jupyter by name (the usual cause of a 403 behind relayd).
+JUPYTER_RECIPE = "the README's recipe 'Jupyter over HTTPS with your own domain in five lines'"
+HINT_INTERVAL = 300.0  # seconds between two hints about the same tunnel
 
 
 class HttpFrontend(VhostFrontend):
@@ -47,6 +52,8 @@ class HttpFrontend(VhostFrontend):
         self.https_port = 0  # where it does (the https vhost frontend's bound port)
         self.acme_tokens: dict[str, str] = {}  # HTTP-01 challenges being validated: token -> answer
         self.acme_enabled = False  # every domain will be served over HTTPS once its certificate is in
+        # hints in relayd's log when an answer says what is wrong (a 403 from the app, a 502)
+        self.hints = BurstLog(logging.getLogger("relayd"), interval=HINT_INTERVAL, max_keys=256)
 
     def visitor(self, scheme: str = "http") -> HttpVisitor:
         return HttpVisitor(self, scheme)
@@ -75,7 +82,7 @@ class HttpVisitor(_VhostVisitor):
     """One visitor connection on the HTTP vhost port (or, ``scheme="https"``, a connection on the
     HTTPS vhost port whose TLS relayd terminated)."""
 
-    __slots__ = ("_answer", "_hsts", "_requests", "_switching", "reader", "scheme")
+    __slots__ = ("_answer", "_first_answer", "_host", "_hsts", "_requests", "_switching", "reader", "scheme")
 
     def __init__(self, frontend: HttpFrontend, scheme: str = "http") -> None:
         super().__init__(frontend)
@@ -86,6 +93,8 @@ class HttpVisitor(_VhostVisitor):
         self._switching = False  # a request routed elsewhere: finish this tunnel's answer, then close
         self._requests = 0  # requests forwarded on this connection
         self._answer: AnswerStatusReader | None = None  # after an Upgrade: reads the app's answer
+        self._first_answer = True  # until the app's first bytes: a 403 there gets a hint logged
+        self._host = ""  # the Host of the request routed last
 
     def data_received(self, data: bytes) -> None:
         if self._done or self._switching:
@@ -131,6 +140,10 @@ class HttpVisitor(_VhostVisitor):
             self._update_reading()
 
     def on_data(self, data: bytes | memoryview) -> None:
+        if self._first_answer:
+            self._first_answer = False
+            if bytes(data[:5]) == b"HTTP/" and bytes(data[8:13]) == b" 403 ":
+                self._hint_forbidden()
         if self._hsts is None:
             self._from_app(data)
             return
@@ -167,14 +180,52 @@ class HttpVisitor(_VhostVisitor):
             self._answer = None
             self._read(self.reader.answer, status)
 
+    def _hint_forbidden(self) -> None:
+        """The app answered the first request of this connection with 403: log (now and then) the
+        usual cause behind relayd, for the one who runs the tunnel.  Names are peer-chosen: %r."""
+        tunnel = self.tunnel
+        if tunnel is None:
+            return
+        client, spec = tunnel.client.name, tunnel.spec
+        key = f"403:{client}:{spec.name}"
+        if self._answer is not None and not spec.host_header_rewrite:
+            self.frontend.hints.warning(
+                key, "client %r tunnel %r: the app refused a WebSocket for %r with 403; Jupyter does that when "
+                "the page's Origin is not its Host (a page on another site), or when it does not know the name "
+                "(--ServerApp.local_hostnames=%s; see %s)", client, spec.name, self._host, self._host,
+                JUPYTER_RECIPE)  # fmt: skip
+        elif self._answer is not None:
+            self.frontend.hints.warning(
+                key, "client %r tunnel %r: the app refused a WebSocket with 403: host_header_rewrite makes the "
+                "browser's Origin differ from the Host the app sees, and Jupyter refuses that; remove "
+                "host_header_rewrite and give the app its public name instead (Jupyter: "
+                "--ServerApp.local_hostnames=%s; see %s)", client, spec.name, self._host, JUPYTER_RECIPE)  # fmt: skip
+        else:
+            self.frontend.hints.warning(
+                key, "client %r tunnel %r: the app answered 403 Forbidden to a request for %r; if it is Jupyter, "
+                "it refuses a Host it does not know: start it with --ServerApp.local_hostnames=%s (see %s); "
+                "other apps have a similar allowed-hosts setting", client, spec.name, self._host, self._host,
+                JUPYTER_RECIPE)  # fmt: skip
+
     def on_reset(self, code: int) -> None:
         transport = self.transport
         if not self._replied and transport is not None and not transport.is_closing():
             # relayc could not reach the app (or refused the target) before any answer: say so
             self._done = True
             self._replied = True
-            name = self.tunnel.name if self.tunnel else "?"
-            transport.write(error_response(502, f"Tunnel {name}: the service behind it is not reachable right now."))
+            tunnel = self.tunnel
+            name = tunnel.name if tunnel else "?"
+            transport.write(error_response(502, f"Tunnel {name}: the service behind it is not reachable right now: "
+                                           "relayc on the lab machine could not connect to it. If this is your "
+                                           "tunnel: is the service running on the lab machine, on the local_port "
+                                           "of this tunnel? The dashboard and `relayc status` show it as "
+                                           "\"service down\" until it answers."))  # fmt: skip
+            if tunnel is not None:
+                spec = tunnel.spec
+                self.frontend.hints.warning(
+                    f"502:{tunnel.client.name}:{spec.name}", "client %r tunnel %r: 502 for %r: relayc could not "
+                    "reach %s:%d on the lab machine; is the service running there? (relayc's log says why)",
+                    tunnel.client.name, spec.name, self._host, spec.local_ip, spec.local_port)  # fmt: skip
             transport.close()
             return
         super().on_reset(code)
@@ -198,6 +249,7 @@ class HttpVisitor(_VhostVisitor):
             self._refuse(400, "the request has no Host header")
             return False
         host = host_of(host_header)
+        self._host = host
         tunnel = router.match_http(host, head.route_path)
         if tunnel is None:
             client = router.offline_owner(host, time.monotonic())

@@ -289,6 +289,9 @@ def test_jupyter_through_relay_over_https_by_name(tmp_path: Path, procs: list[Pr
             with pytest.raises(websocket.WebSocketBadStatusException) as refused:
                 browser.websocket(channels(), origin="https://elsewhere.relay.test").close()
             assert refused.value.status_code == 403
+            # relayd's log says what a 403 on a WebSocket usually means behind it
+            d.wait_for(r"client 'lab' tunnel 'jupyter': the app refused a WebSocket for 'jupyter\.relay\.test' "
+                       r"with 403; Jupyter does that when the page's Origin is not its Host")  # fmt: skip
         finally:
             status, _, body = browser.request("DELETE", f"/api/kernels/{kernel}", headers=api)
         assert status == 204, (status, body)
