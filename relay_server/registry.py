@@ -992,6 +992,18 @@ class Registry:
         recent = lasting.counters.recent
         return [record.as_dict() for record in reversed(recent)] if recent else []
 
+    def visitor_refusals(self, client: str, tunnel: str) -> list[dict[str, Any]]:
+        """The visitors a tunnel turned away lately, newest first: ``{at, addr, reason, text}``
+        (``reason``: source, tunnel_full, client_full, client_busy).  ``NotFound`` as for
+        ``connections``."""
+        self.connections(client, tunnel)  # NotFound for a tunnel relayd does not know
+        lasting = self._lasting.get((client, tunnel))
+        refusals = lasting.counters.refusals if lasting is not None else None
+        if not refusals:
+            return []
+        return [{"at": at, "addr": addr, "reason": reason, "text": text}
+                for at, addr, reason, text in reversed(refusals)]  # fmt: skip
+
     def node_items(self, this_addr: str, fingerprint: str) -> list[dict[str, Any]]:
         """Each node with its health (seconds since its heartbeat) and the clients on it; without a
         shared store, this node alone."""

@@ -179,16 +179,20 @@ class PublicTunnel:
                 record.closed = time.time()
 
     def refusal(self, visitor_ip: str) -> Refusal | None:
-        """Why a new visitor from ``visitor_ip`` may not use this tunnel now, or None."""
+        """Why a new visitor from ``visitor_ip`` may not use this tunnel now, or None (a refusal
+        is remembered for the tunnel's page)."""
         if not self.sources.allows(visitor_ip):
-            return Refusal.SOURCE
-        if self.max_connections and self.counters.conns_open >= self.max_connections:
-            return Refusal.TUNNEL_FULL
-        if self.client_max and self.client.visitors_open >= self.client_max:
-            return Refusal.CLIENT_FULL
-        if self.client.backlog() > BUSY_BACKLOG:
-            return Refusal.CLIENT_BUSY
-        return None
+            refusal = Refusal.SOURCE
+        elif self.max_connections and self.counters.conns_open >= self.max_connections:
+            refusal = Refusal.TUNNEL_FULL
+        elif self.client_max and self.client.visitors_open >= self.client_max:
+            refusal = Refusal.CLIENT_FULL
+        elif self.client.backlog() > BUSY_BACKLOG:
+            refusal = Refusal.CLIENT_BUSY
+        else:
+            return None
+        self.counters.refused(visitor_ip, refusal.value, self.refusal_text(refusal, visitor_ip), time.time())
+        return refusal
 
     def refusal_text(self, refusal: Refusal, visitor_ip: str) -> str:
         if refusal is Refusal.SOURCE:

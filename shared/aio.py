@@ -737,6 +737,7 @@ class StreamBridge(asyncio.Protocol):
 
 
 RECENT_CONNECTIONS = 100  # visitor connections a tunnel's counters remember (the newest)
+RECENT_REFUSALS = 100  # visitors turned away that a tunnel's counters remember (the newest)
 
 
 class ConnectionRecord:
@@ -762,7 +763,7 @@ class TrafficCounters:
     """Per-tunnel traffic numbers, kept in memory and read by the dashboard and metrics, and the
     last ``RECENT_CONNECTIONS`` visitor connections (a ring, made on the first one)."""
 
-    __slots__ = ("bytes_in", "bytes_out", "conns_open", "conns_total", "recent")
+    __slots__ = ("bytes_in", "bytes_out", "conns_open", "conns_total", "recent", "refusals", "refused_by")
 
     def __init__(self) -> None:
         self.bytes_in = 0  # visitor -> lab machine
@@ -770,6 +771,20 @@ class TrafficCounters:
         self.conns_open = 0
         self.conns_total = 0
         self.recent: deque[ConnectionRecord] | None = None
+        # visitors turned away: (when, address, reason, text), the newest; counts per reason
+        self.refusals: deque[tuple[float, str, str, str]] | None = None
+        self.refused_by: dict[str, int] | None = None
+
+    def refused(self, addr: str, reason: str, text: str, now: float) -> None:
+        """Remember a visitor turned away (``reason`` is one of a few fixed words; ``text`` says
+        why in a sentence)."""
+        refusals = self.refusals
+        if refusals is None:
+            refusals = self.refusals = deque(maxlen=RECENT_REFUSALS)
+            self.refused_by = {}
+        refusals.append((now, addr, reason, text))
+        assert self.refused_by is not None
+        self.refused_by[reason] = self.refused_by.get(reason, 0) + 1
 
     def opened(self, addr: str, now: float) -> ConnectionRecord:
         """Count a new visitor connection from ``addr`` and remember it (the oldest of the ring

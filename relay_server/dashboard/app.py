@@ -617,6 +617,14 @@ class Dashboard:
             per visit.  404 for a tunnel relayd does not know."""
             return registry.connections(client, name)
 
+        @app.get("/api/v1/tunnels/{client}/{name}/refusals")
+        async def tunnel_refusals(client: Name, name: Name, _: str = auth) -> list[dict[str, Any]]:
+            """Visitors the tunnel turned away lately (the last 100, newest first): ``{at, addr,
+            reason, text}``, ``at`` in Unix seconds, ``reason`` one of ``source`` (not in
+            allow_sources), ``tunnel_full``, ``client_full``, ``client_busy``.  404 for a tunnel
+            relayd does not know."""
+            return registry.visitor_refusals(client, name)
+
         @app.delete("/api/v1/tunnels/{client}/{name}", status_code=204)
         async def delete_tunnel(client: Name, name: Name, _: str = auth) -> Response:
             await registry.delete_tunnel(client, name)

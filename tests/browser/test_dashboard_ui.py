@@ -179,9 +179,11 @@ def test_charts_and_a_tunnels_own_page(tmp_path: Path, procs: list[Proc], browse
     echo = TcpServer(echo_handler)
     port, dash = start(tmp_path, procs)
     notebook = TcpServer(echo_handler)  # closed later: its tunnel's service goes down
-    public = free_port()
+    public, guarded = free_port(), free_port()
     tunnels = [
         {"name": "ssh", "type": "tcp", "local_port": echo.port, "remote_port": public},
+        {"name": "guarded", "type": "tcp", "local_port": echo.port, "remote_port": guarded,
+         "allow_sources": ["10.0.0.0/8"]},
         {"name": "low", "type": "tcp", "local_port": echo.port, "remote_port": 1000},  # refused: not in allow_ports
         {"name": "notebook", "type": "tcp", "local_port": notebook.port, "health_check": "tcp",
          "health_check_interval": 1, "health_check_timeout": 1, "health_check_max_failures": 1},
@@ -263,6 +265,19 @@ def test_charts_and_a_tunnels_own_page(tmp_path: Path, procs: list[Proc], browse
     expect(page.locator("#tp-refusals .refusal")).to_contain_text("relayd refused this tunnel", timeout=10_000)
     expect(page.locator("#tp-refusals .refusal")).to_contain_text("1000")
     expect(page.locator("#tp-health")).to_contain_text("refused")
+    # visitors a tunnel turned away are listed on its page (and by the API), with why
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", guarded), timeout=10) as turned_away:
+            turned_away.settimeout(10)
+            assert turned_away.recv(1) == b""  # closed by relayd: 127.0.0.1 is not in allow_sources
+    status, listed, _ = Api(dash).call("GET", "/api/v1/tunnels/lab/guarded/refusals")
+    assert status == 200 and len(listed) == 2, listed
+    assert {r["reason"] for r in listed} == {"source"} and listed[0]["addr"] == "127.0.0.1"
+    assert listed[0]["at"] >= listed[1]["at"] and "not in allow_sources" in listed[0]["text"]
+    assert Api(dash).call("GET", "/api/v1/tunnels/lab/nope/refusals")[0] == 404
+    page.goto(base + "/tunnels#/tunnel/lab/guarded")
+    expect(page.locator("#visitor-refusals tbody tr")).to_have_count(2, timeout=10_000)
+    expect(page.locator("#visitor-refusals tbody tr").first).to_contain_text("source 127.0.0.1 is not in allow_sources")
     # a tunnel that is gone says so
     page.goto(base + "/tunnels#/tunnel/lab/nope")
     expect(page.locator("#tp-health")).to_contain_text("No tunnel lab/nope")

@@ -540,14 +540,23 @@ async function refreshTunnelPage() {
     if (shown(t[f.name]) !== shown(f.default)) facts.push([f.name, shown(t[f.name])]);
   }
   $("tp-facts").replaceChildren(...facts.flatMap(([k, v]) => [h("dt", {}, k), h("dd", { dataset: { fact: k } }, v)]));
-  $("tp-refusals").replaceChildren(t.state === "refused" || t.reason
+  const refusedTunnel = t.state === "refused" || t.reason
     ? h("p", { class: "error refusal" }, `relayd refused this tunnel (${t.reason || "refused"}): `, t.status.replace(/^refused:\s*/, ""))
-    : h("p", { class: "muted" }, "relayd has not refused this tunnel."));
+    : h("p", { class: "muted" }, "relayd has not refused this tunnel.");
   const range = tpRange.range, since = Date.now() / 1000 - range;
-  const [traffic, conns] = await Promise.all([
+  const [traffic, conns, turned] = await Promise.all([
     api("GET", `/api/v1/traffic?client=${enc(t.client)}&tunnel=${enc(t.name)}&since=${Math.floor(since)}`),
-    api("GET", `${tunnelPath(t.client, t.name)}/connections`).catch(err => err)]);
+    api("GET", `${tunnelPath(t.client, t.name)}/connections`).catch(err => err),
+    api("GET", `${tunnelPath(t.client, t.name)}/refusals`).catch(() => [])]);
   if (range === tpRange.range && route().page === "tunnel") drawChart($("tp-chart"), traffic, since);
+  // visitors this tunnel turned away lately (not in allow_sources, max_connections reached, ...)
+  $("tp-refusals").replaceChildren(refusedTunnel, ...(turned.length ? [
+    h("p", { class: "muted" }, `Visitors turned away lately (the last ${turned.length}, newest first):`),
+    h("div", { class: "table-wrap" }, h("table", { id: "visitor-refusals" },
+      h("thead", {}, h("tr", {}, h("th", {}, "When"), h("th", {}, "Visitor"), h("th", {}, "Why"))),
+      h("tbody", {}, ...turned.map(r => h("tr", { class: "visitor-refusal" }, h("td", {}, timeText(r.at)),
+        h("td", { class: "addr wrap" }, r.addr), h("td", { class: "wrap" }, r.text))))))]
+    : [h("p", { class: "muted" }, "No visitor turned away lately.")]));
   if (conns instanceof Error) {
     $("tp-conns-note").textContent = `Connections are not available: ${conns.message}`;
     return;
