@@ -82,7 +82,10 @@ class TunnelGroup:
         n = len(members)
         for i in range(n):
             member = members[(self._next + i) % n]
-            if member.healthy is not False and member.client.mux.is_open:
+            # only a configured health check takes a member out (the gentle probe every tunnel
+            # gets, see relay_client/health.py, shows "service down" and nothing more)
+            down = member.healthy is False and bool(member.spec.health_check)
+            if not down and member.client.mux.is_open:
                 self._next = (self._next + i + 1) % n
                 return member
         return None

@@ -225,6 +225,7 @@ class Registry:
         self.visitor_sessions: dict[str, set[ClientSession]] = {}  # relayc connect: no tunnels, any number
         self.clients: dict[str, ClientRecord] = {}  # made in the dashboard (the store's, cached)
         self.defined: dict[tuple[str, str], TunnelRecord] = {}  # dashboard tunnels (the store's, cached)
+        self._edit_lock = asyncio.Lock()  # dashboard edits, one at a time (none lost to another)
         self._lasting = LastingTable(self._forget_totals)
         self._live: dict[tuple[str, str], int] = {}  # open incarnations per key (0 or 1)
         self._flush_lock = asyncio.Lock()
@@ -391,7 +392,10 @@ class Registry:
             return old
         old = session.tunnels.pop(spec.name, None)
         if old is not None:
-            self.close_tunnel(old, client_gone=False)
+            places = places_of(old) if self.store.shared else []
+            self.close_tunnel(old, client_gone=False, release_places=False)
+            if places:  # released before the new claim, which may take the same places again
+                await self._release_places(places, session.name)
         if frontend is None:
             raise TunnelRefused(TunnelRefusal.KIND_OFF, f"{spec.type} tunnels are not served by this relayd")
         if withdrawn:
@@ -478,9 +482,10 @@ class Registry:
                                 f"port with the other nodes: {exc}") from None  # fmt: skip
         return dataclasses.replace(spec, remote_port=chosen) if chosen else spec
 
-    def close_tunnel(self, tunnel: PublicTunnel, client_gone: bool) -> None:
-        """Release what the tunnel's frontend holds for it and reset its visitors."""
-        if self.store.shared and not client_gone and (places := places_of(tunnel)):
+    def close_tunnel(self, tunnel: PublicTunnel, client_gone: bool, release_places: bool = True) -> None:
+        """Release what the tunnel's frontend holds for it and reset its visitors (and, in a
+        cluster, its places in the database, later, unless the caller does it itself)."""
+        if self.store.shared and not client_gone and release_places and (places := places_of(tunnel)):
             self._spawn(self._release_places(places, tunnel.client_name), "releasing a tunnel's places")
         self.frontends[tunnel.spec.type].release(tunnel, client_gone)
         self.burst_log.forget(f"refuse:{tunnel.client_name}:{tunnel.name}")
@@ -527,7 +532,13 @@ class Registry:
             self._live[key] = left
             return
         self._live.pop(key, None)
-        self._lasting.set_evictable(key, key not in self.defined)
+        evictable = key not in self.defined
+        self._lasting.set_evictable(key, evictable)
+        lasting = self._lasting.get(key)
+        if evictable and lasting is not None:
+            # up to 100,000 closed tunnels' totals are kept; their recent connections and
+            # refusals (up to ~54 KB each) only while open, or while the dashboard defines them
+            lasting.counters.forget_recent()
 
     def _forget_totals(self, key: tuple[str, str]) -> None:
         """A lasting counter was dropped from memory: drop its stored totals too (queued after any
@@ -683,7 +694,8 @@ class Registry:
 
     async def edit_tunnel(self, client: str, name: str, body: Any) -> TunnelRecord:
         """Change a dashboard tunnel: ``body`` holds any keys ``define_tunnel`` takes but ``client``,
-        ``name`` and ``type`` (given with their current value, they are ignored), and ``enabled``.
+        ``name`` and ``type`` (given with their current value, they are ignored; another value is
+        refused naming the key), and ``enabled``.
         The old definition with these keys is checked like a new one (``InvalidField`` naming the
         key, ``Conflict`` for a port taken); a secret key left out keeps its value.  Stored, it
         reaches the client through the change feed (pushed again, applied where it stands when
@@ -700,6 +712,10 @@ class Registry:
                 raise InvalidField(field_name, "unknown key (is it misspelled?); see /api/v1/tunnel-fields")
         if not body:
             raise InvalidField("body", "nothing to change: give enabled or tunnel fields")
+        async with self._edit_lock:  # one edit at a time: each starts from the one before
+            return await self._edit_tunnel(client, name, fields, enabled)
+
+    async def _edit_tunnel(self, client: str, name: str, fields: dict[str, Any], enabled: bool | None) -> TunnelRecord:
         key = (client, name)
         record = self.defined.get(key)
         if record is None:
@@ -891,6 +907,10 @@ class Registry:
                 state = TunnelState.SERVICE_DOWN if t.healthy is False else TunnelState.ACTIVE
                 defined = self.defined.get(key)
                 spec = defined.spec if defined is not None else t.spec  # just edited: the new definition
+                # an edit not (yet) applied: relayc has not answered the push, or refused it (a
+                # target outside its allow_targets) and the old definition still serves
+                pending = defined is not None and not _serves(defined.spec, t.spec)
+                edit_refusal = session.refusals.get(t.name) if pending else None
                 out.append({
                     "client": cname, **spec.to_dict(secrets=False), "remote_port": t.port,
                     "source": (TunnelSource.DASHBOARD if defined is not None else TunnelSource.CLIENT).value,
@@ -898,6 +918,7 @@ class Registry:
                     "status": state.value,
                     "health": None if t.healthy is None else "up" if t.healthy else "down",
                     "health_error": t.health_error if t.healthy is False else None,
+                    "pending_edit": pending, "edit_error": edit_refusal[1] if edit_refusal else None,
                     "public": t.public or self.public_address(t.spec, t.port), **self._totals(cname, t.name),
                     **({"datagrams_dropped": t.dropped} if t.spec.type is TunnelKind.UDP else {}),
                 })  # fmt: skip
@@ -1060,12 +1081,22 @@ def group_id(spec: TunnelSpec) -> str:
     return f"{spec.group}:{hashlib.sha256(spec.group_key.encode()).hexdigest()[:32]}"
 
 
+def _serves(defined: TunnelSpec, live: TunnelSpec) -> bool:
+    """Whether the open tunnel ``live`` is the dashboard's ``defined`` (a port chosen for
+    ``remote_port = 0`` aside)."""
+    if not defined.remote_port:
+        defined = dataclasses.replace(defined, remote_port=live.remote_port)
+    return defined == live
+
+
 def same_place(old: TunnelSpec, new: TunnelSpec) -> bool:
     """Whether ``new`` can replace the open tunnel ``old`` where it stands: the same kind, port
     (``remote_port = 0`` takes the one ``old`` has), domains, locations and group."""
     return (
         old.type is new.type
         and new.remote_port in (0, old.remote_port)
-        and (old.subdomain, old.custom_domains, old.locations) == (new.subdomain, new.custom_domains, new.locations)
+        and old.subdomain == new.subdomain  # domains and locations in another order are the same place
+        and frozenset(old.custom_domains) == frozenset(new.custom_domains)
+        and frozenset(old.locations) == frozenset(new.locations)
         and (old.group, old.group_key) == (new.group, new.group_key)
     )

@@ -53,6 +53,10 @@ class TunnelOwner(Protocol):
     def backlog(self) -> int: ...
 
 
+# What lets a visitor in besides its address: changed, and the visitors let in by the old go.
+CREDENTIAL_KEYS = ("http_user", "http_password", "secret_key", "allow_visitors")
+
+
 class Refusal(enum.Enum):
     """Why a visitor may not use a tunnel now."""
 
@@ -113,7 +117,11 @@ class PublicTunnel:
     def update(self, spec: TunnelSpec, limits: ServerLimits) -> None:
         """The tunnel's definition changed without changing its place (port, domains, locations,
         group): apply the new limits, sources and settings now.  A new bandwidth limit also holds
-        for the visitors connected; one no longer in ``allow_sources`` is reset."""
+        for the visitors connected; one no longer in ``allow_sources`` is reset, and every one is
+        when a credential changed (a leaked password or key is changed to cut off its holder:
+        an upgraded WebSocket, a visit in progress)."""
+        old = self.spec
+        credentials_changed = any(getattr(old, key) != getattr(spec, key) for key in CREDENTIAL_KEYS)
         self.spec = spec
         self.max_connections = min_nonzero(limits.max_connections_per_tunnel, spec.max_connections)
         self.client_max = limits.max_connections_per_client
@@ -130,7 +138,8 @@ class PublicTunnel:
         for visitor in list(self.visitors):
             visitor.buckets = self.buckets
             record = visitor.record
-            if spec.allow_sources and record is not None and not self.sources.allows(ip_of(record.addr)):
+            if credentials_changed or (spec.allow_sources and record is not None
+                                       and not self.sources.allows(ip_of(record.addr))):  # fmt: skip
                 self.detach(visitor)
                 visitor.abort()
 

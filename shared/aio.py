@@ -775,6 +775,10 @@ class TrafficCounters:
         self.refusals: deque[tuple[float, str, str, str]] | None = None
         self.refused_by: dict[str, int] | None = None
 
+    def forget_recent(self) -> None:
+        """Drop the recent connections and refusals (the totals stay)."""
+        self.recent = self.refusals = self.refused_by = None
+
     def refused(self, addr: str, reason: str, text: str, now: float) -> None:
         """Remember a visitor turned away (``reason`` is one of a few fixed words; ``text`` says
         why in a sentence)."""
@@ -904,10 +908,15 @@ class ControlChannel:
             # window could never arrive
             self._credit(self._uncredited)
         mux = self.mux
-        for message in messages:
-            if not mux.is_open:
-                break
-            self._on_message(message)
+        try:
+            for message in messages:
+                if not mux.is_open:
+                    break
+                self._on_message(message)
+        except Exception as exc:  # a bug of ours: end this session, not the others (nor the loop)
+            log.exception("handling a control message failed")
+            self._stop(exc)
+            return
         if self._ended and self._next_turn is None:
             self._ended = False
             self._on_closed()
@@ -921,7 +930,7 @@ class ControlChannel:
         else:
             self._held += n
 
-    def _stop(self, exc: RemoteProtocolError) -> None:
+    def _stop(self, exc: Exception) -> None:
         if self._next_turn is not None:
             self._next_turn.cancel()
             self._next_turn = None

@@ -476,3 +476,34 @@ def test_control_channel_stops_at_an_oversized_message_while_others_wait() -> No
         assert len(mux.failed) == 1 and "exceeds the maximum" in str(mux.failed[0])
 
     run_on("uvloop", main())
+
+
+def test_control_channel_a_failing_handler_ends_that_session_only() -> None:
+    """An exception from handling a message (a bug) fails that connection, whether the message
+    was handled at once or in a later turn; it does not escape into the event loop."""
+    from shared.messages import TunnelHealth, encode_message
+
+    per_turn = ControlChannel.MESSAGES_PER_TURN
+    blob = b"".join(encode_message(TunnelHealth(name=f"t{i}", healthy=True, error="")) for i in range(per_turn * 3))
+
+    def handler(message: Any) -> None:
+        if message.name == f"t{per_turn + 1}":  # handled in the second turn
+            raise ValueError("a bug")
+        seen.append(message.name)
+
+    seen: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        escaped: list[Any] = []
+        loop.set_exception_handler(lambda _loop, context: escaped.append(context))
+        mux = _RecordingMux()
+        control = ControlChannel(mux, handler, lambda: None)  # type: ignore[arg-type]
+        control.on_data(blob)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert seen == [f"t{i}" for i in range(per_turn + 1)]
+        assert len(mux.failed) == 1 and isinstance(mux.failed[0], ValueError)
+        assert escaped == []
+
+    run_on("uvloop", main())

@@ -436,7 +436,9 @@ const sparks = {};
 function stateCell(t) {
   const down = t.state === "service down";
   return [t.status === "active" ? h("span", { class: "ok" }, "active") : h("span", { class: down ? "error down" : "error" }, t.status),
-    t.health === "up" ? h("span", { class: "ok", title: "health check passes" }, " ✓") : null];
+    t.health === "up" ? h("span", { class: "ok", title: "health check passes" }, " ✓") : null,
+    t.pending_edit ? h("div", { class: t.edit_error ? "error edit-pending" : "muted edit-pending" },
+      t.edit_error ? `last edit not applied: ${t.edit_error}` : "last edit being applied…") : null];
 }
 async function refreshTunnels() {
   const list = tunnelsCache = await api("GET", "/api/v1/tunnels");
@@ -529,6 +531,11 @@ async function refreshTunnelPage() {
   } else {
     health.className = "health warn";
     health.textContent = t.status;
+  }
+  if (t.pending_edit) {
+    health.append(h("div", { class: "edit-pending" }, t.edit_error
+      ? `The last edit is not applied (the old definition still serves): ${t.edit_error}`
+      : "The last edit is being applied…"));
   }
   const facts = [["Client", t.client], ["Name", t.name], ["Kind", t.type],
     ["Defined in", dash ? "the dashboard (editable)" : "the client's relayc.toml (read-only here)"], ["State", t.status],
