@@ -131,7 +131,7 @@ def test_copy_buttons_docs_offline_and_no_sideways_scroll(tmp_path: Path, procs:
     (tmp_path / "relayc.toml").write_text(pasted)  # what the operator pastes on the lab machine works
     relayc = Proc("relay_client.cli", tmp_path / "relayc.toml")
     procs.append(relayc)
-    relayc.wait_for("logged in to relayd")
+    relayc.wait_for("logged in to relayd", timeout=30)  # a deadline, generous for a loaded machine
     expect(page.locator('tr[data-client="lab-gpu-01"]')).to_contain_text("online")
     # a rotated token is shown the same way, with its own copy
     page.locator('tr[data-client="lab-gpu-01"]').get_by_role("button", name="Rotate token").click()
