@@ -111,7 +111,10 @@ class HealthChecks:
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            specs = {name: spec for name, spec in self.relayc.tunnels.items() if spec.type in PROBED_KINDS}
+            relayc = self.relayc
+            # not a pushed target allow_targets no longer allows (a reload narrowed it)
+            specs = {name: spec for name, spec in relayc.tunnels.items()
+                     if spec.type in PROBED_KINDS and relayc.tunnel_spec(name) is spec}  # fmt: skip
             for name in [n for n in self.states if n not in specs]:
                 del self.states[name]
             for name, spec in specs.items():
