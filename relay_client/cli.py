@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import ssl
 import sys
@@ -22,6 +21,7 @@ from shared.checks import check_name
 from shared.cli import (
     base_parser,
     install_service,
+    install_stop_handlers,
     load_or_exit,
     raise_fd_limit,
     setup_logging,
@@ -42,14 +42,8 @@ async def serve(relayc: Relayc) -> None:
     status = StatusServer(socket_path(relayc.state_dir, relayc.config_path), relayc.snapshot)
     reloader = ConfigReloader(relayc)
     background: set[asyncio.Task[Any]] = set()
-    signals = 0
 
-    def on_stop(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            os._exit(1)
-        log.info("stopping (%s)", signal.Signals(signum).name)
+    def on_stop() -> None:
         status.close()
         relayc.stop()
         loop.call_later(2.0, task.cancel)
@@ -59,8 +53,7 @@ async def serve(relayc: Relayc) -> None:
         background.add(reload)
         reload.add_done_callback(background.discard)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop, sig)
+    install_stop_handlers(on_stop, "stopping (%s)", log)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await status.start()
     watcher = loop.create_task(reloader.watch())

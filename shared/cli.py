@@ -111,17 +111,21 @@ def load_or_exit(prog: str, model: type[ModelT], path: str) -> ModelT:
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def install_stop_handlers(stop: Callable[[], None]) -> None:
-    """SIGTERM/SIGINT call ``stop`` once; a second signal exits at once."""
+def install_stop_handlers(
+    stop: Callable[[], None], message: str = "%s received: shutting down", logger: logging.Logger | None = None
+) -> None:
+    """SIGTERM/SIGINT log ``message`` (with the signal's name) and call ``stop`` once; a second
+    signal exits at once."""
     loop = asyncio.get_running_loop()
     count = 0
+    logger = logger or logging.getLogger(Path(sys.argv[0]).name)
 
     def handler(signum: int) -> None:
         nonlocal count
         count += 1
         if count > 1:
             os._exit(1)
-        logging.getLogger(Path(sys.argv[0]).name).info("%s received: shutting down", signal.Signals(signum).name)
+        logger.info(message, signal.Signals(signum).name)
         stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
