@@ -94,7 +94,7 @@ def member(client: str, **fields: Any) -> Any:
 
 
 def test_a_group_takes_turns_and_skips_members_that_cannot_serve() -> None:
-    a, b, c = member("a"), member("b"), member("c")
+    a, b, c = (member(name, health_check="tcp") for name in "abc")
     group = TunnelGroup(a)
     group.join(b)
     group.join(c)
@@ -107,6 +107,16 @@ def test_a_group_takes_turns_and_skips_members_that_cannot_serve() -> None:
     b.healthy = True
     assert group.pick() is b
     assert group.leave(a) is b and group.leave(b) is c and group.leave(c) is None
+
+
+def test_only_a_configured_health_check_takes_a_member_out() -> None:
+    """Without health_check, relayc's gentle probe shows "service down" but the member stays in
+    (a single failed connect must not empty a group)."""
+    a, b = member("a"), member("b", health_check="tcp")
+    group = TunnelGroup(a)
+    group.join(b)
+    a.healthy = b.healthy = False
+    assert [group.pick() for _ in range(3)] == [a, a, a]
 
 
 def test_joining_a_group_needs_its_name_key_and_place() -> None:
