@@ -27,6 +27,8 @@ from shared.frames import GoAwayCode, ResetCode
 from shared.limits import TokenBucket
 from shared.messages import Message, MessageDecoder, encode_message
 from shared.mux import (
+    CONTROL_FRAMES_PER_CALL,
+    PRELOGIN_FRAMES_PER_CALL,
     SEND_BUFFER_HIGH,
     DataReceived,
     GoAwayReceived,
@@ -272,10 +274,12 @@ class MuxConnection(asyncio.Protocol):
     def _apply_reply_limit(self) -> None:
         """How many bytes of replies the peer may provoke before its input is held: few before
         login (``_PRELOGIN_REPLIES``), ``reply_debt_limit`` while our writes are blocked, else no
-        limit (they are written out as they come)."""
+        limit (they are written out as they come).  Before login, too, few frames are parsed per
+        read (``PRELOGIN_FRAMES_PER_CALL``)."""
         session = self.session
         if session is None:
             return
+        session.frames_per_call = PRELOGIN_FRAMES_PER_CALL if self._output_limit else CONTROL_FRAMES_PER_CALL
         if self._output_limit:
             session.reply_debt_limit = min(_PRELOGIN_REPLIES, self._output_limit)
         elif self._write_paused:

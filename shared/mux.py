@@ -86,6 +86,10 @@ _DISCARD_MEMORY: Final = 4096
 # update, a stream opened or reset): 256 KiB of 12-byte frames is 21,000 of them, and each costs
 # a few microseconds, so a read full of them is handled over several calls.
 CONTROL_FRAMES_PER_CALL: Final = 1024
+# Before login (see ``Session.frames_per_call``): a client sends a handful of frames then, so a
+# read full of frames from a stranger is looked at a few at a time (1,024 stream openings from
+# each of 40 strangers held relayd's loop ~200 ms before the first one got them dropped).
+PRELOGIN_FRAMES_PER_CALL: Final = 16
 
 _RST_CODE = struct.Struct("!I")
 _pack_header = HEADER.pack  # frame_header() minus a call, for the send fast path
@@ -244,6 +248,8 @@ class Session:
         self._reply_debt = 0
         self.reply_debt_limit = 0  # 0: no limit
         self._more_input = False  # receive_data stopped after its share of frames, see more_input
+        # frames other than whole DATA frames handled per receive_data call (the rest: more_input)
+        self.frames_per_call = CONTROL_FRAMES_PER_CALL
         self._held_for_replies = False  # ... or because of reply_debt_limit, see input_held
         # keepalive
         self._last_received = now
@@ -282,7 +288,7 @@ class Session:
 
     @property
     def more_input(self) -> bool:
-        """The last ``receive_data`` stopped after ``CONTROL_FRAMES_PER_CALL`` frames other than
+        """The last ``receive_data`` stopped after ``frames_per_call`` frames other than
         whole DATA frames, with more input buffered: call ``receive_data(b"", now)`` again soon (a
         read full of tiny frames is handled over several calls, so no one call holds the loop)."""
         return self._more_input
@@ -565,7 +571,7 @@ class Session:
         if self.reply_debt_limit and self._reply_debt > self.reply_debt_limit:
             self._held_for_replies = True
             return pos  # our replies are still queued: parse nothing more until they drained
-        budget = CONTROL_FRAMES_PER_CALL
+        budget = self.frames_per_call
         while pos < end:
             if self._frame_remaining:
                 take = min(self._frame_remaining, end - pos)

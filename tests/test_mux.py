@@ -495,3 +495,17 @@ def test_a_read_full_of_tiny_frames_is_handled_over_several_calls() -> None:
         pair.client.session.send_data(sid, b"x" * 100)
     events = pair.server.session.receive_data(pair.client.session.data_to_send(), 0.0)
     assert not pair.server.session.more_input and len(events) == 2000
+
+
+def test_frames_per_call_is_the_share_of_one_call() -> None:
+    """relayd lowers it before login (PRELOGIN_FRAMES_PER_CALL), so a stranger's read full of
+    stream openings is looked at a few at a time: the first one is seen, and the connection
+    dropped, before thousands are parsed."""
+    server = Session(False, 0.0)
+    server.frames_per_call = 16
+    server.receive_data(preface(), 0.0)
+    opens = b"".join(frame_header(FrameType.WINDOW_UPDATE, Flag.SYN, sid, 0) for sid in range(1, 2000, 2))
+    events = server.receive_data(opens, 0.0)
+    assert len(events) == 16 and server.more_input
+    events = server.receive_data(b"", 0.0)
+    assert len(events) == 16 and server.more_input
